@@ -1,0 +1,55 @@
+"""minicelery: a Redis-backed task queue for Python.
+
+    from minicelery import Client, JSONTransport, RedisBroker
+    app = Client(RedisBroker(JSONTransport()))
+
+    @app.task
+    def world():
+        return "World!"
+"""
+
+from .app import Client
+from .broker import RedisBroker
+from .errors import (
+    BrokerError,
+    BrokerUnavailable,
+    ConfigError,
+    DependencyError,
+    DuplicateTaskError,
+    MiniceleryError,
+    PayloadTooLarge,
+    RemoteError,
+    SerializationError,
+    TaskError,
+    TaskNotFound,
+    TaskTimeout,
+    UnknownTask,
+    WorkerLost,
+)
+from .task import Task, TaskDefinition
+from .transport import JSONTransport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokerError",
+    "BrokerUnavailable",
+    "Client",
+    "ConfigError",
+    "DependencyError",
+    "DuplicateTaskError",
+    "JSONTransport",
+    "MiniceleryError",
+    "PayloadTooLarge",
+    "RedisBroker",
+    "RemoteError",
+    "SerializationError",
+    "Task",
+    "TaskDefinition",
+    "TaskError",
+    "TaskNotFound",
+    "TaskTimeout",
+    "UnknownTask",
+    "WorkerLost",
+    "__version__",
+]

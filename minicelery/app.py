@@ -1,0 +1,109 @@
+"""The Client: registers tasks with @app.task and runs a worker with app.start()."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, overload
+
+from .broker import RedisBroker
+from .errors import DuplicateTaskError
+from .keys import check_queue_name
+from .task import Task, TaskDefinition, attach
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE = "default"
+
+
+class Client:
+    """A minicelery application: a registry of tasks bound to one broker.
+
+    >>> app = Client(RedisBroker(JSONTransport()))
+    >>> @app.task
+    ... def hello(thing): ...
+    """
+
+    def __init__(self, broker: RedisBroker, *, default_queue: str = DEFAULT_QUEUE) -> None:
+        self.broker = broker
+        self.default_queue = check_queue_name(default_queue)
+        self.tasks: dict[str, TaskDefinition] = {}
+
+    @overload
+    def task(self, fn: Callable[..., Any], /) -> TaskDefinition: ...
+
+    @overload
+    def task(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        retries: int = 0,
+        time_limit: float | None = None,
+    ) -> Callable[[Callable[..., Any]], TaskDefinition]: ...
+
+    def task(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        retries: int = 0,
+        time_limit: float | None = None,
+    ) -> TaskDefinition | Callable[[Callable[..., Any]], TaskDefinition]:
+        """Register a function as a task, as `@app.task` or `@app.task(name=..., queue=...)`.
+
+        The task's name is the function's name unless `name=` is given; two different
+        functions under one name raise DuplicateTaskError here, at import time.
+        """
+        if retries < 0:
+            raise ValueError("retries must not be negative")
+        if time_limit is not None and time_limit <= 0:
+            raise ValueError("time_limit must be positive (seconds)")
+
+        def register(function: Callable[..., Any]) -> TaskDefinition:
+            task_name = name or function.__name__
+            existing = self.tasks.get(task_name)
+            if existing is not None and not _same_function(existing.fn, function):
+                raise DuplicateTaskError(
+                    f"task name {task_name!r} is already registered by "
+                    f"{existing.fn.__module__}.{existing.fn.__qualname__}; pass name= to tell them apart"
+                )
+            definition = TaskDefinition(
+                app=self,
+                fn=function,
+                name=task_name,
+                queue=check_queue_name(queue or self.default_queue),
+                retries=retries,
+                time_limit=time_limit,
+            )
+            self.tasks[task_name] = definition
+            return definition
+
+        return register(fn) if fn is not None else register
+
+    def handle(self, task_id: str, *, queue: str | None = None, name: str = "?") -> Task:
+        """A handle to a task already sent, by id (for `.result()` and `.state`)."""
+        return attach(self, task_id, queue or self.default_queue, name)
+
+    def start(self, queues: Sequence[str] | None = None, **settings: Any) -> None:
+        """Run a worker in this process until SIGTERM or SIGINT.
+
+        `queues` defaults to the settings' worker.queues; other keyword arguments override
+        worker settings (e.g. lease_seconds=10).
+        """
+        from .settings import load_settings
+        from .worker import Worker
+
+        worker_overrides: dict[str, Any] = dict(settings)
+        if queues is not None:
+            worker_overrides["queues"] = list(queues)
+        Worker(self, load_settings(worker=worker_overrides)).run()
+
+
+def _same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
+    """The same function imported twice (e.g. as __main__ and by name) is not a duplicate."""
+    return a is b or (a.__qualname__ == b.__qualname__ and a.__code__.co_filename == b.__code__.co_filename)

@@ -1,0 +1,311 @@
+"""The Redis broker: every state change is one Lua script (scripts/*.lua), run by SHA.
+
+This is the only module that talks to Redis. Redis exceptions are translated here, once,
+into minicelery's BrokerError tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import redis
+import redis.exceptions as redis_errors
+from redis.commands.core import Script
+
+from .errors import BrokerError, BrokerUnavailable
+from .keys import QueueKeys, worker_wake_key
+from .transport import JSONTransport
+
+log = logging.getLogger(__name__)
+
+SCRIPT_NAMES = ("enqueue", "claim", "finish", "release", "renew", "rearm")
+DEFAULT_URL = "redis://localhost:6379/0"
+DEFAULT_RESULT_TTL = 24 * 3600.0
+DEFAULT_MAX_BLOCK = 5.0
+# A blocking call must end before its connection's socket times out: this much slack.
+BLOCKING_SOCKET_SLACK = 5.0
+
+FINISHED_STATES = frozenset({"succeeded", "failed"})
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A task this worker now holds under a lease."""
+
+    queue: str
+    id: str
+    token: str
+    payload: bytes | None
+    attempts: int
+    leases_lost: int
+    due_ms: int
+    now_ms: int
+    inputs: dict[str, bytes | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Idle:
+    """Nothing to claim; `next_due_in_ms` is when something may be due (None: nothing pending)."""
+
+    next_due_in_ms: int | None
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Why an idle wait ended: a queue's marker (with its score) or this worker's wake key."""
+
+    queue: str | None
+    score_ms: float
+
+
+@dataclass(frozen=True)
+class EnqueueReply:
+    status: str  # "ok", "exists" or "duplicate"
+    detail: str  # the task's state, or the id of the task holding the idempotency key
+
+
+@contextlib.contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """Turn redis-py exceptions into minicelery's, naming the operation."""
+    try:
+        yield
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.BusyLoadingError) as exc:
+        raise BrokerUnavailable(f"Redis unavailable during {what}: {exc}") from exc
+    except redis_errors.RedisError as exc:
+        raise BrokerError(f"Redis error during {what}: {exc}") from exc
+
+
+def _script_source(name: str) -> str:
+    folder = resources.files("minicelery") / "scripts"
+    common = (folder / "_common.lua").read_text()
+    return common + "\n" + (folder / f"{name}.lua").read_text()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisBroker:
+    """Talks to one Redis server for producers (`Client`) and workers alike.
+
+    `url` is a redis://, rediss:// or unix:// URL; without it the settings decide (the
+    `MINICELERY_REDIS__URL` variable or the config file), else redis://localhost:6379/0.
+    Nothing connects until the first command.
+    """
+
+    def __init__(
+        self,
+        transport: JSONTransport | None = None,
+        url: str | None = None,
+        result_ttl: float | None = None,
+        *,
+        max_block: float | None = None,
+        connection_options: dict[str, Any] | None = None,
+    ) -> None:
+        options = dict(connection_options or {})
+        if url is None or result_ttl is None or max_block is None:
+            from .settings import load_settings  # deferred: settings read env and files
+
+            settings = load_settings()
+            url = url or settings.redis.url
+            result_ttl = settings.worker.result_ttl if result_ttl is None else result_ttl
+            max_block = settings.worker.idle_block_max if max_block is None else max_block
+            options = {**settings.redis.connection_options(), **options}
+        if result_ttl <= 0:
+            raise ValueError("result_ttl must be positive (seconds)")
+        self.transport = transport or JSONTransport()
+        self.url = url
+        self.result_ttl = float(result_ttl)
+        self.max_block = float(max_block)
+        options.setdefault("socket_timeout", 5.0)
+        options.setdefault("socket_connect_timeout", 5.0)
+        self.redis = redis.Redis.from_url(url, **options)
+        blocking_options = {**options, "socket_timeout": self.max_block + BLOCKING_SOCKET_SLACK}
+        # Blocking calls get their own pool whose socket timeout outlasts the longest block.
+        self.blocking_redis = redis.Redis.from_url(url, **blocking_options)
+        self._scripts: dict[str, Script] = {
+            name: self.redis.register_script(_script_source(name)) for name in SCRIPT_NAMES
+        }
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        with translate_errors("PING"):
+            self.redis.ping()
+
+    def load_scripts(self) -> None:
+        """Load every script now, so a broken one fails at worker start, not on the first task."""
+        with translate_errors("SCRIPT LOAD"):
+            for script in self._scripts.values():
+                script.sha = self.redis.script_load(script.script)
+
+    def eviction_policy(self) -> str:
+        with translate_errors("CONFIG GET"):
+            try:
+                reply = self.redis.config_get("maxmemory-policy")
+            except redis_errors.ResponseError:  # CONFIG may be renamed or forbidden by ACL
+                return "unknown"
+        return _text(next(iter(reply.values()), "unknown"))
+
+    def close(self) -> None:
+        self.redis.close()
+        self.blocking_redis.close()
+
+    # --- scripts -------------------------------------------------------------------------------
+
+    def _run(self, name: str, keys: QueueKeys, args: Sequence[Any], extra_keys: Sequence[str] = ()) -> Any:
+        with translate_errors(name):
+            return self._scripts[name](keys=[*keys.as_list(), *extra_keys], args=list(args))
+
+    def enqueue(
+        self,
+        queue: str,
+        task_id: str,
+        payload: bytes,
+        *,
+        delay_ms: int | None = None,
+        at_ms: int | None = None,
+        parents: Sequence[str] = (),
+        dedup_key: str | None = None,
+        reschedule: bool = False,
+    ) -> EnqueueReply:
+        reply = self._run(
+            "enqueue",
+            QueueKeys(queue),
+            [
+                task_id,
+                payload,
+                "" if delay_ms is None else int(delay_ms),
+                "" if at_ms is None else int(at_ms),
+                ",".join(parents),
+                dedup_key or "",
+                "reschedule" if reschedule else "new",
+            ],
+        )
+        return EnqueueReply(_text(reply[0]), _text(reply[1]))
+
+    def claim(self, queue: str, token: str, lease_ms: int, worker_id: str, held_due_ms: int = 0) -> Claim | Idle:
+        reply = self._run("claim", QueueKeys(queue), [token, lease_ms, worker_id, held_due_ms])
+        return self._parse_claim(queue, token, reply)
+
+    def finish(
+        self,
+        queue: str,
+        task_id: str,
+        token: str,
+        *,
+        succeeded: bool,
+        envelope: bytes,
+        dead: bool = False,
+        next_claim: tuple[str, int, str] | None = None,
+    ) -> tuple[bool, Claim | Idle | None]:
+        """Record the outcome; returns (applied, next claim). applied is False for a late finish."""
+        keys = QueueKeys(queue)
+        args: list[Any] = [
+            task_id,
+            token,
+            "succeeded" if succeeded else "failed",
+            envelope,
+            int(self.result_ttl * 1000),
+            "1" if dead else "0",
+        ]
+        if next_claim is not None:
+            args += ["1", *next_claim]
+        else:
+            args += ["0"]
+        status, claim_reply = self._run("finish", keys, args, extra_keys=[keys.done(task_id)])
+        claimed = None if next_claim is None else self._parse_claim(queue, next_claim[0], claim_reply)
+        return _text(status) == "ok", claimed
+
+    def release(self, queue: str, task_id: str, token: str) -> bool:
+        return _text(self._run("release", QueueKeys(queue), [task_id, token])) == "ok"
+
+    def renew(self, queue: str, task_id: str, token: str, lease_ms: int) -> bool:
+        return _text(self._run("renew", QueueKeys(queue), [task_id, token, lease_ms])) == "ok"
+
+    def rearm(self, queue: str, due_ms: int) -> None:
+        self._run("rearm", QueueKeys(queue), [due_ms])
+
+    @staticmethod
+    def _parse_claim(queue: str, token: str, reply: list[Any]) -> Claim | Idle:
+        if _text(reply[0]) == "none":
+            delay = int(reply[1])
+            return Idle(next_due_in_ms=None if delay < 0 else delay, now_ms=int(reply[2]))
+        parents = _text(reply[7]).split(",") if reply[7] else []
+        inputs = {parent: (reply[8 + i] or None) for i, parent in enumerate(parents)}
+        return Claim(
+            queue=queue,
+            id=_text(reply[1]),
+            token=token,
+            payload=reply[2] or None,
+            attempts=int(reply[3]),
+            leases_lost=int(reply[4]),
+            due_ms=int(reply[5]),
+            now_ms=int(reply[6]),
+            inputs=inputs,
+        )
+
+    # --- waiting -------------------------------------------------------------------------------
+
+    def wait_for_work(self, queues: Sequence[str], worker_id: str, timeout: float) -> Wake | None:
+        """Block (one BZPOPMIN) until a queue's marker or this worker's wake key is pushed."""
+        markers = {QueueKeys(q).marker: q for q in queues}
+        wake_key = worker_wake_key(worker_id)
+        timeout = max(0.001, min(timeout, self.max_block))
+        with translate_errors("BZPOPMIN"):
+            reply = self.blocking_redis.bzpopmin([*markers, wake_key], timeout=timeout)
+        if reply is None:
+            return None
+        key, _member, score = reply
+        return Wake(queue=markers.get(_text(key)), score_ms=float(score))
+
+    def wake_worker(self, worker_id: str) -> None:
+        """Make a worker's idle wait return now (the key expires if nobody pops it)."""
+        key = worker_wake_key(worker_id)
+        with translate_errors("wake worker"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(key, {"w": 0})
+            pipe.expire(key, 60)
+            pipe.execute()
+
+    def outcome(self, queue: str, task_id: str) -> tuple[str | None, bytes | None]:
+        """The task's state and (once finished) its result envelope, read atomically."""
+        keys = QueueKeys(queue)
+        with translate_errors("read result"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hget(keys.info, f"{task_id}:s")
+            pipe.hget(keys.result, task_id)
+            state, envelope = pipe.execute()
+        return (None if state is None else _text(state)), envelope
+
+    def wait_done(self, queue: str, task_id: str, timeout: float) -> bool:
+        """Block until the task finishes or `timeout` passes; True if it finished.
+
+        BLMOVE from the task's done list back onto itself returns to every waiter in turn
+        and leaves the element in place, so any number of waiters wake on one finish.
+        """
+        key = QueueKeys(queue).done(task_id)
+        timeout = max(0.001, min(timeout, self.max_block))
+        with translate_errors("BLMOVE"):
+            return self.blocking_redis.blmove(key, key, timeout, "RIGHT", "LEFT") is not None
+
+    # --- inspection ----------------------------------------------------------------------------
+
+    def depths(self, queue: str) -> dict[str, int]:
+        """How many tasks are in each state structure, in one round trip."""
+        keys = QueueKeys(queue)
+        with translate_errors("queue depths"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.llen(keys.ready)
+            pipe.zcard(keys.scheduled)
+            pipe.zcard(keys.running)
+            pipe.zcard(keys.dead)
+            pipe.zcard(keys.expiry)
+            ready, scheduled, running, dead, finished = pipe.execute()
+        return {"ready": ready, "scheduled": scheduled, "running": running, "dead": dead, "finished": finished}

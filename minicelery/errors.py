@@ -1,0 +1,92 @@
+"""One error tree for minicelery: a root, and a branch per layer.
+
+Redis exceptions are translated once, at the broker boundary, into `BrokerError`
+subclasses; task failures travel as `RemoteError` (or a builtin exception).
+"""
+
+from __future__ import annotations
+
+
+class MiniceleryError(Exception):
+    """Root of every error minicelery raises on purpose."""
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+class ConfigError(MiniceleryError):
+    """A setting, a task registration or a task module is wrong."""
+
+
+class DuplicateTaskError(ConfigError):
+    """Two tasks were registered under one name."""
+
+
+class DependencyError(ConfigError):
+    """A task graph cannot be expressed (a nested handle, parents on another queue, ...)."""
+
+
+# --- serialization ---------------------------------------------------------------------------
+
+
+class SerializationError(MiniceleryError):
+    """A payload or result could not be encoded or decoded as JSON."""
+
+
+class PayloadTooLarge(SerializationError):
+    """An encoded payload or result is over the configured size limit."""
+
+
+# --- broker ----------------------------------------------------------------------------------
+
+
+class BrokerError(MiniceleryError):
+    """Redis answered with something the broker did not expect."""
+
+
+class BrokerUnavailable(BrokerError):
+    """Redis could not be reached (connection refused, reset, timed out, loading)."""
+
+
+class LeaseLost(BrokerError):
+    """The worker no longer owns the task: its lease expired and another claim took it."""
+
+
+# --- tasks -----------------------------------------------------------------------------------
+
+
+class TaskError(MiniceleryError):
+    """Something about a task itself went wrong."""
+
+
+class UnknownTask(TaskError):
+    """A payload names a task that no registered function has."""
+
+
+class TaskTimeout(TaskError):
+    """A task ran past its time limit."""
+
+
+class WorkerLost(TaskError):
+    """The task's worker died (lease expired) more often than allowed."""
+
+
+class TaskNotFound(TaskError):
+    """No task with this id is stored (never sent, or its result expired)."""
+
+
+class RemoteError(TaskError):
+    """A task failed with an exception type that is not a Python builtin.
+
+    No class is ever imported from a payload, so a custom exception comes back as this,
+    carrying the original type name, message and the traceback from the worker.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback: str = "") -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str]]:
+        return (type(self), (self.type_name, self.message, self.traceback))

@@ -1,0 +1,93 @@
+"""The worker's one helper thread: renews the running task's lease, pings the systemd watchdog,
+and wakes the idle wait when a stop signal arrives.
+
+A task within its time limit (plus one lease of margin) is healthy: its lease is renewed and the
+watchdog is fed. A task stuck beyond that is not: renewals stop, so another worker reclaims it
+after one lease, and the watchdog goes hungry, so systemd restarts this worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import BrokerError
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Running:
+    """What the main thread is running now, as the heartbeat sees it."""
+
+    queue: str
+    task_id: str
+    token: str
+    started: float  # monotonic
+    time_limit: float | None
+
+
+class Heartbeat(threading.Thread):
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(name="minicelery-heartbeat", daemon=True)
+        self.worker = worker
+        self.lease_ms = int(worker.settings.worker.lease_seconds * 1000)
+        intervals = [worker.settings.worker.lease_seconds / 3]
+        if worker.notifier.watchdog_interval is not None:
+            intervals.append(worker.notifier.watchdog_interval)
+        self.interval = min(intervals)
+        self._finished = threading.Event()
+        self._stop_seen = False
+
+    def shutdown(self) -> None:
+        self._finished.set()
+        self.worker.signals.event.set()
+
+    def healthy(self) -> bool:
+        running = self.worker.running
+        if running is None or running.time_limit is None:
+            return True
+        margin = self.worker.settings.worker.lease_seconds
+        return time.monotonic() - running.started < running.time_limit + margin
+
+    def run(self) -> None:
+        signals = self.worker.signals
+        while not self._finished.is_set():
+            signals.event.wait(self.interval)
+            if self._finished.is_set():
+                return
+            if signals.event.is_set() and not self._stop_seen:
+                self._stop_seen = True
+                self._on_stop()
+            self.beat()
+            if self._stop_seen:
+                # The event stays set: pace the loop by sleeping on the other event instead.
+                self._finished.wait(self.interval)
+
+    def beat(self) -> None:
+        healthy = self.healthy()
+        if healthy:
+            self.worker.notifier.watchdog()
+        running = self.worker.running
+        if running is None or not healthy:
+            return
+        try:
+            owned = self.worker.broker.renew(running.queue, running.task_id, running.token, self.lease_ms)
+        except BrokerError as exc:
+            log.warning("could not renew the lease of task %s: %s", running.task_id, exc)
+            return
+        if not owned and self.worker.running is running:
+            log.warning("task %s lost its lease: another worker may run it again", running.task_id)
+
+    def _on_stop(self) -> None:
+        self.worker.notifier.stopping()
+        try:
+            self.worker.broker.wake_worker(self.worker.id)
+        except BrokerError as exc:  # the main loop notices the stop within one idle block
+            log.warning("could not wake the idle wait: %s", exc)

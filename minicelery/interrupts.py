@@ -1,0 +1,105 @@
+"""Signals for a single-threaded worker: SIGTERM/SIGINT to stop, SIGALRM to interrupt a task.
+
+The stop handlers only count signals and set an event; the worker loop acts on them. The one
+place that interrupts user code is the SIGALRM handler of TaskAlarm: it raises TaskTimeout when
+a task passes its time limit and HandBack when the worker must stop now (shutdown grace over,
+or a second stop signal). A single-threaded worker has no other way to stop Python code.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from types import FrameType
+
+from .errors import TaskTimeout
+
+
+class HandBack(BaseException):  # noqa: N818 - a control-flow signal, not an error
+    """Raised inside a running task when the worker must stop at once and return the task."""
+
+
+class TaskAlarm:
+    """Arms SIGALRM for the earlier of a task's time limit and the shutdown deadline."""
+
+    def __init__(self) -> None:
+        self._limit_at: float | None = None
+        self._limit: float | None = None
+        self._stop_at: float | None = None
+        self._active = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGALRM, self._on_alarm)
+
+    def task_started(self, time_limit: float | None) -> None:
+        self._limit = time_limit
+        self._limit_at = None if time_limit is None else time.monotonic() + time_limit
+        self._active = True
+        self._arm()
+
+    def task_ended(self) -> None:
+        self._active = False
+        self._limit_at = None
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def stop_by(self, seconds: float) -> None:
+        """The running task (if any) must end within `seconds`, else it is handed back."""
+        deadline = time.monotonic() + seconds
+        self._stop_at = deadline if self._stop_at is None else min(self._stop_at, deadline)
+        self._arm()
+
+    @property
+    def task_running(self) -> bool:
+        return self._active
+
+    def _arm(self) -> None:
+        if not self._active:
+            return
+        deadlines = [d for d in (self._limit_at, self._stop_at) if d is not None]
+        if deadlines:
+            signal.setitimer(signal.ITIMER_REAL, max(1e-6, min(deadlines) - time.monotonic()))
+
+    def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
+        if not self._active:
+            return
+        now = time.monotonic()
+        if self._stop_at is not None and now >= self._stop_at:
+            self._active = False
+            raise HandBack()
+        if self._limit_at is not None and now >= self._limit_at:
+            self._active = False
+            raise TaskTimeout(f"task ran past its time limit of {self._limit:g} s")
+        self._arm()  # woke early (the other deadline moved): wait for the rest
+
+
+class StopSignals:
+    """Counts SIGTERM/SIGINT: the first asks to drain, the second to stop at once."""
+
+    def __init__(self, alarm: TaskAlarm, grace: float) -> None:
+        self.alarm = alarm
+        self.grace = grace
+        self.count = 0
+        self.event = threading.Event()  # set on the first signal; the heartbeat thread waits on it
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    @property
+    def requested(self) -> bool:
+        return self.count > 0
+
+    @property
+    def immediate(self) -> bool:
+        return self.count > 1
+
+    def request(self) -> None:
+        """Stop as if signalled (for tests and burst mode)."""
+        self._on_signal(signal.SIGTERM, None)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        # Safe from a handler: only the heartbeat thread ever waits on this event.
+        self.event.set()
+        self.alarm.stop_by(self.grace if self.count == 1 else 0.0)

@@ -1,0 +1,114 @@
+"""Every Redis key minicelery uses, built in one place.
+
+A queue's keys share the prefix `minicelery:{queue}:`; the braces make Redis Cluster hash
+them to one slot, so every script sees all its keys on one node. Scripts receive these keys
+in `KEYS`, in the order of `QueueKeys.as_list()`, and never build key names themselves.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+ROOT = "minicelery"
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+
+
+def check_queue_name(name: str) -> str:
+    if not _QUEUE_NAME.match(name):
+        raise ValueError(
+            f"queue name {name!r} is invalid: use 1-100 letters, digits, '_', '.' or '-'"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class QueueKeys:
+    """The keys of one queue. See scripts/_common.lua for what each one holds."""
+
+    queue: str
+
+    def __post_init__(self) -> None:
+        check_queue_name(self.queue)
+
+    @property
+    def prefix(self) -> str:
+        return f"{ROOT}:{{{self.queue}}}:"
+
+    @property
+    def ready(self) -> str:
+        return self.prefix + "ready"
+
+    @property
+    def scheduled(self) -> str:
+        return self.prefix + "scheduled"
+
+    @property
+    def running(self) -> str:
+        return self.prefix + "running"
+
+    @property
+    def marker(self) -> str:
+        return self.prefix + "marker"
+
+    @property
+    def payload(self) -> str:
+        return self.prefix + "payload"
+
+    @property
+    def result(self) -> str:
+        return self.prefix + "result"
+
+    @property
+    def info(self) -> str:
+        return self.prefix + "info"
+
+    @property
+    def inputs(self) -> str:
+        return self.prefix + "inputs"
+
+    @property
+    def expiry(self) -> str:
+        return self.prefix + "expiry"
+
+    @property
+    def dead(self) -> str:
+        return self.prefix + "dead"
+
+    @property
+    def workers(self) -> str:
+        return self.prefix + "workers"
+
+    @property
+    def dedup(self) -> str:
+        return self.prefix + "dedup"
+
+    def done(self, task_id: str) -> str:
+        """The list a finished task pushes to, so `.result()` waiters block on Redis."""
+        return f"{self.prefix}done:{task_id}"
+
+    def as_list(self) -> list[str]:
+        """KEYS[1..12] of every script, in the order scripts/_common.lua names them."""
+        return [
+            self.ready,
+            self.scheduled,
+            self.running,
+            self.marker,
+            self.payload,
+            self.result,
+            self.info,
+            self.inputs,
+            self.expiry,
+            self.dead,
+            self.workers,
+            self.dedup,
+        ]
+
+    def all_keys_pattern(self) -> str:
+        """A SCAN pattern that matches every key of this queue (for purge and tests)."""
+        return f"{ROOT}:{{{self.queue}}}:*"
+
+
+def worker_wake_key(worker_id: str) -> str:
+    """A worker's own wake-up key: pushed to stop its idle wait at once (on SIGTERM)."""
+    return f"{ROOT}:worker:{worker_id}:wake"

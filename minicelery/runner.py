@@ -1,0 +1,108 @@
+"""Running one claimed task: decode it, find the function, fill in parents' results, call it.
+
+Every way a task can go wrong ends in an Outcome with an error envelope; nothing here lets an
+exception escape to the worker loop except HandBack (the worker must stop now).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .broker import Claim
+from .errors import SerializationError, TaskError, TaskTimeout, UnknownTask, WorkerLost
+from .interrupts import TaskAlarm
+from .transport import TaskMessage
+
+if TYPE_CHECKING:
+    from .app import Client
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one run ended, ready for the finish script."""
+
+    name: str
+    succeeded: bool
+    envelope: bytes
+    duration: float
+    error_type: str | None = None
+    dead: bool = False
+    timed_out: bool = False
+
+
+class TaskRunner:
+    def __init__(self, app: Client, alarm: TaskAlarm, default_time_limit: float | None, max_lost_leases: int):
+        self.app = app
+        self.transport = app.broker.transport
+        self.alarm = alarm
+        self.default_time_limit = default_time_limit
+        self.max_lost_leases = max_lost_leases
+
+    def run(self, claim: Claim, on_start: Callable[[float | None], None] | None = None) -> Outcome:
+        """Run the claimed task; `on_start` hears the time limit just before the function runs."""
+        started = time.monotonic()
+        name = "?"
+        try:
+            message = self.transport.loads_message(claim.payload)
+            name = message.name
+            if message.id != claim.id:
+                raise SerializationError(f"payload id {message.id!r} does not match its key {claim.id!r}")
+            definition = self.app.tasks.get(message.name)
+            if definition is None:
+                raise UnknownTask(f"no task named {message.name!r} is registered in this worker")
+            if claim.leases_lost > self.max_lost_leases:
+                raise WorkerLost(
+                    f"task's worker died or hung {claim.leases_lost} times (limit {self.max_lost_leases}); "
+                    "dead-lettered instead of run again"
+                )
+            args, kwargs = self._arguments(message, claim)
+            time_limit = message.time_limit or definition.time_limit or self.default_time_limit
+            if on_start is not None:
+                on_start(time_limit)
+            self.alarm.task_started(time_limit)
+            try:
+                value = definition.fn(*args, **kwargs)
+            finally:
+                self.alarm.task_ended()
+            envelope = self.transport.dumps_value(value)
+            return Outcome(name, True, envelope, time.monotonic() - started)
+        except Exception as exc:
+            return self._failure(name, exc, started)
+
+    def _arguments(self, message: TaskMessage, claim: Claim) -> tuple[list[Any], dict[str, Any]]:
+        """Put each parent's result (or its exception) where the parent handle was passed."""
+        args = list(message.args)
+        kwargs = dict(message.kwargs)
+        for position, parent_id in message.arg_deps.items():
+            index = int(position)
+            if not 0 <= index < len(args):
+                raise SerializationError(f"dependency position {position} is outside the arguments")
+            args[index] = self._parent_value(claim, parent_id)
+        for key, parent_id in message.kwarg_deps.items():
+            kwargs[key] = self._parent_value(claim, parent_id)
+        return args, kwargs
+
+    def _parent_value(self, claim: Claim, parent_id: str) -> Any:
+        envelope = claim.inputs.get(parent_id)
+        if envelope is None:
+            raise TaskError(f"the result of parent task {parent_id} is missing")
+        _ok, value = self.transport.loads_outcome(envelope)
+        return value  # a failed parent's exception is passed as the argument
+
+    def _failure(self, name: str, exc: Exception, started: float) -> Outcome:
+        envelope = self.transport.dumps_error(exc)
+        return Outcome(
+            name=name,
+            succeeded=False,
+            envelope=envelope,
+            duration=time.monotonic() - started,
+            error_type=type(exc).__name__,
+            dead=isinstance(exc, WorkerLost),
+            timed_out=isinstance(exc, TaskTimeout),
+        )

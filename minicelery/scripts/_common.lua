@@ -1,0 +1,203 @@
+-- _common.lua: prepended to every minicelery script when it is loaded (see broker.py).
+-- It names the queue's keys and holds the steps several operations share:
+-- putting a task where it belongs, releasing children, sweeping expired data, claiming.
+--
+-- KEYS, the same for every script (built by minicelery.keys.QueueKeys.as_list):
+--   KEYS[1]  ready      list  ids ready to run; LPUSH to enqueue, RPOP to claim, RPUSH to hand back
+--   KEYS[2]  scheduled  zset  id -> due time, ms on the Redis clock
+--   KEYS[3]  running    zset  id -> lease deadline, ms
+--   KEYS[4]  marker     zset  one member "m"; score 0 = work is ready now, else the earliest
+--                             future due time. Idle workers BZPOPMIN it: one wakes per push.
+--   KEYS[5]  payload    hash  id -> task payload (JSON, opaque to Lua)
+--   KEYS[6]  result     hash  id -> result envelope (JSON, opaque to Lua)
+--   KEYS[7]  info       hash  "<id>:<f>" -> small per-task fields, f one of
+--                             s state (waiting|scheduled|ready|running|succeeded|failed)
+--                             a attempts (claims)      l leases lost (reclaims)
+--                             t lease token            d time the task became due (ms)
+--                             n not-before time (ms)   p count of unfinished parents
+--                             P parent ids, "," list   c child ids, "," list
+--                             k idempotency key
+--   KEYS[8]  inputs     hash  "<child>|<parent>" -> the parent's result envelope, kept for the child
+--   KEYS[9]  expiry     zset  id -> time (ms) after which a finished task's data is deleted
+--   KEYS[10] dead       zset  id -> time (ms) the task was dead-lettered
+--   KEYS[11] workers    zset  worker id -> last time it claimed (ms)
+--   KEYS[12] dedup      hash  idempotency key -> id of the pending task that holds it
+-- Scripts that need more keys take them from KEYS[13] on; their headers say which.
+
+local K_READY, K_SCHEDULED, K_RUNNING, K_MARKER = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_PAYLOAD, K_RESULT, K_INFO, K_INPUTS = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_EXPIRY, K_DEAD, K_WORKERS, K_DEDUP = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+
+-- How much cleanup and recovery one call may do, so no call is ever slow.
+local SWEEP_BATCH = 20
+local PROMOTE_BATCH = 100
+local RECLAIM_BATCH = 20
+
+local INFO_FIELDS = { 's', 'a', 'l', 't', 'd', 'n', 'p', 'P', 'c', 'k' }
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function getf(id, f)
+  return redis.call('HGET', K_INFO, id .. ':' .. f)
+end
+
+local function setf(id, f, v)
+  redis.call('HSET', K_INFO, id .. ':' .. f, v)
+end
+
+local function split(csv)
+  local out = {}
+  if csv then
+    for item in string.gmatch(csv, '[^,]+') do
+      out[#out + 1] = item
+    end
+  end
+  return out
+end
+
+-- Wake one idle worker now (ZADD of the single member: many pushes still wake one worker;
+-- the claim that takes a task re-arms the marker while work remains, waking the next).
+local function wake_now()
+  redis.call('ZADD', K_MARKER, 0, 'm')
+end
+
+-- Tell idle workers about a due time that is earlier than any scheduled before it.
+local function wake_at(due)
+  local first = redis.call('ZRANGE', K_SCHEDULED, 0, 0, 'WITHSCORES')
+  if first[2] == nil or due <= tonumber(first[2]) then
+    redis.call('ZADD', K_MARKER, 'LT', due, 'm')
+  end
+end
+
+-- Put a task whose parents are all done where it belongs: ready now, or scheduled.
+local function make_due(id, due, now)
+  if due <= now then
+    redis.call('LPUSH', K_READY, id)
+    setf(id, 's', 'ready')
+    setf(id, 'd', now)
+    wake_now()
+  else
+    wake_at(due)
+    redis.call('ZADD', K_SCHEDULED, due, id)
+    setf(id, 's', 'scheduled')
+    setf(id, 'd', due)
+  end
+end
+
+-- Give each waiting child this parent's envelope; release those with no parent left.
+local function release_children(id, envelope, now)
+  for _, child in ipairs(split(getf(id, 'c'))) do
+    redis.call('HSET', K_INPUTS, child .. '|' .. id, envelope)
+    local left = redis.call('HINCRBY', K_INFO, child .. ':p', -1)
+    if left <= 0 and getf(child, 's') == 'waiting' then
+      redis.call('HDEL', K_INFO, child .. ':p')
+      local due = math.max(now, tonumber(getf(child, 'n') or 0))
+      make_due(child, due, now)
+    end
+  end
+end
+
+-- Delete everything stored for finished tasks whose result TTL has passed.
+local function sweep_expired(now)
+  local ids = redis.call('ZRANGEBYSCORE', K_EXPIRY, '-inf', now, 'LIMIT', 0, SWEEP_BATCH)
+  for _, id in ipairs(ids) do
+    for _, parent in ipairs(split(getf(id, 'P'))) do
+      redis.call('HDEL', K_INPUTS, id .. '|' .. parent)
+    end
+    local fields = {}
+    for i, f in ipairs(INFO_FIELDS) do
+      fields[i] = id .. ':' .. f
+    end
+    redis.call('HDEL', K_INFO, unpack(fields))
+    redis.call('HDEL', K_PAYLOAD, id)
+    redis.call('HDEL', K_RESULT, id)
+    redis.call('ZREM', K_DEAD, id)
+    redis.call('ZREM', K_EXPIRY, id)
+  end
+end
+
+-- Move scheduled tasks whose time has come to the ready list.
+local function promote_due(now)
+  local ids = redis.call('ZRANGEBYSCORE', K_SCHEDULED, '-inf', now, 'WITHSCORES', 'LIMIT', 0, PROMOTE_BATCH)
+  for i = 1, #ids, 2 do
+    local id = ids[i]
+    redis.call('ZREM', K_SCHEDULED, id)
+    redis.call('LPUSH', K_READY, id)
+    setf(id, 's', 'ready')
+    setf(id, 'd', ids[i + 1])
+  end
+end
+
+-- Requeue tasks whose lease expired (their worker died or hung); they go first in line.
+local function reclaim_expired(now)
+  local ids = redis.call('ZRANGEBYSCORE', K_RUNNING, '-inf', now, 'LIMIT', 0, RECLAIM_BATCH)
+  for _, id in ipairs(ids) do
+    redis.call('ZREM', K_RUNNING, id)
+    redis.call('HDEL', K_INFO, id .. ':t')
+    redis.call('HINCRBY', K_INFO, id .. ':l', 1)
+    redis.call('RPUSH', K_READY, id)
+    setf(id, 's', 'ready')
+    setf(id, 'd', now)
+  end
+  return #ids
+end
+
+-- The earliest time a worker should look again: next scheduled task or next lease to expire.
+local function next_due_delay(now)
+  local best = nil
+  for _, key in ipairs({ K_SCHEDULED, K_RUNNING }) do
+    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    if first[2] ~= nil and (best == nil or tonumber(first[2]) < best) then
+      best = tonumber(first[2])
+    end
+  end
+  if best == nil then
+    return -1
+  end
+  return math.max(0, best - now)
+end
+
+-- Claim the next ready task for this worker. `held_due` is a future due time (ms) this worker
+-- was waiting for, or 0; a worker that goes busy hands that wake-up on through the marker so
+-- an idle worker takes it over. Returns
+--   {'ok', id, payload|false, attempts, leases_lost, due_ms, now_ms, parent_ids_csv|false, env1, ...}
+--   {'none', next_due_delay_ms (-1: nothing pending), now_ms}
+local function claim_next(now, token, lease_ms, worker, held_due)
+  sweep_expired(now)
+  reclaim_expired(now)
+  promote_due(now)
+  redis.call('ZADD', K_WORKERS, now, worker)
+  local id = redis.call('RPOP', K_READY)
+  if not id then
+    -- A score-0 marker left now would wake a worker for nothing.
+    if redis.call('ZSCORE', K_MARKER, 'm') == '0' then
+      redis.call('ZREM', K_MARKER, 'm')
+    end
+    return { 'none', next_due_delay(now), now }
+  end
+  if redis.call('LLEN', K_READY) > 0 then
+    wake_now()
+  else
+    if redis.call('ZSCORE', K_MARKER, 'm') == '0' then
+      redis.call('ZREM', K_MARKER, 'm')
+    end
+    if held_due > 0 then
+      redis.call('ZADD', K_MARKER, 'LT', held_due, 'm')
+    end
+  end
+  redis.call('ZADD', K_RUNNING, now + lease_ms, id)
+  setf(id, 't', token)
+  setf(id, 's', 'running')
+  local attempts = redis.call('HINCRBY', K_INFO, id .. ':a', 1)
+  local reply = {
+    'ok', id, redis.call('HGET', K_PAYLOAD, id), attempts,
+    tonumber(getf(id, 'l') or 0), tonumber(getf(id, 'd') or now), now, getf(id, 'P'),
+  }
+  for _, parent in ipairs(split(getf(id, 'P'))) do
+    reply[#reply + 1] = redis.call('HGET', K_INPUTS, id .. '|' .. parent)
+  end
+  return reply
+end

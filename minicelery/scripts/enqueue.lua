@@ -1,0 +1,71 @@
+-- enqueue.lua: store a new task and put it where it belongs, in one step.
+--
+-- KEYS: the queue key set (see _common.lua).
+-- ARGV[1] id           task id
+-- ARGV[2] payload      task payload (JSON)
+-- ARGV[3] delay_ms     run no earlier than now + delay_ms (Redis clock); "" for none
+-- ARGV[4] at_ms        run no earlier than this time (ms since epoch); "" for none
+-- ARGV[5] parents      parent ids, "," list; "" for none
+-- ARGV[6] dedup_key    idempotency key; "" for none
+-- ARGV[7] mode         "new": store a new task, or
+--                      "reschedule": only set the not-before time of a task still waiting
+--                      for its parents (a child registered at creation, then .wait()/.start_at())
+--
+-- Returns {'ok', state} for a stored task, {'exists', state} when the id is already stored,
+-- {'duplicate', existing_id} when another pending task holds dedup_key.
+
+local id, payload, delay_ms, at_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local parents, dedup_key, mode = ARGV[5], ARGV[6], ARGV[7]
+local now = now_ms()
+
+local not_before = 0
+if delay_ms ~= '' then
+  not_before = now + tonumber(delay_ms)
+elseif at_ms ~= '' then
+  not_before = tonumber(at_ms)
+end
+
+local state = getf(id, 's')
+if state then
+  if mode == 'reschedule' and state == 'waiting' then
+    setf(id, 'n', not_before)
+  end
+  return { 'exists', state }
+end
+
+if dedup_key ~= '' then
+  local holder = redis.call('HGET', K_DEDUP, dedup_key)
+  if holder then
+    return { 'duplicate', holder }
+  end
+  redis.call('HSET', K_DEDUP, dedup_key, id)
+  setf(id, 'k', dedup_key)
+end
+
+redis.call('HSET', K_PAYLOAD, id, payload)
+setf(id, 'a', 0)
+
+local pending = 0
+if parents ~= '' then
+  setf(id, 'P', parents)
+  for _, parent in ipairs(split(parents)) do
+    local parent_state = getf(parent, 's')
+    if parent_state == 'succeeded' or parent_state == 'failed' then
+      redis.call('HSET', K_INPUTS, id .. '|' .. parent, redis.call('HGET', K_RESULT, parent))
+    else
+      -- Unfinished, or not sent yet: it lists this child and releases it when it finishes.
+      pending = pending + 1
+      local children = getf(parent, 'c')
+      setf(parent, 'c', children and (children .. ',' .. id) or id)
+    end
+  end
+end
+
+if pending > 0 then
+  setf(id, 'p', pending)
+  setf(id, 'n', not_before)
+  setf(id, 's', 'waiting')
+  return { 'ok', 'waiting' }
+end
+make_due(id, math.max(now, not_before), now)
+return { 'ok', getf(id, 's') }

@@ -1,0 +1,234 @@
+"""Task definitions (what @app.task makes) and Task handles (what calling one returns)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .broker import FINISHED_STATES
+from .errors import DependencyError, TaskError, TaskNotFound
+from .transport import TaskMessage
+
+if TYPE_CHECKING:
+    from .app import Client
+
+# What `.state` says for a handle that has not been sent to Redis.
+CREATED = "created"
+
+
+@dataclass(frozen=True)
+class TaskDefinition:
+    """A registered task: the function plus its options. Calling it makes a lazy Task."""
+
+    app: Client
+    fn: Callable[..., Any]
+    name: str
+    queue: str
+    retries: int = 0
+    time_limit: float | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Task:
+        return Task(self, args, kwargs)
+
+    def run_locally(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the function in this process, bypassing the queue (for tests and scripts)."""
+        return self.fn(*args, **kwargs)
+
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        return self.fn
+
+
+class Task:
+    """A handle to one run of a task.
+
+    Nothing is sent until `.start()`, `.wait()` or `.start_at()` — except a task with parents
+    (a Task passed as an argument), which is registered at once as waiting for them.
+    """
+
+    def __init__(self, definition: TaskDefinition, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.definition = definition
+        self.id = uuid.uuid4().hex
+        self._sent = False
+        self._parents: dict[str, Task] = {}
+        arg_deps: dict[str, str] = {}
+        kwarg_deps: dict[str, str] = {}
+        plain_args: list[Any] = []
+        for index, value in enumerate(args):
+            if isinstance(value, Task):
+                arg_deps[str(index)] = self._add_parent(value, f"argument {index}")
+                value = None
+            else:
+                _reject_nested(value, f"argument {index}", definition.name)
+            plain_args.append(value)
+        plain_kwargs: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            if isinstance(value, Task):
+                kwarg_deps[key] = self._add_parent(value, f"keyword argument {key!r}")
+                value = None
+            else:
+                _reject_nested(value, f"keyword argument {key!r}", definition.name)
+            plain_kwargs[key] = value
+        self.message = TaskMessage(
+            id=self.id,
+            name=definition.name,
+            args=plain_args,
+            kwargs=plain_kwargs,
+            arg_deps=arg_deps,
+            kwarg_deps=kwarg_deps,
+            time_limit=definition.time_limit,
+            retries=definition.retries,
+        )
+        if self._parents:
+            self._send()  # a child is registered at once, waiting for its parents
+
+    def _add_parent(self, parent: Task, where: str) -> str:
+        if parent.queue != self.queue:
+            raise DependencyError(
+                f"{where} of task {self.definition.name!r} is a task on queue {parent.queue!r}, "
+                f"but {self.definition.name!r} runs on {self.queue!r}: a task and its parents "
+                "must share a queue"
+            )
+        self._parents[parent.id] = parent
+        return parent.id
+
+    # --- identity ------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    @property
+    def queue(self) -> str:
+        return self.definition.queue
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} {self.id} on {self.queue!r}>"
+
+    # --- sending -------------------------------------------------------------------------------
+
+    def start(self, *, key: str | None = None) -> Task:
+        """Send the task to run now (and start any parent that was never started).
+
+        `key` makes the enqueue idempotent: while a task with the same key is pending,
+        this returns a handle to that task instead of sending another.
+        """
+        return self._start(key=key)
+
+    def wait(self, delay: float | dt.timedelta) -> Task:
+        """Send the task to run `delay` seconds from now (measured on the Redis clock)."""
+        seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else float(delay)
+        if seconds < 0:
+            raise ValueError("delay must not be negative")
+        return self._start(delay_ms=int(seconds * 1000))
+
+    def start_at(self, when: dt.datetime) -> Task:
+        """Send the task to run at `when`; a naive datetime is taken as this machine's local time."""
+        return self._start(at_ms=int(when.timestamp() * 1000))
+
+    def _start(self, *, delay_ms: int | None = None, at_ms: int | None = None, key: str | None = None) -> Task:
+        if self._sent:
+            if delay_ms is not None or at_ms is not None:
+                # A registered child: set when it may run once its parents are done.
+                self.definition.app.broker.enqueue(
+                    self.queue, self.id, b"", delay_ms=delay_ms, at_ms=at_ms, reschedule=True
+                )
+        else:
+            reply = self._send(delay_ms=delay_ms, at_ms=at_ms, key=key)
+            if reply is not None:
+                return reply
+        for parent in self._parents.values():
+            parent._start_if_unsent()
+        return self
+
+    def _start_if_unsent(self) -> None:
+        if not self._sent:
+            self._send()
+        for parent in self._parents.values():
+            parent._start_if_unsent()
+
+    def _send(self, delay_ms: int | None = None, at_ms: int | None = None, key: str | None = None) -> Task | None:
+        app = self.definition.app
+        payload = app.broker.transport.dumps_message(self.message)
+        reply = app.broker.enqueue(
+            self.queue,
+            self.id,
+            payload,
+            delay_ms=delay_ms,
+            at_ms=at_ms,
+            parents=list(self._parents),
+            dedup_key=key,
+        )
+        self._sent = True
+        if reply.status == "duplicate":
+            return app.handle(reply.detail, queue=self.queue, name=self.name)
+        return None
+
+    # --- observing -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """created (not sent), waiting, scheduled, ready, running, succeeded, failed or unknown."""
+        if not self._sent:
+            return CREATED
+        state, _ = self.definition.app.broker.outcome(self.queue, self.id)
+        return state or "unknown"
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Block until the task finishes; return its value or raise its error.
+
+        Waits on Redis (no polling). Raises TimeoutError when `timeout` seconds pass first.
+        """
+        if not self._sent:
+            raise TaskError(f"{self!r} was never started: call .start(), .wait() or .start_at()")
+        broker = self.definition.app.broker
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            state, envelope = broker.outcome(self.queue, self.id)
+            if state in FINISHED_STATES and envelope is not None:
+                ok, value = broker.transport.loads_outcome(envelope)
+                if ok:
+                    return value
+                raise value
+            if state is None:
+                raise TaskNotFound(f"task {self.id} is not stored (never sent, or its result expired)")
+            remaining = broker.max_block if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{self!r} did not finish within {timeout} s (state: {state})")
+            broker.wait_done(self.queue, self.id, remaining)
+
+
+def _reject_nested(value: Any, where: str, task_name: str) -> None:
+    """A Task inside a container cannot be a dependency: say so instead of failing later."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Task):
+            raise DependencyError(
+                f"{where} of task {task_name!r} contains a Task inside a container; only a Task "
+                "passed directly as an argument becomes a dependency"
+            )
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple | set | frozenset):
+            stack.extend(item)
+
+
+def attach(app: Client, task_id: str, queue: str, name: str = "?") -> Task:
+    """A handle to a task already in Redis (known by id), for .result() and .state."""
+    definition = app.tasks.get(name) or TaskDefinition(app, _never_called, name, queue)
+    handle = Task.__new__(Task)
+    handle.definition = definition
+    handle.id = task_id
+    handle._sent = True
+    handle._parents = {}
+    handle.message = TaskMessage(id=task_id, name=name)
+    return handle
+
+
+def _never_called(*args: Any, **kwargs: Any) -> Any:
+    raise TaskError("this handle was attached by id; its function is not known here")

@@ -1,0 +1,193 @@
+"""JSON on the wire, nothing else: task payloads and result envelopes.
+
+A payload is what a producer sends for one task; an envelope is what a worker stores as its
+outcome. Exceptions cross the wire as data (type name, args, message, traceback) and are
+rebuilt only as Python builtins or minicelery's own errors; no class is imported from a payload.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import traceback as traceback_module
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import errors
+from .errors import PayloadTooLarge, RemoteError, SerializationError
+
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+PAYLOAD_VERSION = 1
+
+# minicelery's own task errors come back as themselves; every other non-builtin type
+# becomes RemoteError. The lookup is by name in this fixed table, never an import.
+_OWN_ERRORS: dict[str, type[BaseException]] = {
+    cls.__name__: cls
+    for cls in (
+        errors.TaskTimeout,
+        errors.UnknownTask,
+        errors.WorkerLost,
+        errors.SerializationError,
+        errors.PayloadTooLarge,
+        errors.TaskError,
+    )
+}
+
+
+@dataclass(frozen=True)
+class TaskMessage:
+    """One task as it travels: what to call, with what, and which arguments wait for parents."""
+
+    id: str
+    name: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Argument position (as a string) or keyword name -> id of the parent whose result goes there.
+    arg_deps: dict[str, str] = field(default_factory=dict)
+    kwarg_deps: dict[str, str] = field(default_factory=dict)
+    time_limit: float | None = None
+    retries: int = 0
+
+
+class JSONTransport:
+    """Encodes payloads and results as JSON, with a size limit on both."""
+
+    def __init__(self, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+        if max_payload_bytes <= 0:
+            raise ValueError("max_payload_bytes must be positive")
+        self.max_payload_bytes = max_payload_bytes
+
+    # --- payloads ------------------------------------------------------------------------------
+
+    def dumps_message(self, message: TaskMessage) -> bytes:
+        body = {
+            "v": PAYLOAD_VERSION,
+            "id": message.id,
+            "name": message.name,
+            "args": message.args,
+            "kwargs": message.kwargs,
+            "arg_deps": message.arg_deps,
+            "kwarg_deps": message.kwarg_deps,
+            "time_limit": message.time_limit,
+            "retries": message.retries,
+        }
+        data = self._dumps(body, what=f"arguments of task {message.name!r}")
+        self._check_size(data, what=f"payload of task {message.name!r}")
+        return data
+
+    def loads_message(self, data: bytes | str | None) -> TaskMessage:
+        """Decode and validate a payload; any defect raises SerializationError saying which."""
+        if data is None:
+            raise SerializationError("task payload is missing from Redis")
+        raw = data.encode() if isinstance(data, str) else data
+        self._check_size(raw, what="task payload")
+        body = self._loads(raw, what="task payload")
+        if not isinstance(body, dict):
+            raise SerializationError(f"task payload must be a JSON object, got {type(body).__name__}")
+        if body.get("v") != PAYLOAD_VERSION:
+            raise SerializationError(f"unsupported task payload version {body.get('v')!r}")
+        expected: dict[str, type | tuple[type, ...]] = {
+            "id": str,
+            "name": str,
+            "args": list,
+            "kwargs": dict,
+            "arg_deps": dict,
+            "kwarg_deps": dict,
+            "time_limit": (int, float, type(None)),
+            "retries": int,
+        }
+        for key, kind in expected.items():
+            if not isinstance(body.get(key), kind):
+                raise SerializationError(f"task payload field {key!r} is missing or of the wrong type")
+        return TaskMessage(
+            id=body["id"],
+            name=body["name"],
+            args=body["args"],
+            kwargs=body["kwargs"],
+            arg_deps=body["arg_deps"],
+            kwarg_deps=body["kwarg_deps"],
+            time_limit=body["time_limit"],
+            retries=body["retries"],
+        )
+
+    # --- results -------------------------------------------------------------------------------
+
+    def dumps_value(self, value: Any) -> bytes:
+        data = self._dumps({"ok": True, "value": value}, what="task result")
+        self._check_size(data, what="task result")
+        return data
+
+    def dumps_error(self, exc: BaseException, remote_traceback: str | None = None) -> bytes:
+        if remote_traceback is None:
+            remote_traceback = "".join(traceback_module.format_exception(exc))
+        if isinstance(exc, RemoteError):
+            type_name, message, remote_traceback = exc.type_name, exc.message, exc.traceback
+        else:
+            type_name, message = type(exc).__name__, str(exc)
+        args: list[Any] = []
+        try:
+            json.dumps(list(exc.args))
+            args = list(exc.args)
+        except (TypeError, ValueError):
+            args = [message]
+        error = {"type": type_name, "message": message, "args": args, "traceback": remote_traceback}
+        data = self._dumps({"ok": False, "error": error}, what="task error")
+        if len(data) > self.max_payload_bytes:
+            # An error must always be recordable: keep the head of a huge message or traceback.
+            error["message"], error["args"] = message[:2000], [message[:2000]]
+            error["traceback"] = remote_traceback[-8000:]
+            data = self._dumps({"ok": False, "error": error}, what="task error")
+        return data
+
+    def loads_outcome(self, data: bytes | str) -> tuple[bool, Any]:
+        """Return (True, value) for a success, (False, exception instance) for a failure."""
+        body = self._loads(data.encode() if isinstance(data, str) else data, what="task result")
+        if not isinstance(body, dict) or "ok" not in body:
+            raise SerializationError("task result envelope is malformed")
+        if body["ok"]:
+            return True, body.get("value")
+        error = body.get("error") or {}
+        return False, rebuild_exception(
+            str(error.get("type", "Exception")),
+            str(error.get("message", "")),
+            error.get("args") if isinstance(error.get("args"), list) else None,
+            str(error.get("traceback", "")),
+        )
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _check_size(self, data: bytes, what: str) -> None:
+        if len(data) > self.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"{what} is {len(data)} bytes, over the limit of {self.max_payload_bytes} bytes"
+            )
+
+    @staticmethod
+    def _dumps(body: Any, what: str) -> bytes:
+        try:
+            return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise SerializationError(f"{what} cannot be encoded as JSON: {exc}") from exc
+
+    @staticmethod
+    def _loads(data: bytes, what: str) -> Any:
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            raise SerializationError(f"{what} is not valid JSON: {str(exc)[:200]}") from exc
+
+
+def rebuild_exception(
+    type_name: str, message: str, args: list[Any] | None, remote_traceback: str
+) -> BaseException:
+    """Turn error data back into an exception: a builtin or own type as itself, else RemoteError."""
+    cls = _OWN_ERRORS.get(type_name) or getattr(builtins, type_name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            exc = cls(*(args if args is not None else [message]))
+        except Exception:
+            exc = None
+        if exc is not None:
+            exc.remote_traceback = remote_traceback  # type: ignore[attr-defined]
+            return exc
+    return RemoteError(type_name, message, remote_traceback)
