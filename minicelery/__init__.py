@@ -1,11 +1,11 @@
 """minicelery: a Redis-backed task queue for Python.
 
-    from minicelery import Client, JSONTransport, RedisBroker
-    app = Client(RedisBroker(JSONTransport()))
+from minicelery import Client, JSONTransport, RedisBroker
+app = Client(RedisBroker(JSONTransport()))
 
-    @app.task
-    def world():
-        return "World!"
+@app.task
+def world():
+    return "World!"
 """
 
 from .app import Client

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, overload
+from typing import Any, ClassVar, overload
 
 from .broker import RedisBroker
 from .errors import DuplicateTaskError
@@ -24,10 +26,14 @@ class Client:
     ... def hello(thing): ...
     """
 
+    # Every Client made in this process, so a worker can find the tasks its modules registered.
+    instances: ClassVar[list[Client]] = []
+
     def __init__(self, broker: RedisBroker, *, default_queue: str = DEFAULT_QUEUE) -> None:
         self.broker = broker
         self.default_queue = check_queue_name(default_queue)
         self.tasks: dict[str, TaskDefinition] = {}
+        Client.instances.append(self)
 
     @overload
     def task(self, fn: Callable[..., Any], /) -> TaskDefinition: ...
@@ -85,6 +91,30 @@ class Client:
 
         return register(fn) if fn is not None else register
 
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        delay: float | None = None,
+        at: dt.datetime | None = None,
+        key: str | None = None,
+    ) -> Task:
+        """Send a task by name, without importing its function (as `minicelery enqueue` does)."""
+        definition = self.tasks.get(name) or TaskDefinition(
+            self, _by_name_only, name, check_queue_name(queue or self.default_queue)
+        )
+        if queue is not None and definition.queue != queue:
+            definition = dataclasses.replace(definition, queue=check_queue_name(queue))
+        handle = Task(definition, tuple(args), dict(kwargs or {}))
+        if delay is not None:
+            return handle.wait(delay)
+        if at is not None:
+            return handle.start_at(at)
+        return handle.start(key=key)
+
     def handle(self, task_id: str, *, queue: str | None = None, name: str = "?") -> Task:
         """A handle to a task already sent, by id (for `.result()` and `.state`)."""
         return attach(self, task_id, queue or self.default_queue, name)
@@ -95,13 +125,21 @@ class Client:
         `queues` defaults to the settings' worker.queues; other keyword arguments override
         worker settings (e.g. lease_seconds=10).
         """
+        from .logs import configure_logging
         from .settings import load_settings
         from .worker import Worker
 
         worker_overrides: dict[str, Any] = dict(settings)
         if queues is not None:
             worker_overrides["queues"] = list(queues)
-        Worker(self, load_settings(worker=worker_overrides)).run()
+        settings = load_settings(worker=worker_overrides)
+        if not logging.getLogger().handlers:
+            configure_logging(settings.logging.level, settings.logging.format)
+        Worker(self, settings).run()
+
+
+def _by_name_only(*args: Any, **kwargs: Any) -> Any:
+    raise TypeError("this task was sent by name; its function lives in the worker")
 
 
 def _same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:

@@ -7,6 +7,7 @@ into minicelery's BrokerError tree.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import redis
 import redis.exceptions as redis_errors
 from redis.commands.core import Script
 
-from .errors import BrokerError, BrokerUnavailable
+from .errors import BrokerError, BrokerUnavailable, MiniceleryError
 from .keys import QueueKeys, worker_wake_key
 from .transport import JSONTransport
 
@@ -293,19 +294,75 @@ class RedisBroker:
         key = QueueKeys(queue).done(task_id)
         timeout = max(0.001, min(timeout, self.max_block))
         with translate_errors("BLMOVE"):
-            return self.blocking_redis.blmove(key, key, timeout, "RIGHT", "LEFT") is not None
+            return self.blocking_redis.blmove(key, key, timeout, "RIGHT", "LEFT") is not None  # type: ignore[arg-type]
 
     # --- inspection ----------------------------------------------------------------------------
 
     def depths(self, queue: str) -> dict[str, int]:
-        """How many tasks are in each state structure, in one round trip."""
+        """How many tasks are in each state, in one round trip (cheap enough for every scrape)."""
         keys = QueueKeys(queue)
         with translate_errors("queue depths"):
             pipe = self.redis.pipeline(transaction=False)
             pipe.llen(keys.ready)
             pipe.zcard(keys.scheduled)
+            pipe.hget(keys.info, "#waiting")
             pipe.zcard(keys.running)
             pipe.zcard(keys.dead)
             pipe.zcard(keys.expiry)
-            ready, scheduled, running, dead, finished = pipe.execute()
-        return {"ready": ready, "scheduled": scheduled, "running": running, "dead": dead, "finished": finished}
+            ready, scheduled, waiting, running, dead, finished = pipe.execute()
+        return {
+            "ready": ready,
+            "scheduled": scheduled,
+            "waiting": int(waiting or 0),
+            "running": running,
+            "dead": dead,
+            "finished": finished,
+        }
+
+    def queue_report(self, queue: str, lease_seconds: float, dead_shown: int = 20) -> dict[str, Any]:
+        """Depths, next due time, live workers and the latest dead letters of one queue."""
+        keys = QueueKeys(queue)
+        depths = self.depths(queue)
+        with translate_errors("inspect"):
+            server_time = self.redis.time()
+            now_ms = server_time[0] * 1000 + server_time[1] // 1000
+            first = self.redis.zrange(keys.scheduled, 0, 0, withscores=True)
+            workers = self.redis.zrangebyscore(keys.workers, now_ms - 2 * lease_seconds * 1000, "+inf")
+            dead_ids = [_text(i) for i in self.redis.zrevrange(keys.dead, 0, dead_shown - 1)]
+            dead = []
+            for task_id in dead_ids:
+                payload, envelope = (
+                    self.redis.hget(keys.payload, task_id),
+                    self.redis.hget(keys.result, task_id),
+                )
+                attempts = self.redis.hget(keys.info, f"{task_id}:a")
+                dead.append(self._dead_summary(task_id, payload, envelope, attempts))
+        next_due = None
+        if first:
+            next_due = dt.datetime.fromtimestamp(float(first[0][1]) / 1000, dt.UTC).isoformat()
+        return {
+            "depths": depths,
+            "next_due": next_due,
+            "workers": [_text(w) for w in workers],
+            "dead_letters": dead,
+        }
+
+    def _dead_summary(self, task_id: str, payload: Any, envelope: Any, attempts: Any) -> dict[str, Any]:
+        name, error = "?", "?"
+        with contextlib.suppress(MiniceleryError):
+            name = self.transport.loads_message(payload).name
+        if envelope is not None:
+            try:
+                _ok, exc = self.transport.loads_outcome(envelope)
+                error = f"{type(exc).__name__}: {exc}"
+            except MiniceleryError:
+                pass
+        return {"id": task_id, "name": name, "attempts": int(attempts or 0), "error": error}
+
+    def purge(self, queue: str) -> int:
+        """Delete every key of a queue; returns how many keys went."""
+        deleted = 0
+        with translate_errors("purge"):
+            for key in self.redis.scan_iter(match=QueueKeys(queue).all_keys_pattern(), count=500):
+                deleted += int(self.redis.delete(key))
+        return deleted

@@ -16,7 +16,7 @@ from types import FrameType
 from .errors import TaskTimeout
 
 
-class HandBack(BaseException):  # noqa: N818 - a control-flow signal, not an error
+class HandBack(BaseException):
     """Raised inside a running task when the worker must stop at once and return the task."""
 
 

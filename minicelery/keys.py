@@ -16,9 +16,7 @@ _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 
 def check_queue_name(name: str) -> str:
     if not _QUEUE_NAME.match(name):
-        raise ValueError(
-            f"queue name {name!r} is invalid: use 1-100 letters, digits, '_', '.' or '-'"
-        )
+        raise ValueError(f"queue name {name!r} is invalid: use 1-100 letters, digits, '_', '.' or '-'")
     return name
 
 

@@ -158,9 +158,7 @@ class JSONTransport:
 
     def _check_size(self, data: bytes, what: str) -> None:
         if len(data) > self.max_payload_bytes:
-            raise PayloadTooLarge(
-                f"{what} is {len(data)} bytes, over the limit of {self.max_payload_bytes} bytes"
-            )
+            raise PayloadTooLarge(f"{what} is {len(data)} bytes, over the limit of {self.max_payload_bytes} bytes")
 
     @staticmethod
     def _dumps(body: Any, what: str) -> bytes:
@@ -177,9 +175,7 @@ class JSONTransport:
             raise SerializationError(f"{what} is not valid JSON: {str(exc)[:200]}") from exc
 
 
-def rebuild_exception(
-    type_name: str, message: str, args: list[Any] | None, remote_traceback: str
-) -> BaseException:
+def rebuild_exception(type_name: str, message: str, args: list[Any] | None, remote_traceback: str) -> BaseException:
     """Turn error data back into an exception: a builtin or own type as itself, else RemoteError."""
     cls = _OWN_ERRORS.get(type_name) or getattr(builtins, type_name, None)
     if isinstance(cls, type) and issubclass(cls, Exception):

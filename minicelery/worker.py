@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .broker import Claim, Idle, Wake
-from .errors import BrokerError, BrokerUnavailable
+from .errors import BrokerError
 from .heartbeat import Heartbeat, Running
 from .interrupts import HandBack, StopSignals, TaskAlarm
 from .notify import Notifier
@@ -66,9 +66,7 @@ class Worker:
         self.notifier = notifier or Notifier()
         self.alarm = TaskAlarm()
         self.signals = StopSignals(self.alarm, settings.worker.shutdown_grace)
-        self.runner = TaskRunner(
-            app, self.alarm, settings.worker.default_time_limit, settings.worker.max_lost_leases
-        )
+        self.runner = TaskRunner(app, self.alarm, settings.worker.default_time_limit, settings.worker.max_lost_leases)
         self.running: Running | None = None  # read by the heartbeat thread
         self.clocks = {queue: QueueClock() for queue in self.queues}
         self.counters = Counters()
@@ -217,8 +215,11 @@ class Worker:
                 break
             except BrokerError as exc:
                 if self.signals.immediate:
-                    log.error("task %s: result not stored (%s); its lease will expire and it runs again",
-                              claim.id, exc)
+                    log.error(
+                        "task %s: result not stored (%s); its lease will expire and it runs again",
+                        claim.id,
+                        exc,
+                    )
                     return
                 log.warning("task %s: cannot store the result yet (%s); retrying in %.1f s", claim.id, exc, delay)
                 self._update_status("waiting for Redis to store a result")
@@ -252,7 +253,12 @@ class Worker:
         result = "succeeded" if outcome.succeeded else f"failed ({outcome.error_type})"
         log.info(
             "task %s name=%s queue=%s attempt=%d outcome=%s duration=%.3fs",
-            claim.id, outcome.name, claim.queue, claim.attempts, result, outcome.duration,
+            claim.id,
+            outcome.name,
+            claim.queue,
+            claim.attempts,
+            result,
+            outcome.duration,
         )
         if not outcome.succeeded:
             log.debug("task %s error envelope: %s", claim.id, outcome.envelope[:2000])
@@ -268,8 +274,10 @@ class Worker:
                 self.broker.load_scripts()
                 policy = self.broker.eviction_policy()
                 if policy not in ("noeviction", "unknown"):
-                    log.warning("Redis maxmemory-policy is %r: an evicting Redis silently loses tasks; "
-                                "set it to noeviction", policy)
+                    log.warning(
+                        "Redis maxmemory-policy is %r: an evicting Redis silently loses tasks; set it to noeviction",
+                        policy,
+                    )
                 self.ready = True
                 return True
             except BrokerError as exc:
@@ -311,6 +319,13 @@ class Worker:
                 except BrokerError as exc:
                     log.warning("could not pass on the next due time of queue %s: %s", queue, exc)
         code = EXIT_HANDED_BACK if self.counters.handed_back else EXIT_OK
-        log.info("worker %s stopped: %d done, %d failed, exit %d",
-                 self.id, self.counters.done, self.counters.failed, code)
+        log.warning(
+            "worker %s stopped: %d done, %d failed, %d wasted wake-ups, %d late finishes, exit %d",
+            self.id,
+            self.counters.done,
+            self.counters.failed,
+            self.counters.wasted_wakeups,
+            self.counters.late_finishes,
+            code,
+        )
         return code

@@ -17,6 +17,7 @@
 --                             n not-before time (ms)   p count of unfinished parents
 --                             P parent ids, "," list   c child ids, "," list
 --                             k idempotency key
+--                             and one queue-wide field: "#waiting", how many tasks wait for parents
 --   KEYS[8]  inputs     hash  "<child>|<parent>" -> the parent's result envelope, kept for the child
 --   KEYS[9]  expiry     zset  id -> time (ms) after which a finished task's data is deleted
 --   KEYS[10] dead       zset  id -> time (ms) the task was dead-lettered
@@ -32,6 +33,8 @@ local K_EXPIRY, K_DEAD, K_WORKERS, K_DEDUP = KEYS[9], KEYS[10], KEYS[11], KEYS[1
 local SWEEP_BATCH = 20
 local PROMOTE_BATCH = 100
 local RECLAIM_BATCH = 20
+-- Workers not seen for a day are dropped from the workers set.
+local WORKER_FORGET_MS = 86400000
 
 local INFO_FIELDS = { 's', 'a', 'l', 't', 'd', 'n', 'p', 'P', 'c', 'k' }
 
@@ -94,6 +97,7 @@ local function release_children(id, envelope, now)
     local left = redis.call('HINCRBY', K_INFO, child .. ':p', -1)
     if left <= 0 and getf(child, 's') == 'waiting' then
       redis.call('HDEL', K_INFO, child .. ':p')
+      redis.call('HINCRBY', K_INFO, '#waiting', -1)
       local due = math.max(now, tonumber(getf(child, 'n') or 0))
       make_due(child, due, now)
     end
@@ -170,6 +174,7 @@ local function claim_next(now, token, lease_ms, worker, held_due)
   reclaim_expired(now)
   promote_due(now)
   redis.call('ZADD', K_WORKERS, now, worker)
+  redis.call('ZREMRANGEBYSCORE', K_WORKERS, '-inf', now - WORKER_FORGET_MS)
   local id = redis.call('RPOP', K_READY)
   if not id then
     -- A score-0 marker left now would wake a worker for nothing.

@@ -65,6 +65,7 @@ if pending > 0 then
   setf(id, 'p', pending)
   setf(id, 'n', not_before)
   setf(id, 's', 'waiting')
+  redis.call('HINCRBY', K_INFO, '#waiting', 1)
   return { 'ok', 'waiting' }
 end
 make_due(id, math.max(now, not_before), now)

@@ -1,0 +1,100 @@
+"""What the operator commands do: enqueue, inspect, result, purge (cli.py parses, this acts)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .app import Client
+from .broker import RedisBroker
+from .errors import TaskNotFound
+from .settings import Settings
+from .transport import JSONTransport
+
+
+class Admin:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.broker = RedisBroker(
+            JSONTransport(settings.worker.max_payload_bytes),
+            url=settings.redis.url,
+            result_ttl=settings.worker.result_ttl,
+            max_block=settings.worker.idle_block_max,
+            connection_options=settings.redis.connection_options(),
+        )
+        self.app = Client(self.broker, default_queue=settings.worker.queues[0])
+        Client.instances.remove(self.app)
+
+    def enqueue(
+        self,
+        name: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        *,
+        queue: str | None,
+        delay: float | None,
+        at: dt.datetime | None,
+        key: str | None,
+        wait: bool,
+        timeout: float | None,
+    ) -> int:
+        handle = self.app.send_task(name, args, kwargs, queue=queue, delay=delay, at=at, key=key)
+        print(handle.id)
+        if not wait:
+            return 0
+        return self._print_result(handle.result, timeout)
+
+    def result(self, task_id: str, queue: str | None, timeout: float) -> int:
+        handle = self.app.handle(task_id, queue=queue)
+        state = handle.state
+        if state == "unknown":
+            raise TaskNotFound(f"task {task_id} is not stored on queue {handle.queue!r}")
+        if state not in ("succeeded", "failed") and timeout <= 0:
+            print(f"task {task_id} is {state}", file=sys.stderr)
+            return 1
+        return self._print_result(handle.result, timeout)
+
+    @staticmethod
+    def _print_result(get: Any, timeout: float | None) -> int:
+        try:
+            value = get(timeout=timeout)
+        except TimeoutError as exc:
+            print(f"minicelery: {exc}", file=sys.stderr)
+            return 1
+        except Exception as exc:
+            print(f"task failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            remote = getattr(exc, "remote_traceback", None) or getattr(exc, "traceback", None)
+            if remote:
+                print(remote, file=sys.stderr, end="")
+            return 1
+        print(json.dumps(value))
+        return 0
+
+    def inspect(self, queues: Sequence[str], *, as_json: bool) -> int:
+        report = {queue: self.broker.queue_report(queue, self.settings.worker.lease_seconds) for queue in queues}
+        if as_json:
+            print(json.dumps(report, indent=2))
+            return 0
+        for queue, info in report.items():
+            depths = ", ".join(f"{state} {count}" for state, count in info["depths"].items())
+            print(f"queue {queue}: {depths}")
+            due = info["next_due"]
+            print(f"  next due: {due if due else 'nothing scheduled'}")
+            print(f"  live workers: {len(info['workers'])} {' '.join(info['workers'])}".rstrip())
+            for dead in info["dead_letters"]:
+                print(f"  dead: {dead['id']} {dead['name']} attempts={dead['attempts']} {dead['error']}")
+        return 0
+
+    def purge(self, queues: Sequence[str], *, assume_yes: bool) -> int:
+        if not assume_yes:
+            answer = input(f"Delete every task, result and dead letter of {', '.join(queues)}? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing deleted")
+                return 1
+        for queue in queues:
+            deleted = self.broker.purge(queue)
+            print(f"queue {queue}: {deleted} keys deleted")
+        return 0
