@@ -11,7 +11,7 @@ app = Client(broker)
 
 @app.task
 def hello(thing):
-    print("Hello {}!".format(thing), flush=True)
+    print(f"Hello {thing}!", flush=True)
 
 
 @app.task

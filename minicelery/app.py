@@ -115,11 +115,26 @@ class Client:
             return handle.start_at(at)
         return handle.start(key=key)
 
+    def start_many(self, handles: Sequence[Task]) -> list[Task]:
+        """Send many tasks at once: one round trip per queue for tasks without parents."""
+        by_queue: dict[str, list[Task]] = {}
+        for handle in handles:
+            if handle.sent or handle.has_parents:
+                handle.start()
+            else:
+                by_queue.setdefault(handle.queue, []).append(handle)
+        for queue, batch in by_queue.items():
+            payloads = [(h.id, self.broker.transport.dumps_message(h.message)) for h in batch]
+            self.broker.enqueue_many(queue, payloads)
+            for handle in batch:
+                handle.mark_sent()
+        return list(handles)
+
     def handle(self, task_id: str, *, queue: str | None = None, name: str = "?") -> Task:
         """A handle to a task already sent, by id (for `.result()` and `.state`)."""
         return attach(self, task_id, queue or self.default_queue, name)
 
-    def start(self, queues: Sequence[str] | None = None, **settings: Any) -> None:
+    def start(self, queues: Sequence[str] | None = None, **worker_settings: Any) -> None:
         """Run a worker in this process until SIGTERM or SIGINT.
 
         `queues` defaults to the settings' worker.queues; other keyword arguments override
@@ -129,7 +144,7 @@ class Client:
         from .settings import load_settings
         from .worker import Worker
 
-        worker_overrides: dict[str, Any] = dict(settings)
+        worker_overrides: dict[str, Any] = dict(worker_settings)
         if queues is not None:
             worker_overrides["queues"] = list(queues)
         settings = load_settings(worker=worker_overrides)

@@ -164,9 +164,8 @@ class RedisBroker:
         with translate_errors(name):
             return self._scripts[name](keys=[*keys.as_list(), *extra_keys], args=list(args))
 
-    def enqueue(
-        self,
-        queue: str,
+    @staticmethod
+    def _enqueue_args(
         task_id: str,
         payload: bytes,
         *,
@@ -175,21 +174,32 @@ class RedisBroker:
         parents: Sequence[str] = (),
         dedup_key: str | None = None,
         reschedule: bool = False,
-    ) -> EnqueueReply:
-        reply = self._run(
-            "enqueue",
-            QueueKeys(queue),
-            [
-                task_id,
-                payload,
-                "" if delay_ms is None else int(delay_ms),
-                "" if at_ms is None else int(at_ms),
-                ",".join(parents),
-                dedup_key or "",
-                "reschedule" if reschedule else "new",
-            ],
-        )
+    ) -> list[Any]:
+        return [
+            task_id,
+            payload,
+            "" if delay_ms is None else int(delay_ms),
+            "" if at_ms is None else int(at_ms),
+            ",".join(parents),
+            dedup_key or "",
+            "reschedule" if reschedule else "new",
+        ]
+
+    def enqueue(self, queue: str, task_id: str, payload: bytes, **options: Any) -> EnqueueReply:
+        """Store one task (options: delay_ms, at_ms, parents, dedup_key, reschedule)."""
+        reply = self._run("enqueue", QueueKeys(queue), self._enqueue_args(task_id, payload, **options))
         return EnqueueReply(_text(reply[0]), _text(reply[1]))
+
+    def enqueue_many(self, queue: str, tasks: Sequence[tuple[str, bytes]]) -> list[EnqueueReply]:
+        """Store many ready-to-run tasks in one round trip (a pipeline of enqueue scripts)."""
+        keys = QueueKeys(queue).as_list()
+        script = self._scripts["enqueue"]
+        with translate_errors("enqueue many"):
+            pipe = self.redis.pipeline(transaction=False)
+            for task_id, payload in tasks:
+                script(keys=keys, args=self._enqueue_args(task_id, payload), client=pipe)
+            replies = pipe.execute()
+        return [EnqueueReply(_text(reply[0]), _text(reply[1])) for reply in replies]
 
     def claim(self, queue: str, token: str, lease_ms: int, worker_id: str, held_due_ms: int = 0) -> Claim | Idle:
         reply = self._run("claim", QueueKeys(queue), [token, lease_ms, worker_id, held_due_ms])

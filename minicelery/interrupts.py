@@ -28,9 +28,11 @@ class TaskAlarm:
         self._limit: float | None = None
         self._stop_at: float | None = None
         self._active = False
+        self._installed = False  # without the handler an alarm would kill the process: arm none
 
     def install(self) -> None:
         signal.signal(signal.SIGALRM, self._on_alarm)
+        self._installed = True
 
     def task_started(self, time_limit: float | None) -> None:
         self._limit = time_limit
@@ -41,7 +43,8 @@ class TaskAlarm:
     def task_ended(self) -> None:
         self._active = False
         self._limit_at = None
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        if self._installed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
     def stop_by(self, seconds: float) -> None:
         """The running task (if any) must end within `seconds`, else it is handed back."""
@@ -54,7 +57,7 @@ class TaskAlarm:
         return self._active
 
     def _arm(self) -> None:
-        if not self._active:
+        if not (self._active and self._installed):
             return
         deadlines = [d for d in (self._limit_at, self._stop_at) if d is not None]
         if deadlines:

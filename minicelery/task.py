@@ -109,6 +109,18 @@ class Task:
     def __repr__(self) -> str:
         return f"<Task {self.name} {self.id} on {self.queue!r}>"
 
+    @property
+    def sent(self) -> bool:
+        return self._sent
+
+    @property
+    def has_parents(self) -> bool:
+        return bool(self._parents)
+
+    def mark_sent(self) -> None:
+        """Record that the task was sent another way (Client.start_many)."""
+        self._sent = True
+
     # --- sending -------------------------------------------------------------------------------
 
     def start(self, *, key: str | None = None) -> Task:

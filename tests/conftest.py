@@ -1,0 +1,137 @@
+"""Shared fixtures: a real Redis server for the session, a fresh queue per test, worker processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from minicelery import Client, JSONTransport, RedisBroker
+from minicelery.keys import ROOT
+from minicelery.redis_server import RedisServer
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """MINICELERY_TEST_REDIS_URL if set, else a private server on a free port for this session."""
+    url = os.environ.get("MINICELERY_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    with RedisServer() as server:
+        yield server.url
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def queue(r: redis.Redis) -> Iterator[str]:
+    """A queue name no other test uses; its keys are deleted afterwards."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    yield name
+    for key in r.scan_iter(match=f"{ROOT}:{{{name}}}:*", count=1000):
+        r.delete(key)
+
+
+@pytest.fixture
+def app(redis_url: str, queue: str) -> Iterator[Client]:
+    import worktasks
+
+    client = Client(RedisBroker(JSONTransport(), url=redis_url, result_ttl=600, max_block=1), default_queue=queue)
+    worktasks.register(client)
+    yield client
+    client.broker.close()
+    Client.instances.remove(client)
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> object:
+    """Poll `condition` until it is truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Workers:
+    """Starts real `minicelery worker` processes on the test's queue; stops them afterwards."""
+
+    def __init__(self, redis_url: str, queue: str, tmp_path: Path) -> None:
+        self.redis_url = redis_url
+        self.queue = queue
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def env(self, **settings: str) -> dict[str, str]:
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("MINICELERY_") and key not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")
+        }
+        env.update(
+            {
+                "PYTHONPATH": os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]),
+                "MINICELERY_REDIS__URL": self.redis_url,
+                "MINICELERY_TASKS": '["worktasks"]',
+                "MINICELERY_WORKER__QUEUES": f'["{self.queue}"]',
+                "MINICELERY_WORKER__IDLE_BLOCK_MAX": "1",
+                "MINICELERY_WORKER__LEASE_SECONDS": "5",
+                "MINICELERY_WORKER__SHUTDOWN_GRACE": "10",
+                "MINICELERY_METRICS__ENABLED": "false",
+                "MINICELERY_LOGGING__LEVEL": "INFO",
+            }
+        )
+        env.update(settings)
+        return env
+
+    def start(self, *args: str, env: dict[str, str] | None = None, **settings: str) -> subprocess.Popen[bytes]:
+        log_path = self.tmp_path / f"worker-{len(self.procs)}.log"
+        with open(log_path, "wb") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "minicelery", "worker", *args],
+                env=env or self.env(**settings),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        proc.log_path = log_path  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    @staticmethod
+    def log(proc: subprocess.Popen[bytes]) -> str:
+        return Path(proc.log_path).read_text()  # type: ignore[attr-defined]
+
+    def wait_ready(self, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+        wait_until(lambda: "ready on queues" in self.log(proc) or proc.poll() is not None, timeout, "worker ready")
+        assert proc.poll() is None, self.log(proc)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def workers(redis_url: str, queue: str, tmp_path: Path) -> Iterator[Workers]:
+    pool = Workers(redis_url, queue, tmp_path)
+    yield pool
+    pool.stop_all()

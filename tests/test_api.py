@@ -1,0 +1,141 @@
+"""The public API of the original README, run against a real Redis."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import redis
+from conftest import wait_until
+from helpers import drain
+
+from minicelery import Client, DependencyError, DuplicateTaskError, JSONTransport, RedisBroker, RemoteError
+from minicelery.errors import TaskError
+
+
+def test_calling_a_task_sends_nothing_until_start(app: Client, r: redis.Redis) -> None:
+    handle = app.tasks["echo"](1)
+    assert handle.state == "created"
+    assert r.llen(f"minicelery:{{{app.default_queue}}}:ready") == 0
+    assert handle.start() is handle
+    assert handle.state == "ready"
+    assert len(handle.id) == 32
+
+
+def test_start_then_result_returns_the_value(app: Client) -> None:
+    handle = app.tasks["echo"]({"a": [1, 2]}).start()
+    drain(app)
+    assert handle.state == "succeeded"
+    assert handle.result(timeout=5) == {"a": [1, 2]}
+
+
+def test_original_readme_world_wait_feeds_hello(app: Client) -> None:
+    world = app.tasks["echo"]("World!").wait(0.3)
+    hello = app.tasks["describe"](world)  # registered at once, waiting for its parent
+    assert hello.state == "waiting"
+    assert world.state == "scheduled"
+    drain(app)  # nothing is due yet
+    assert world.state == "scheduled"
+    wait_until(lambda: drain(app) and hello.state == "succeeded", what="hello to run after world")
+    assert world.result(timeout=1) == "World!"
+    assert hello.result(timeout=1) == "value:'World!'"
+
+
+def test_original_readme_start_at_a_past_time_runs_at_once(app: Client) -> None:
+    handle = app.tasks["describe"]("World!").start_at(dt.datetime(2017, 1, 27, 13))
+    assert handle.state == "ready"
+    drain(app)
+    assert handle.result(timeout=5) == "value:'World!'"
+
+
+def test_start_at_with_aware_and_naive_datetimes_are_scheduled_at_that_instant(app: Client, r: redis.Redis) -> None:
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    aware = app.tasks["echo"](1).start_at(soon)
+    naive = app.tasks["echo"](2).start_at(soon.astimezone().replace(tzinfo=None))  # local time
+    scores = dict(r.zrange(f"minicelery:{{{app.default_queue}}}:scheduled", 0, -1, withscores=True))
+    assert scores[aware.id.encode()] == pytest.approx(soon.timestamp() * 1000, abs=1)
+    assert scores[naive.id.encode()] == scores[aware.id.encode()]
+
+
+def test_wait_accepts_a_timedelta(app: Client) -> None:
+    handle = app.tasks["echo"](1).wait(dt.timedelta(minutes=5))
+    assert handle.state == "scheduled"
+
+
+def test_result_times_out_with_timeout_error(app: Client) -> None:
+    handle = app.tasks["echo"](1).start()
+    with pytest.raises(TimeoutError):
+        handle.result(timeout=0.2)
+
+
+def test_result_of_a_task_never_started_is_an_error(app: Client) -> None:
+    with pytest.raises(TaskError, match="never started"):
+        app.tasks["echo"](1).result(timeout=1)
+
+
+def test_failed_task_raises_its_builtin_exception(app: Client) -> None:
+    handle = app.tasks["boom"]("bad things").start()
+    drain(app)
+    assert handle.state == "failed"
+    with pytest.raises(ValueError, match="bad things") as info:
+        handle.result(timeout=5)
+    assert "in boom" in info.value.remote_traceback  # type: ignore[attr-defined]
+
+
+def test_custom_exception_comes_back_as_remote_error_with_traceback(app: Client) -> None:
+    handle = app.tasks["custom_boom"]("nope").start()
+    drain(app)
+    with pytest.raises(RemoteError) as info:
+        handle.result(timeout=5)
+    assert info.value.type_name == "CustomError"
+    assert info.value.message == "nope"
+    assert "raise CustomError(message)" in info.value.traceback
+
+
+def test_two_functions_under_one_name_fail_at_registration(app: Client) -> None:
+    with pytest.raises(DuplicateTaskError, match="echo"):
+
+        @app.task(name="echo")
+        def other(value: object) -> object:
+            return value
+
+
+def test_task_options_are_kept_apart_from_task_arguments(app: Client) -> None:
+    @app.task(name="options_demo", retries=2, time_limit=3)
+    def options_demo(delay: int, queue: str) -> str:
+        return f"{delay}/{queue}"
+
+    handle = options_demo(delay=5, queue="q").start()
+    drain(app)
+    assert handle.result(timeout=5) == "5/q"
+    assert options_demo.retries == 2 and options_demo.time_limit == 3
+
+
+def test_broker_takes_result_ttl_and_rejects_a_bad_one(redis_url: str) -> None:
+    assert RedisBroker(JSONTransport(), url=redis_url, result_ttl=5).result_ttl == 5
+    with pytest.raises(ValueError, match="result_ttl"):
+        RedisBroker(JSONTransport(), url=redis_url, result_ttl=0)
+
+
+def test_broker_url_comes_from_the_environment_when_not_given(monkeypatch: pytest.MonkeyPatch, redis_url: str) -> None:
+    monkeypatch.setenv("MINICELERY_REDIS__URL", redis_url)
+    broker = RedisBroker(JSONTransport())
+    assert broker.url == redis_url
+    broker.ping()
+
+
+def test_nested_task_in_a_list_is_rejected_naming_the_argument(app: Client) -> None:
+    parent = app.tasks["echo"](1)
+    with pytest.raises(DependencyError, match="argument 0"):
+        app.tasks["echo"]([parent])
+    with pytest.raises(DependencyError, match="keyword argument 'value'"):
+        app.tasks["echo"](value={"x": parent})
+
+
+def test_parent_on_another_queue_is_rejected(app: Client, redis_url: str) -> None:
+    @app.task(queue="elsewhere")
+    def far() -> int:
+        return 1
+
+    with pytest.raises(DependencyError, match="share a queue"):
+        app.tasks["echo"](far())

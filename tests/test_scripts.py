@@ -1,0 +1,87 @@
+"""The Lua scripts on their own: KEYS/ARGV in, status codes out, and every file registered."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import redis
+
+from minicelery import JSONTransport, RedisBroker
+from minicelery.broker import SCRIPT_NAMES, Claim, Idle
+from minicelery.keys import QueueKeys
+
+
+def test_every_lua_file_is_a_registered_script_and_loads(redis_url: str) -> None:
+    files = {p.name[:-4] for p in (resources.files("minicelery") / "scripts").iterdir() if p.name.endswith(".lua")}
+    assert files - {"_common"} == set(SCRIPT_NAMES)
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    broker.load_scripts()
+    assert all(broker.redis.script_exists(s.sha)[0] for s in broker._scripts.values())
+
+
+def test_claim_on_an_empty_queue_reports_nothing_pending(redis_url: str, queue: str) -> None:
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    reply = broker.claim(queue, "tok", 1000, "w1")
+    assert isinstance(reply, Idle) and reply.next_due_in_ms is None
+
+
+def test_enqueue_claim_finish_cycle_and_fencing(redis_url: str, queue: str, r: redis.Redis) -> None:
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    keys = QueueKeys(queue)
+    assert broker.enqueue(queue, "t1", b"{}").status == "ok"
+    assert broker.enqueue(queue, "t1", b"{}").status == "exists"
+    assert r.zscore(keys.marker, "m") == 0  # one idle worker would wake
+    claim = broker.claim(queue, "tok-a", 1000, "w1")
+    assert isinstance(claim, Claim) and claim.id == "t1" and claim.attempts == 1
+    assert not r.exists(keys.marker)  # nothing else ready: no stale wake-up left behind
+    assert broker.renew(queue, "t1", "tok-a", 1000)
+    assert not broker.renew(queue, "t1", "tok-b", 1000)
+    applied, _ = broker.finish(queue, "t1", "tok-b", succeeded=True, envelope=b'{"ok":true}')
+    assert not applied  # wrong token: nothing written
+    assert r.hget(keys.result, "t1") is None
+    applied, _ = broker.finish(queue, "t1", "tok-a", succeeded=True, envelope=b'{"ok":true,"value":1}')
+    assert applied
+    assert r.hget(keys.info, "t1:s") == b"succeeded"
+    assert r.zcard(keys.running) == 0
+    applied, _ = broker.finish(queue, "t1", "tok-a", succeeded=True, envelope=b'{"ok":true,"value":2}')
+    assert not applied  # a second finish cannot overwrite the first
+    assert r.hget(keys.result, "t1") == b'{"ok":true,"value":1}'
+
+
+def test_expired_lease_is_reclaimed_by_the_next_claim(redis_url: str, queue: str) -> None:
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    broker.enqueue(queue, "t1", b"{}")
+    first = broker.claim(queue, "tok-a", 1, "w1")  # a 1 ms lease
+    assert isinstance(first, Claim)
+    import time
+
+    time.sleep(0.01)
+    second = broker.claim(queue, "tok-b", 1000, "w2")
+    assert isinstance(second, Claim) and second.id == "t1"
+    assert second.attempts == 2 and second.leases_lost == 1
+    applied, _ = broker.finish(queue, "t1", "tok-a", succeeded=True, envelope=b"{}")
+    assert not applied  # the first worker's late finish is rejected by token
+
+
+def test_release_hands_back_without_counting_an_attempt(redis_url: str, queue: str) -> None:
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    broker.enqueue(queue, "t1", b"{}")
+    broker.claim(queue, "tok-a", 1000, "w1")
+    assert broker.release(queue, "t1", "tok-a")
+    again = broker.claim(queue, "tok-b", 1000, "w2")
+    assert isinstance(again, Claim) and again.attempts == 1
+
+
+def test_scheduled_task_reports_its_due_delay(redis_url: str, queue: str) -> None:
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    broker.enqueue(queue, "t1", b"{}", delay_ms=60_000)
+    reply = broker.claim(queue, "tok", 1000, "w1")
+    assert isinstance(reply, Idle)
+    assert reply.next_due_in_ms is not None and 59_000 < reply.next_due_in_ms <= 60_000
+
+
+def test_idempotency_key_returns_the_pending_holder(redis_url: str, queue: str) -> None:
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    assert broker.enqueue(queue, "t1", b"{}", dedup_key="k").status == "ok"
+    reply = broker.enqueue(queue, "t2", b"{}", dedup_key="k")
+    assert (reply.status, reply.detail) == ("duplicate", "t1")

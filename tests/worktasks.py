@@ -1,0 +1,90 @@
+"""Tasks the tests run in real worker processes (and send from the test process).
+
+`register(app)` puts them on any Client, so the test process and the workers share names.
+Executions are recorded in Redis (the worker's own connection) so tests can count them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+
+from minicelery import Client, JSONTransport, RedisBroker
+
+RUNS_KEY = "test:runs"  # hash: tag -> how many times a task with that tag ran
+_redis: redis.Redis | None = None
+
+
+def _r() -> redis.Redis:
+    global _redis
+    if _redis is None:
+        _redis = redis.Redis.from_url(os.environ["MINICELERY_REDIS__URL"])
+    return _redis
+
+
+class CustomError(Exception):
+    pass
+
+
+def register(app: Client) -> None:
+    @app.task
+    def echo(value: Any) -> Any:
+        return value
+
+    @app.task
+    def add(*numbers: int) -> int:
+        return sum(numbers)
+
+    @app.task
+    def boom(message: str = "boom") -> None:
+        raise ValueError(message)
+
+    @app.task
+    def custom_boom(message: str) -> None:
+        raise CustomError(message)
+
+    @app.task
+    def describe(value: Any) -> str:
+        """Says what it received, so a test can see an exception arrive as an argument."""
+        if isinstance(value, BaseException):
+            return f"error:{type(value).__name__}:{value}"
+        return f"value:{value!r}"
+
+    @app.task
+    def node(tag: str, *parents: int) -> int:
+        """A DAG node: counts its runs, returns 1 + the sum of its parents' results."""
+        _r().hincrby(RUNS_KEY + ":" + os.environ.get("MINICELERY_WORKER__QUEUES", ""), tag, 1)
+        return 1 + sum(parents)
+
+    @app.task
+    def redis_time() -> float:
+        seconds, micros = _r().time()
+        return seconds + micros / 1e6
+
+    @app.task
+    def sleep_for(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    @app.task
+    def spin(seconds: float) -> int:
+        """Busy CPU in pure Python (holds the GIL the way real work does)."""
+        end, count = time.monotonic() + seconds, 0
+        while time.monotonic() < end:
+            count += 1
+        return count
+
+    @app.task
+    def marked_sleep(tag: str, seconds: float) -> str:
+        """Records that it started, then sleeps: lets a test signal a worker mid-task."""
+        _r().hincrby("test:started", tag, 1)
+        time.sleep(seconds)
+        _r().hincrby("test:finished", tag, 1)
+        return tag
+
+
+app = Client(RedisBroker(JSONTransport()))
+register(app)
