@@ -86,6 +86,11 @@ class Heartbeat(threading.Thread):
             log.warning("task %s lost its lease: another worker may run it again", running.task_id)
 
     def _on_stop(self) -> None:
+        log.warning(
+            "stop requested: claiming nothing new; a running task gets %.1f s to finish "
+            "(a second signal hands it back at once)",
+            self.worker.settings.worker.shutdown_grace,
+        )
         self.worker.notifier.stopping()
         try:
             self.worker.broker.wake_worker(self.worker.id)

@@ -1,0 +1,231 @@
+"""The worker process under signals, systemd notifications and Redis restarts (all real)."""
+
+from __future__ import annotations
+
+import array
+import signal
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import Workers, wait_until
+
+from minicelery import Client, JSONTransport, RedisBroker, TaskTimeout
+from minicelery.redis_server import RedisServer, free_port
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET; records sender PIDs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[int, str]] = []
+
+    def drain(self) -> list[tuple[int, str]]:
+        size = struct.calcsize("3i")
+        while True:
+            try:
+                data, ancillary, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(size))
+            except TimeoutError:
+                return self.messages
+            pid = -1
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = array.array("i", payload[:size])[0]
+            for line in data.decode().splitlines():
+                self.messages.append((pid, line))
+
+    def seen(self, text: str) -> list[int]:
+        """PIDs of every message equal to `text` (or starting with it, for KEY= prefixes)."""
+        return [pid for pid, line in self.drain() if line == text or (text.endswith("=") and line.startswith(text))]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path: Path):
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.close()
+
+
+def test_ready_only_after_redis_answers_then_watchdog_status_and_stopping(
+    tmp_path: Path, queue: str, notify: NotifySocket
+) -> None:
+    port = free_port()
+    pool = Workers(f"redis://127.0.0.1:{port}/0", queue, tmp_path)
+    try:
+        proc = pool.start(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="1000000")
+        wait_until(lambda: "waiting for Redis" in pool.log(proc), 20, "worker to wait for Redis")
+        wait_until(lambda: notify.seen("STATUS="), 10, "a status while waiting")
+        assert not notify.seen("READY=1")
+        with RedisServer(port=port):
+            wait_until(lambda: notify.seen("READY=1"), 20, "READY=1")
+            assert set(notify.seen("READY=1")) == {proc.pid}  # NotifyAccess=main holds
+            assert f"MAINPID={proc.pid}" in [line for _, line in notify.messages]
+            wait_until(lambda: len(notify.seen("WATCHDOG=1")) >= 3, 10, "watchdog pings")
+            assert any("idle" in line for _, line in notify.messages if line.startswith("STATUS="))
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+            assert notify.seen("STOPPING=1") == [proc.pid]
+    finally:
+        pool.stop_all()
+
+
+def test_sigterm_while_idle_exits_at_once_without_waiting_out_the_block(workers: Workers) -> None:
+    proc = workers.start(MINICELERY_WORKER__IDLE_BLOCK_MAX="60", MINICELERY_WORKER__LEASE_SECONDS="60")
+    workers.wait_ready(proc)
+    client = redis.Redis.from_url(workers.redis_url)
+    wait_until(lambda: any(c["cmd"] == "bzpopmin" for c in client.client_list()), 10, "idle wait")
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0  # a 60 s block would outlast this wait
+    print(f"idle SIGTERM drain: {time.monotonic() - started:.3f} s")
+
+
+def test_sigterm_during_a_task_lets_it_finish_then_exits_0(app: Client, workers: Workers, r: redis.Redis) -> None:
+    proc = workers.start()
+    handle = app.tasks["marked_sleep"]("t1", 2).start()
+    wait_until(lambda: r.hget("test:started", "t1"), 20, "task to start")
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    print(f"SIGTERM during a 2 s task: exited after {time.monotonic() - started:.3f} s")
+    assert handle.result(timeout=1) == "t1"
+    assert r.hget("test:finished", "t1") == b"1"
+
+
+def test_second_sigterm_hands_the_task_back_and_another_worker_completes_it(
+    app: Client, workers: Workers, r: redis.Redis
+) -> None:
+    first = workers.start()
+    handle = app.tasks["marked_sleep"]("t2", 3).start()
+    wait_until(lambda: r.hget("test:started", "t2"), 20, "task to start")
+    first.send_signal(signal.SIGTERM)
+    wait_until(lambda: "stop requested" in workers.log(first), 10, "the first signal to be handled")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=30) == 75
+    assert "handed back" in workers.log(first)
+    assert handle.state in ("ready", "running")
+    workers.start()
+    assert handle.result(timeout=30) == "t2"
+    assert r.hget("test:started", "t2") == b"2" and r.hget("test:finished", "t2") == b"1"
+
+
+def test_shutdown_grace_running_out_hands_the_task_back(app: Client, workers: Workers, r: redis.Redis) -> None:
+    proc = workers.start(MINICELERY_WORKER__SHUTDOWN_GRACE="0.5")
+    handle = app.tasks["marked_sleep"]("t3", 30).start()
+    wait_until(lambda: r.hget("test:started", "t3"), 20, "task to start")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 75
+    assert handle.state == "ready"
+
+
+def test_sigkill_mid_task_loses_nothing_the_task_runs_on_another_worker_after_the_lease(
+    app: Client, workers: Workers, r: redis.Redis
+) -> None:
+    doomed = workers.start(MINICELERY_WORKER__LEASE_SECONDS="2")
+    handle = app.tasks["marked_sleep"]("t4", 0.5).start()
+    wait_until(lambda: r.hget("test:started", "t4"), 20, "task to start")
+    doomed.kill()
+    doomed.wait()
+    workers.start(MINICELERY_WORKER__LEASE_SECONDS="2")
+    assert handle.result(timeout=30) == "t4"
+    assert r.hget("test:started", "t4") == b"2"
+
+
+def test_cpu_bound_task_longer_than_the_lease_keeps_it(app: Client, workers: Workers) -> None:
+    workers.start(MINICELERY_WORKER__LEASE_SECONDS="1")
+    spinner = app.tasks["spin"](3).start()
+    workers.start(MINICELERY_WORKER__LEASE_SECONDS="1")  # would steal it if the lease lapsed
+    assert spinner.result(timeout=30) > 0
+    logs = "".join(workers.log(p) for p in workers.procs)
+    assert "lost its lease" not in logs and "late finish" not in logs
+    assert logs.count(f"task {spinner.id} name=spin") == 1
+
+
+def test_task_over_its_time_limit_fails_with_a_timeout_error(app: Client, workers: Workers) -> None:
+    producer = Client(app.broker, default_queue=app.default_queue)
+    Client.instances.remove(producer)
+
+    @producer.task(name="sleep_for", time_limit=0.5)
+    def limited(seconds: float) -> float:  # the worker's task, sent with a limit
+        return seconds
+
+    workers.start()
+    handle = limited(5).start()
+    with pytest.raises(TaskTimeout, match=r"time limit of 0\.5 s"):
+        handle.result(timeout=30)
+    after = app.tasks["echo"]("next").start()
+    assert after.result(timeout=30) == "next"  # the worker carried on
+
+
+def test_redis_killed_and_restarted_under_a_worker_loses_no_task(tmp_path: Path, queue: str) -> None:
+    import worktasks
+
+    port = free_port()
+    data = tmp_path / "redis-data"
+    data.mkdir()
+    persist = ("--appendonly", "yes", "--appendfsync", "always")
+    server = RedisServer(port=port, directory=data, extra_args=persist).start()
+    pool = Workers(server.url, queue, tmp_path)
+    app = Client(RedisBroker(JSONTransport(), url=server.url, result_ttl=600, max_block=1), default_queue=queue)
+    worktasks.register(app)
+    Client.instances.remove(app)
+    try:
+        proc = pool.start()
+        pool.wait_ready(proc)
+        handles = [app.tasks["sleep_for"](0.05).start() for _ in range(40)]
+        wait_until(lambda: "task" in pool.log(proc) and "succeeded" in pool.log(proc), 20, "first results")
+        server.stop(kill=True)
+        outage = ("lost Redis", "cannot store the result yet")
+        wait_until(lambda: any(text in pool.log(proc) for text in outage), 60, "the worker to notice")
+        server = RedisServer(port=port, directory=data, extra_args=persist).start()
+        restarted = time.monotonic()
+        assert [h.result(timeout=60) for h in handles] == [0.05] * 40
+        print(f"all tasks done {time.monotonic() - restarted:.2f} s after Redis restarted")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        pool.stop_all()
+        app.broker.close()
+        server.cleanup()
+
+
+def test_cli_enqueue_wait_inspect_result_and_purge(app: Client, workers: Workers) -> None:
+    env = workers.env()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        import sys
+
+        return subprocess.run(
+            [sys.executable, "-m", "minicelery", *args], capture_output=True, text=True, timeout=60, env=env
+        )
+
+    workers.start()
+    sent = cli("enqueue", "add", "[1, 2, 3]", "--wait-result", "--timeout", "30")
+    assert sent.returncode == 0, sent.stderr
+    task_id, value = sent.stdout.split()
+    assert value == "6"
+    assert cli("result", task_id).stdout.strip() == "6"
+    failed = cli("enqueue", "boom", '["cli"]', "--wait-result", "--timeout", "30")
+    assert failed.returncode == 1 and "ValueError: cli" in failed.stderr
+    later = cli("enqueue", "echo", '["later"]', "--delay", "3600")
+    assert later.returncode == 0
+    inspect = cli("inspect")
+    assert "scheduled 1" in inspect.stdout and "live workers: 1" in inspect.stdout, inspect.stdout
+    assert cli("result", "nosuchid").returncode == 1
+    assert cli("purge").returncode == 1  # asks; no answer on stdin means no
+    purged = cli("purge", "--yes")
+    assert purged.returncode == 0 and "keys deleted" in purged.stdout
+    assert "scheduled 0" in cli("inspect").stdout
