@@ -44,6 +44,7 @@ class Heartbeat(threading.Thread):
         self.interval = min(intervals)
         self._finished = threading.Event()
         self._stop_seen = False
+        self._reported_unhealthy = False
 
     def shutdown(self) -> None:
         self._finished.set()
@@ -74,6 +75,13 @@ class Heartbeat(threading.Thread):
         healthy = self.healthy()
         if healthy:
             self.worker.notifier.watchdog()
+            self._reported_unhealthy = False
+        elif not self._reported_unhealthy:
+            self._reported_unhealthy = True
+            log.error(
+                "task %s is stuck past its time limit: stopped pinging the watchdog and renewing its lease",
+                self.worker.running.task_id if self.worker.running else "?",
+            )
         running = self.worker.running
         if running is None or not healthy:
             return

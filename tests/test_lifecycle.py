@@ -81,6 +81,35 @@ def test_ready_only_after_redis_answers_then_watchdog_status_and_stopping(
         pool.stop_all()
 
 
+def test_watchdog_goes_hungry_when_a_task_is_stuck_past_its_limit(
+    app: Client, workers: Workers, notify: NotifySocket
+) -> None:
+    producer = Client(app.broker, default_queue=app.default_queue)
+    Client.instances.remove(producer)
+
+    @producer.task(name="stubborn", time_limit=0.3)
+    def stubborn(seconds: float) -> str:
+        return "unused"
+
+    proc = workers.start(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="400000", MINICELERY_WORKER__LEASE_SECONDS="1")
+    wait_until(lambda: notify.seen("READY=1"), 20, "READY=1")
+    wait_until(lambda: len(notify.seen("WATCHDOG=1")) >= 2, 10, "watchdog while idle")
+    handle = stubborn(30).start()
+    # Past limit (0.3 s) + margin (one 1 s lease) the worker is unhealthy: pings stop.
+    wait_until(lambda: "stopped pinging the watchdog" in workers.log(proc), 20, "unhealthy")
+    before = len(notify.seen("WATCHDOG=1"))
+    running = f"minicelery:{{{app.default_queue}}}:running"
+
+    def lease_expired() -> bool:
+        seconds, micros = app.broker.redis.time()
+        deadline = app.broker.redis.zscore(running, handle.id)
+        return deadline is not None and deadline < seconds * 1000 + micros / 1000
+
+    wait_until(lease_expired, 10, "the stuck task's lease to lapse (no more renewals)")
+    assert len(notify.seen("WATCHDOG=1")) == before  # pings every 0.2 s would have come meanwhile
+    proc.kill()
+
+
 def test_sigterm_while_idle_exits_at_once_without_waiting_out_the_block(workers: Workers) -> None:
     proc = workers.start(MINICELERY_WORKER__IDLE_BLOCK_MAX="60", MINICELERY_WORKER__LEASE_SECONDS="60")
     workers.wait_ready(proc)

@@ -78,6 +78,17 @@ def register(app: Client) -> None:
         return count
 
     @app.task
+    def stubborn(seconds: float) -> str:
+        """Swallows its time-limit error and keeps going: a worker stuck past the limit."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                time.sleep(end - time.monotonic())
+            except Exception:
+                continue
+        return "finally"
+
+    @app.task
     def marked_sleep(tag: str, seconds: float) -> str:
         """Records that it started, then sleeps: lets a test signal a worker mid-task."""
         _r().hincrby("test:started", tag, 1)
