@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 
 import pytest
 import redis
 from conftest import wait_until
 from helpers import drain
 
-from minicelery import Client, DependencyError, DuplicateTaskError, JSONTransport, RedisBroker, RemoteError
+from minicelery import (
+    Client,
+    DependencyError,
+    DuplicateTaskError,
+    JSONTransport,
+    PayloadTooLarge,
+    RedisBroker,
+    RemoteError,
+)
 from minicelery.errors import TaskError
 
 
@@ -139,3 +148,32 @@ def test_parent_on_another_queue_is_rejected(app: Client, redis_url: str) -> Non
 
     with pytest.raises(DependencyError, match="share a queue"):
         app.tasks["echo"](far())
+
+
+def test_oversize_argument_is_refused_at_enqueue_and_nothing_is_stored(redis_url: str, queue: str) -> None:
+    small = Client(
+        RedisBroker(JSONTransport(max_payload_bytes=1000), url=redis_url, result_ttl=60), default_queue=queue
+    )
+    Client.instances.remove(small)
+
+    @small.task
+    def take(blob: str) -> int:
+        return len(blob)
+
+    handle = take("x" * 5000)
+    with pytest.raises(PayloadTooLarge, match="over the limit of 1000 bytes"):
+        handle.start()
+    assert handle.state == "created"
+    assert small.broker.depths(queue)["ready"] == 0
+
+
+def test_many_concurrent_waiters_all_get_the_result(app: Client, workers) -> None:
+    handle = app.tasks["sleep_for"](0.5).start()
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda: results.append(handle.result(timeout=30))) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    workers.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [0.5] * 20
