@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -50,13 +49,6 @@ class Heartbeat(threading.Thread):
         self._finished.set()
         self.worker.signals.event.set()
 
-    def healthy(self) -> bool:
-        running = self.worker.running
-        if running is None or running.time_limit is None:
-            return True
-        margin = self.worker.settings.worker.lease_seconds
-        return time.monotonic() - running.started < running.time_limit + margin
-
     def run(self) -> None:
         signals = self.worker.signals
         while not self._finished.is_set():
@@ -72,7 +64,7 @@ class Heartbeat(threading.Thread):
                 self._finished.wait(self.interval)
 
     def beat(self) -> None:
-        healthy = self.healthy()
+        healthy = self.worker.healthy()
         if healthy:
             self.worker.notifier.watchdog()
             self._reported_unhealthy = False

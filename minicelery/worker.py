@@ -18,13 +18,15 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .broker import Claim, Idle, Wake
-from .errors import BrokerError
+from .broker import BLOCKING_SOCKET_SLACK, Claim, Idle, Wake
+from .errors import BrokerError, ConfigError, MiniceleryError
 from .heartbeat import Heartbeat, Running
 from .interrupts import HandBack, StopSignals, TaskAlarm
+from .metrics import MetricsServer, WorkerMetrics
 from .notify import Notifier
 from .runner import Outcome, TaskRunner
 from .settings import Settings
+from .transport import JSONTransport
 
 if TYPE_CHECKING:
     from .app import Client
@@ -33,6 +35,20 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_HANDED_BACK = 75  # EX_TEMPFAIL: stopped before the running task could finish
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _name_of(claim: Claim, transport: JSONTransport) -> str:
+    """The task name from a payload, for labels (a bad payload is '?')."""
+    try:
+        return transport.loads_message(claim.payload).name
+    except MiniceleryError:
+        return "?"
 
 
 @dataclass
@@ -70,6 +86,12 @@ class Worker:
         self.running: Running | None = None  # read by the heartbeat thread
         self.clocks = {queue: QueueClock() for queue in self.queues}
         self.counters = Counters()
+        self.metrics = WorkerMetrics()
+        self.metrics.watch_queues(self.broker.depths, self.queues)
+        self.metrics.info.info(
+            {"version": _version(), "queues": ",".join(self.queues), "hostname": socket.gethostname()}
+        )
+        self.metrics_port: int | None = None
         self.ready = False
         self.loop_alive_at = time.monotonic()
         self._pending: Claim | None = None
@@ -84,6 +106,7 @@ class Worker:
             self.alarm.install()
         heartbeat = Heartbeat(self)
         heartbeat.start()
+        server = self._serve_metrics()
         try:
             if not self._connect():
                 return EXIT_OK
@@ -94,6 +117,7 @@ class Worker:
                 try:
                     worked = self.tick(block=not burst)
                 except BrokerError as exc:
+                    self.metrics.redis_errors.inc()
                     self._wait_for_redis(exc)
                     continue
                 if burst and not worked and self._pending is None:
@@ -101,6 +125,8 @@ class Worker:
             return self._shutdown()
         finally:
             heartbeat.shutdown()
+            if server is not None:
+                server.stop()
 
     def tick(self, block: bool = True) -> bool:
         """Claim and run at most one task; idle-wait once if there is none. True if a task ran."""
@@ -135,6 +161,7 @@ class Worker:
         self._learn(queue, reply)
         if woken:
             self.counters.wasted_wakeups += 1
+            self.metrics.contention.labels("wakeup").inc()
         return None
 
     def _learn(self, queue: str, idle: Idle) -> None:
@@ -188,14 +215,17 @@ class Worker:
 
         started(self.settings.worker.default_time_limit)
         self._update_status(f"running task {claim.id}")
+        self.metrics.in_progress.inc()
         try:
             outcome = self.runner.run(claim, on_start=started)
         except HandBack:
-            self.running = None
             self._hand_back(claim, interrupted=True)
             return
-        self.running = None
+        finally:
+            self.running = None
+            self.metrics.in_progress.dec()
         self._log_outcome(claim, outcome)
+        self._observe(claim, outcome)
         self._finish(claim, outcome)
 
     def _finish(self, claim: Claim, outcome: Outcome) -> None:
@@ -231,6 +261,7 @@ class Worker:
             self.counters.failed += 1
         if not applied:
             self.counters.late_finishes += 1
+            self.metrics.contention.labels("late_finish").inc()
             log.warning("task %s: late finish rejected (its lease was reclaimed; another run owns it)", claim.id)
         clock = self.clocks[claim.queue]
         clock.last_claim = time.monotonic()
@@ -247,7 +278,41 @@ class Worker:
             released = False
         if interrupted:
             self.counters.handed_back += 1
+            self.metrics.outcomes.labels(_name_of(claim, self.broker.transport), "handed_back").inc()
         log.warning("task %s handed back to queue %s%s", claim.id, claim.queue, "" if released else " (lease lost)")
+
+    def _observe(self, claim: Claim, outcome: Outcome) -> None:
+        m = self.metrics
+        m.queue_latency.labels(claim.queue, outcome.name).observe(max(0, claim.now_ms - claim.due_ms) / 1000)
+        m.run_time.labels(outcome.name).observe(outcome.duration)
+        if outcome.succeeded:
+            kind = "succeeded"
+        else:
+            kind = "dead_lettered" if outcome.dead else "timed_out" if outcome.timed_out else "failed"
+            m.failures.labels(outcome.name, outcome.error_type or "?").inc()
+        m.outcomes.labels(outcome.name, kind).inc()
+
+    def healthy(self) -> bool:
+        """Alive: a running task within its limit (plus a lease), or the loop turned recently."""
+        running = self.running
+        margin = self.settings.worker.lease_seconds
+        if running is not None:
+            return running.time_limit is None or time.monotonic() - running.started < running.time_limit + margin
+        quiet = self.broker.max_block + BLOCKING_SOCKET_SLACK + self.settings.worker.reconnect_max_delay + margin
+        return time.monotonic() - self.loop_alive_at < quiet
+
+    def _serve_metrics(self) -> MetricsServer | None:
+        config = self.settings.metrics
+        if not config.enabled:
+            return None
+        server = MetricsServer(self.metrics.registry, self.healthy, lambda: self.ready)
+        try:
+            self.metrics_port = server.start(config.bind, config.port)
+        except OSError as exc:
+            where = f"{config.bind}:{config.port}"
+            raise ConfigError(f"invalid setting metrics.port: cannot listen on {where}: {exc}") from exc
+        log.info("metrics on http://%s:%d/metrics", config.bind, self.metrics_port)
+        return server
 
     def _log_outcome(self, claim: Claim, outcome: Outcome) -> None:
         result = "succeeded" if outcome.succeeded else f"failed ({outcome.error_type})"
@@ -292,6 +357,7 @@ class Worker:
         started = time.monotonic()
         log.warning("lost Redis: %s", exc)
         if self._connect():
+            self.metrics.reconnects.inc()
             log.info("Redis is back after %.2f s", time.monotonic() - started)
             for clock in self.clocks.values():
                 clock.next_check = 0.0  # look at every queue again at once

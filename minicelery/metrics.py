@@ -1,0 +1,126 @@
+"""Prometheus metrics, and the HTTP endpoints /metrics, /healthz and /readyz.
+
+Everything lives in a CollectorRegistry of the worker's own (no global state), served by
+prometheus-client's WSGI app on a daemon thread. Labels stay low-cardinality: queue, task
+name, outcome, exception type; never a task id.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector
+
+from .errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+# From 100 µs (a claim on an idle queue) to 30 min (a long batch job).
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)  # fmt: skip
+OUTCOMES = ("succeeded", "failed", "retried", "timed_out", "dead_lettered", "handed_back")
+
+
+class QueueDepthCollector(Collector):
+    """Reads queue depths from Redis at scrape time: one pipelined round trip per queue."""
+
+    def __init__(self, depths: Callable[[str], dict[str, int]], queues: Iterable[str]) -> None:
+        self.depths = depths
+        self.queues = list(queues)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "minicelery_queue_depth", "Tasks in each state, read from Redis at scrape time", labels=["queue", "state"]
+        )
+        for queue in self.queues:
+            try:
+                depths = self.depths(queue)
+            except BrokerError:
+                continue  # Redis down: the scrape still answers; redis_errors_total says why
+            for state in ("ready", "scheduled", "waiting", "running", "dead"):
+                family.add_metric([queue, state], depths[state])
+        yield family
+
+
+class WorkerMetrics:
+    """The worker's metrics; `registry` is what /metrics serves."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.queue_latency = Histogram(
+            "minicelery_queue_latency_seconds",
+            "Seconds from when a task became due to when a worker started it",
+            ["queue", "task"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.run_time = Histogram(
+            "minicelery_task_run_seconds",
+            "Seconds a task's function ran",
+            ["task"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.outcomes = Counter(
+            "minicelery_task_outcomes", "Finished task runs by outcome", ["task", "outcome"], registry=r
+        )
+        self.failures = Counter(
+            "minicelery_task_failures", "Failed task runs by exception type", ["task", "exception"], registry=r
+        )
+        self.contention = Counter(
+            "minicelery_claim_contention",
+            "Wake-ups that found nothing to claim (kind=wakeup) and late finishes rejected by token (kind=late_finish)",
+            ["kind"], registry=r,
+        )  # fmt: skip
+        self.in_progress = Gauge("minicelery_tasks_in_progress", "Tasks running in this worker now", registry=r)
+        self.redis_errors = Counter("minicelery_redis_errors", "Redis calls that failed", registry=r)
+        self.reconnects = Counter("minicelery_redis_reconnects", "Times the worker got Redis back", registry=r)
+        self.info = Info("minicelery_worker", "This worker: version, queues, hostname", registry=r)
+        self.start_time = Gauge("minicelery_worker_start_time_seconds", "Unix time the worker started", registry=r)
+        self.start_time.set(time.time())
+        for kind in ("wakeup", "late_finish"):
+            self.contention.labels(kind)
+
+    def watch_queues(self, depths: Callable[[str], dict[str, int]], queues: Iterable[str]) -> None:
+        self.registry.register(QueueDepthCollector(depths, queues))
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes are not news
+        pass
+
+
+class MetricsServer:
+    """Serves /metrics, /healthz (the loop is alive) and /readyz (Redis reachable, tasks loaded)."""
+
+    def __init__(self, registry: CollectorRegistry, healthy: Callable[[], bool], ready: Callable[[], bool]):
+        self.metrics_app = make_wsgi_app(registry)
+        self.healthy, self.ready = healthy, ready
+        self.server: ThreadingWSGIServer | None = None
+
+    def _app(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        checks = {"/healthz": self.healthy, "/readyz": self.ready}
+        if path in checks:
+            ok = checks[path]()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ok\n" if ok else b"not ok\n"]
+        return self.metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+    def start(self, bind: str, port: int) -> int:
+        """Start serving on a daemon thread; returns the port (useful when port=0)."""
+        self.server = make_server(bind, port, self._app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        threading.Thread(target=self.server.serve_forever, name="minicelery-metrics", daemon=True).start()
+        return int(self.server.server_port)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()

@@ -1,0 +1,59 @@
+"""/metrics, /healthz and /readyz served by a real worker process that ran real tasks."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import urllib.error
+import urllib.request
+
+from conftest import Workers, wait_until
+
+from minicelery import Client
+from minicelery.redis_server import free_port
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+            if all(found.get(k) == v for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} {labels} not in scrape")
+
+
+def test_worker_serves_metrics_that_count_the_tasks_it_ran(app: Client, workers: Workers) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = workers.start(MINICELERY_METRICS__ENABLED="true", MINICELERY_METRICS__PORT=str(port))
+    wait_until(lambda: _get(base + "/readyz")[0] == 200, 20, "/readyz to turn 200")
+    assert _get(base + "/healthz")[0] == 200
+    handles = [app.tasks["echo"](i).start() for i in range(7)] + [app.tasks["boom"]("m").start() for _ in range(2)]
+    app.tasks["echo"]("later").wait(3600)
+    for handle in handles:
+        with contextlib.suppress(ValueError):
+            handle.result(timeout=30)
+    status, text = _get(base + "/metrics")
+    assert status == 200
+    assert _sample(text, "minicelery_task_outcomes_total", task="echo", outcome="succeeded") == 7
+    assert _sample(text, "minicelery_task_outcomes_total", task="boom", outcome="failed") == 2
+    assert _sample(text, "minicelery_task_failures_total", task="boom", exception="ValueError") == 2
+    assert _sample(text, "minicelery_queue_latency_seconds_count", queue=app.default_queue, task="echo") == 7
+    assert _sample(text, "minicelery_task_run_seconds_count", task="echo") == 7
+    assert _sample(text, "minicelery_queue_depth", queue=app.default_queue, state="scheduled") == 1
+    assert _sample(text, "minicelery_tasks_in_progress") == 0
+    assert _sample(text, "minicelery_worker_info", queues=app.default_queue) == 1
+    assert "task_id" not in text and handles[0].id not in text
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
