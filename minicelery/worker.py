@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .broker import BLOCKING_SOCKET_SLACK, Claim, Idle, Wake
-from .errors import BrokerError, ConfigError, MiniceleryError
+from .errors import BrokerError, BrokerUnavailable, ConfigError, MiniceleryError
 from .heartbeat import Heartbeat, Running
 from .interrupts import HandBack, StopSignals, TaskAlarm
 from .metrics import MetricsServer, WorkerMetrics
@@ -355,7 +355,13 @@ class Worker:
     def _wait_for_redis(self, exc: BrokerError) -> None:
         self.ready = False
         started = time.monotonic()
-        log.warning("lost Redis: %s", exc)
+        if not isinstance(exc, BrokerUnavailable):
+            # Redis answered with an error (OOM, READONLY, ...): reconnecting will not fix it
+            # at once, so pause before trying again instead of spinning.
+            log.error("Redis error: %s (retrying in 1 s)", exc)
+            self._sleep(1.0)
+        else:
+            log.warning("lost Redis: %s", exc)
         if self._connect():
             self.metrics.reconnects.inc()
             log.info("Redis is back after %.2f s", time.monotonic() - started)
