@@ -12,19 +12,12 @@ from .app import Client
 from .broker import RedisBroker
 from .errors import TaskNotFound
 from .settings import Settings
-from .transport import JSONTransport
 
 
 class Admin:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.broker = RedisBroker(
-            JSONTransport(settings.worker.max_payload_bytes),
-            url=settings.redis.url,
-            result_ttl=settings.worker.result_ttl,
-            max_block=settings.worker.idle_block_max,
-            connection_options=settings.redis.connection_options(),
-        )
+        self.broker = RedisBroker.from_settings(settings)
         self.app = Client(self.broker, default_queue=settings.worker.queues[0])
         Client.instances.remove(self.app)
 

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.exceptions as redis_errors
@@ -21,6 +21,9 @@ from redis.commands.core import Script
 from .errors import BrokerError, BrokerUnavailable, MiniceleryError
 from .keys import QueueKeys, worker_wake_key
 from .transport import JSONTransport
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +136,17 @@ class RedisBroker:
         self._scripts: dict[str, Script] = {
             name: self.redis.register_script(_script_source(name)) for name in SCRIPT_NAMES
         }
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisBroker:
+        """A broker configured entirely by settings (what the worker and the CLI use)."""
+        return cls(
+            JSONTransport(settings.worker.max_payload_bytes),
+            url=settings.redis.url,
+            result_ttl=settings.worker.result_ttl,
+            max_block=settings.worker.idle_block_max,
+            connection_options=settings.redis.connection_options(),
+        )
 
     # --- lifecycle -----------------------------------------------------------------------------
 

@@ -173,7 +173,6 @@ def build_worker_app(settings: Settings) -> Any:
     """Import the task modules and gather every task they registered into one Client."""
     from .app import Client
     from .broker import RedisBroker
-    from .transport import JSONTransport
 
     if not settings.tasks:
         raise ConfigError("invalid setting tasks: no task modules configured; got []")
@@ -183,14 +182,7 @@ def build_worker_app(settings: Settings) -> Any:
             importlib.import_module(module)
         except Exception as exc:
             raise ConfigError(f"task module {module!r} failed to import: {type(exc).__name__}: {exc}") from exc
-    transport = JSONTransport(settings.worker.max_payload_bytes)
-    broker = RedisBroker(
-        transport,
-        url=settings.redis.url,
-        result_ttl=settings.worker.result_ttl,
-        max_block=settings.worker.idle_block_max,
-        connection_options=settings.redis.connection_options(),
-    )
+    broker = RedisBroker.from_settings(settings)
     app = Client(broker, default_queue=settings.worker.queues[0])
     for other in Client.instances:
         if other is app:
