@@ -88,6 +88,8 @@ class Worker:
         self.counters = Counters()
         self.metrics = WorkerMetrics()
         self.metrics.watch_queues(self.broker.depths, self.queues)
+        self.metrics.expect_tasks(app.tasks)
+        self.metrics.count_running(lambda: 0 if self.running is None else 1)
         self.metrics.info.info(
             {"version": _version(), "queues": ",".join(self.queues), "hostname": socket.gethostname()}
         )
@@ -215,7 +217,6 @@ class Worker:
 
         started(self.settings.worker.default_time_limit)
         self._update_status(f"running task {claim.id}")
-        self.metrics.in_progress.inc()
         try:
             outcome = self.runner.run(claim, on_start=started)
         except HandBack:
@@ -223,9 +224,9 @@ class Worker:
             return
         finally:
             self.running = None
-            self.metrics.in_progress.dec()
         self._log_outcome(claim, outcome)
-        self._observe(claim, outcome)
+        if self.settings.metrics.enabled:  # per-task histograms are the costly part; skip when unserved
+            self._observe(claim, outcome)
         self._finish(claim, outcome)
 
     def _finish(self, claim: Claim, outcome: Outcome) -> None:
@@ -283,14 +284,15 @@ class Worker:
 
     def _observe(self, claim: Claim, outcome: Outcome) -> None:
         m = self.metrics
-        m.queue_latency.labels(claim.queue, outcome.name).observe(max(0, claim.now_ms - claim.due_ms) / 1000)
-        m.run_time.labels(outcome.name).observe(outcome.duration)
+        series = m.series(claim.queue, outcome.name)
+        series.latency.observe(max(0, claim.now_ms - claim.due_ms) / 1000)
+        series.run_time.observe(outcome.duration)
         if outcome.succeeded:
             kind = "succeeded"
         else:
             kind = "dead_lettered" if outcome.dead else "timed_out" if outcome.timed_out else "failed"
             m.failures.labels(outcome.name, outcome.error_type or "?").inc()
-        m.outcomes.labels(outcome.name, kind).inc()
+        series.outcomes[kind].inc()
 
     def healthy(self) -> bool:
         """Alive: a running task within its limit (plus a lease), or the loop turned recently."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -135,3 +136,19 @@ def workers(redis_url: str, queue: str, tmp_path: Path) -> Iterator[Workers]:
     pool = Workers(redis_url, queue, tmp_path)
     yield pool
     pool.stop_all()
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of an external tool the test needs (promtool, podman, …).
+
+    Missing on a developer machine: the test is skipped, saying what to install. Missing in CI
+    (MINICELERY_REQUIRE_TOOLS=1, set by .ci/run, which installs them all): the test fails, so a
+    broken install step cannot pass as green.
+    """
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"{name} is not installed (apt-get install {package})"
+    if os.environ.get("MINICELERY_REQUIRE_TOOLS"):
+        pytest.fail(message)
+    pytest.skip(message)
