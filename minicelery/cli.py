@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--queue", "-q", action="append")
     purge.add_argument("--yes", "-y", action="store_true", help="do not ask")
 
+    health = command("health", "Ask the local worker's /healthz (or /readyz); exit 0 if it answers 200.")
+    health.add_argument("--ready", action="store_true", help="ask /readyz: Redis reachable and tasks loaded")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+
     demo = command("demo", "Run the original README's demo on a private Redis.")
     demo.add_argument("--workers", type=int, default=3)
     return parser
@@ -120,6 +124,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "check-config":
         print(json.dumps(settings.masked(), indent=2))
         return EXIT_OK
+    if args.command == "health":
+        return _health(settings, "/readyz" if args.ready else "/healthz", args.timeout)
     from .admin import Admin
 
     admin = Admin(settings)
@@ -146,6 +152,30 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "purge":
         return admin.purge(args.queue or settings.worker.queues, assume_yes=args.yes)
     raise AssertionError(args.command)
+
+
+def _health(settings: Settings, path: str, timeout: float) -> int:
+    """For container HEALTHCHECKs: no curl in the image, and the port comes from the config."""
+    import urllib.error
+    import urllib.request
+
+    if not settings.metrics.enabled:
+        print("minicelery: metrics.enabled is false: the worker serves no health endpoint", file=sys.stderr)
+        return EXIT_FAILED
+    bind = settings.metrics.bind
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(bind, bind)  # listening everywhere
+    host = f"[{host}]" if ":" in host else host
+    url = f"http://{host}:{settings.metrics.port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except OSError as exc:
+        print(f"minicelery: {url}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{url}: {status}")
+    return EXIT_OK if status == 200 else EXIT_FAILED
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -39,9 +39,15 @@ class RedisServer:
     """A redis-server child process with its own data directory; a context manager."""
 
     def __init__(
-        self, port: int | None = None, *, directory: Path | None = None, extra_args: tuple[str, ...] = ()
+        self,
+        port: int | None = None,
+        *,
+        directory: Path | None = None,
+        password: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.port = port or free_port()
+        self.password = password
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="minicelery-redis-")
         self.directory = directory or Path(self._tmp.name)  # type: ignore[union-attr]
         self.extra_args = extra_args
@@ -49,7 +55,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         args = [
@@ -66,10 +73,11 @@ class RedisServer:
             "no",
             "--maxmemory-policy",
             "noeviction",
+            *(("--requirepass", self.password) if self.password else ()),
             *self.extra_args,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_timeout=1)
+        client = redis.Redis(port=self.port, password=self.password, socket_timeout=1)
         deadline = time.monotonic() + timeout
         while True:
             try:

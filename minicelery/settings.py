@@ -65,14 +65,16 @@ class RedisSettings(_Section):
         return path
 
     def resolved_password(self) -> str | None:
-        """password, else password_file, else $CREDENTIALS_DIRECTORY/redis-password."""
+        """password, else password_file, else $CREDENTIALS_DIRECTORY/redis-password.
+
+        An empty file means no password (so one can be provisioned empty and filled in later)."""
         if self.password is not None:
             return self.password.get_secret_value()
         path = self.password_file
         credentials = os.environ.get("CREDENTIALS_DIRECTORY")
         if path is None and credentials and (Path(credentials) / CREDENTIAL_NAME).is_file():
             path = Path(credentials) / CREDENTIAL_NAME
-        return path.read_text().strip() if path is not None else None
+        return (path.read_text().strip() or None) if path is not None else None
 
     def connection_options(self) -> dict[str, Any]:
         """Keyword arguments for redis.Redis.from_url (only the ones that are set)."""

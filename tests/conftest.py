@@ -138,17 +138,34 @@ def workers(redis_url: str, queue: str, tmp_path: Path) -> Iterator[Workers]:
     pool.stop_all()
 
 
-def require_tool(name: str, package: str) -> str:
-    """The path of an external tool the test needs (promtool, podman, …).
+def require_tool(name: str, install: str) -> str:
+    """The path of an outside tool the test needs (promtool, podman, …), on PATH or in this venv.
 
-    Missing on a developer machine: the test is skipped, saying what to install. Missing in CI
+    Missing on a developer machine: the test is skipped, saying how to install it. Missing in CI
     (MINICELERY_REQUIRE_TOOLS=1, set by .ci/run, which installs them all): the test fails, so a
     broken install step cannot pass as green.
     """
-    path = shutil.which(name)
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if path:
         return path
-    message = f"{name} is not installed (apt-get install {package})"
+    message = f"{name} is not installed ({install})"
     if os.environ.get("MINICELERY_REQUIRE_TOOLS"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def rootfs() -> Path:
+    """A Debian rootfs with systemd and python3 (tests/deploytools.py), built once per machine."""
+    from deploytools import debian_rootfs, require_root
+
+    require_root()
+    return debian_rootfs()
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Wheels of this project and its dependencies, for installs that cannot reach PyPI."""
+    from deploytools import build_wheelhouse
+
+    return build_wheelhouse(tmp_path_factory.mktemp("wheels"))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import array
+import socket
+import struct
+from pathlib import Path
 from typing import Any
 
 from minicelery import Client
@@ -19,3 +23,36 @@ def drain(app: Client, **worker_settings: Any) -> Worker:
     worker = make_worker(app, **worker_settings)
     worker.run(burst=True, install_signals=False)
     return worker
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET; records sender PIDs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[int, str]] = []
+
+    def drain(self) -> list[tuple[int, str]]:
+        size = struct.calcsize("3i")
+        while True:
+            try:
+                data, ancillary, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(size))
+            except TimeoutError:
+                return self.messages
+            pid = -1
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = array.array("i", payload[:size])[0]
+            for line in data.decode().splitlines():
+                self.messages.append((pid, line))
+
+    def seen(self, text: str) -> list[int]:
+        """PIDs of every message equal to `text` (or starting with it, for KEY= prefixes)."""
+        return [pid for pid, line in self.drain() if line == text or (text.endswith("=") and line.startswith(text))]
+
+    def close(self) -> None:
+        self.sock.close()

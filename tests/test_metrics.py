@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -57,3 +59,21 @@ def test_worker_serves_metrics_that_count_the_tasks_it_ran(app: Client, workers:
     assert "task_id" not in text and handles[0].id not in text
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
+
+
+def test_health_command_reports_the_local_worker(app: Client, workers: Workers) -> None:
+    """`minicelery health` is the container HEALTHCHECK: 0 while the worker answers, 1 once it is gone."""
+    port = free_port()
+    env = workers.env(MINICELERY_METRICS__ENABLED="true", MINICELERY_METRICS__PORT=str(port),
+                      MINICELERY_METRICS__BIND="0.0.0.0")  # fmt: skip
+    proc = workers.start(env=env)
+    wait_until(lambda: _get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 20, "/readyz to turn 200")
+    health = [sys.executable, "-m", "minicelery", "health"]
+    for args in ([], ["--ready"]):
+        run = subprocess.run(health + args, env=env, capture_output=True, text=True, timeout=30)
+        assert run.returncode == 0, run.stderr
+        assert f"127.0.0.1:{port}" in run.stdout
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    run = subprocess.run(health, env=env, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1 and "Connection refused" in run.stderr

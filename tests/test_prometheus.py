@@ -30,7 +30,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "minicelery.json"
 
 
 def test_alert_rules_are_valid_and_their_unit_tests_pass() -> None:
-    promtool = require_tool("promtool", "prometheus")
+    promtool = require_tool("promtool", "apt-get install prometheus")
     checks = (
         ["check", "rules", "alerts.yml"],
         ["test", "rules", "alerts_test.yml"],
@@ -79,7 +79,7 @@ class Prometheus:
         self.log = tmp_path / "prometheus.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [require_tool("prometheus", "prometheus"), f"--config.file={config}",
+                [require_tool("prometheus", "apt-get install prometheus"), f"--config.file={config}",
                  f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{self.port}"],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
@@ -172,7 +172,7 @@ def _alert_states(prometheus: Prometheus) -> dict[str, str]:
 
 
 def test_promtool_accepts_a_real_scrape(app: Client, workers: Workers) -> None:
-    promtool = require_tool("promtool", "prometheus")
+    promtool = require_tool("promtool", "apt-get install prometheus")
     port = free_port()
     worker = workers.start(MINICELERY_METRICS__ENABLED="true", MINICELERY_METRICS__PORT=str(port))
     wait_until(lambda: _get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 20, "worker /readyz")

@@ -1,0 +1,176 @@
+"""deploy/systemd/minicelery@.service, checked statically and then run under a real systemd.
+
+The real one: a Debian rootfs booted with systemd-nspawn, the project installed into
+/opt/minicelery from wheels, the unit installed as shipped, and a Redis (with a password, given
+as a systemd credential) on host loopback.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import require_tool, wait_until
+from deploytools import REPO, Machine
+
+from minicelery import Client, JSONTransport, RedisBroker
+from minicelery.redis_server import RedisServer, free_port
+
+# Building the rootfs (debootstrap, once per machine) and the image take minutes, not seconds.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+UNIT = REPO / "deploy" / "systemd" / "minicelery@.service"
+EXAMPLE_CONFIG = REPO / "config" / "tasks.toml"
+PASSWORD = "s3cret-" + uuid.uuid4().hex[:8]
+CREDENTIAL_DROP_IN = "[Service]\nLoadCredential=redis-password:/etc/minicelery/%i.redis-password\n"
+
+
+def test_unit_passes_systemd_analyze_verify_and_security(tmp_path: Path) -> None:
+    analyze = require_tool("systemd-analyze", "apt-get install systemd")
+    # verify wants ExecStart= to exist: check a copy that runs this checkout's installed command.
+    minicelery = str(Path(sys.executable).with_name("minicelery"))
+    copy = tmp_path / UNIT.name
+    copy.write_text(UNIT.read_text().replace("/opt/minicelery/bin/minicelery", minicelery))
+    verify = subprocess.run(
+        [analyze, "verify", str(tmp_path / "minicelery@tasks.service")], capture_output=True, text=True
+    )
+    # verify exits 0 on unknown keys and bad values: any output at all is a finding.
+    assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), verify.stdout + verify.stderr
+    security = subprocess.run(
+        [analyze, "security", "--offline=yes", "--threshold=15", str(UNIT)], capture_output=True, text=True
+    )
+    assert security.returncode == 0, security.stdout + security.stderr
+    score = re.search(r"Overall exposure level for \S+: ([0-9.]+)", security.stdout)
+    assert score and float(score.group(1)) <= 1.5, security.stdout[-500:]
+
+
+def config_from_example(**settings: object) -> str:
+    """config/tasks.toml with some `key = value` lines replaced (each key appears once in it)."""
+    text = EXAMPLE_CONFIG.read_text()
+    for key, value in settings.items():
+        literal = f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value
+        if isinstance(value, list):
+            literal = "[" + ", ".join(f'"{v}"' for v in value) + "]"
+        text, count = re.subn(rf"(?m)^{key} = .*$", f"{key} = {literal}", text)
+        assert count == 1, f"{key} is not in {EXAMPLE_CONFIG}"
+    return text
+
+
+@pytest.fixture(scope="module")
+def machine(rootfs: Path, wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
+    root = tmp_path_factory.mktemp("machine") / "root"
+    subprocess.run(["cp", "-a", str(rootfs), str(root)], check=True)
+    nspawn = require_tool("systemd-nspawn", "apt-get install systemd-container")
+    venv = "/opt/minicelery"
+    install = f"python3 -m venv {venv} && {venv}/bin/pip install -q --no-index --find-links /wheels minicelery"
+    subprocess.run(
+        [nspawn, "-q", "-D", str(root), "--register=no", "--keep-unit", f"--bind-ro={wheelhouse}:/wheels",
+         "/bin/sh", "-c", install],
+        check=True,
+    )  # fmt: skip
+    shutil.copy(UNIT, root / "etc/systemd/system" / UNIT.name)
+    (root / "srv/minicelery").mkdir(parents=True)
+    shutil.copy(REPO / "tests" / "worktasks.py", root / "srv/minicelery/worktasks.py")
+    booted = Machine(root, f"mc-{uuid.uuid4().hex[:6]}", tmp_path_factory.mktemp("logs") / "nspawn.log")
+    try:
+        yield booted
+    finally:
+        booted.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def install_instance(machine: Machine, name: str, redis_port: int, queue: str, **settings: object) -> int:
+    """/etc/minicelery/NAME.toml from the example, the password credential; returns its metrics port."""
+    metrics_port = free_port()
+    machine.write(
+        f"/etc/minicelery/{name}.toml",
+        config_from_example(tasks=["worktasks"], url=f"redis://127.0.0.1:{redis_port}/0", queues=[queue],
+                            port=metrics_port, **settings),
+    )  # fmt: skip
+    machine.write(f"/etc/minicelery/{name}.redis-password", PASSWORD + "\n")
+    (machine.root / f"etc/minicelery/{name}.redis-password").chmod(0o600)
+    machine.write(f"/etc/systemd/system/minicelery@{name}.service.d/credential.conf", CREDENTIAL_DROP_IN)
+    assert machine.run("systemctl", "daemon-reload").returncode == 0
+    return metrics_port
+
+
+def client_for(server: RedisServer, queue: str) -> Client:
+    app = Client(RedisBroker(JSONTransport(), url=server.url, result_ttl=600, max_block=1), default_queue=queue)
+    import worktasks
+
+    worktasks.register(app)
+    Client.instances.remove(app)
+    return app
+
+
+def test_start_waits_for_redis_runs_tasks_reports_status_and_stop_drains(machine: Machine) -> None:
+    unit, queue, port = "minicelery@tasks.service", f"q-{uuid.uuid4().hex[:8]}", free_port()
+    install_instance(machine, "tasks", port, queue, shutdown_grace=20.0)
+    # Redis is not there yet: the unit must stay "activating" (no READY=1) while it waits.
+    assert machine.run("systemctl", "start", "--no-block", unit).returncode == 0
+    wait_until(lambda: "waiting for Redis" in machine.journal(unit), 30, "the worker to wait for Redis")
+    assert machine.show(unit, "ActiveState")["ActiveState"] == "activating"
+    with RedisServer(port, password=PASSWORD) as server:
+        redis_up = time.monotonic()
+        wait_until(lambda: machine.show(unit, "ActiveState")["ActiveState"] == "active", 60, "READY=1")
+        print(f"\nsystemd: active {time.monotonic() - redis_up:.2f} s after Redis came up")
+        app = client_for(server, queue)
+        assert app.tasks["add"](2, 3).start().result(timeout=30) == 5
+        wait_until(lambda: "1 done" in machine.show(unit, "StatusText")["StatusText"], 30, "STATUS= with the count")
+        props = machine.show(unit, "StatusText", "MainPID", "User", "NRestarts")
+        assert props["NRestarts"] == "0"
+
+        # `systemctl stop` while a task runs: it finishes, the worker exits 0, nothing is lost.
+        slow = app.tasks["sleep_for"](2).start()
+        wait_until(lambda: slow.state == "running", 30, "the slow task to start")
+        began = time.monotonic()
+        stop = machine.run("systemctl", "stop", unit)
+        print(f"systemd: stop with a running 2 s task took {time.monotonic() - began:.2f} s")
+        assert stop.returncode == 0, stop.stderr
+        assert slow.result(timeout=1) == 2
+        final = machine.show(unit, "ActiveState", "Result", "ExecMainStatus")
+        assert final == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, final
+        assert "Traceback" not in machine.journal(unit)
+        app.broker.close()
+
+
+def test_a_hung_worker_is_killed_by_the_watchdog_and_restarted(machine: Machine) -> None:
+    unit, queue = "minicelery@hang.service", f"q-{uuid.uuid4().hex[:8]}"
+    with RedisServer(password=PASSWORD) as server:
+        # A task that swallows its time-limit error: after limit (1 s) + one lease (2 s) the
+        # worker stops pinging; WatchdogSec=3 s later systemd kills it.
+        install_instance(machine, "hang", server.port, queue, lease_seconds=2.0, idle_block_max=1.0,
+                         default_time_limit=1.0, shutdown_grace=1.0)  # fmt: skip
+        machine.write(f"/etc/systemd/system/{unit}.d/watchdog.conf", "[Service]\nWatchdogSec=3\n")
+        assert machine.run("systemctl", "daemon-reload").returncode == 0
+        assert machine.run("systemctl", "start", unit).returncode == 0
+        first_pid = machine.show(unit, "MainPID")["MainPID"]
+        app = client_for(server, queue)
+        app.tasks["stubborn"](600).start()
+        wait_until(lambda: "Failed with result 'watchdog'" in machine.journal(unit), 60, "the watchdog to fire")
+        assert "Watchdog timeout" in machine.journal(unit)
+        wait_until(lambda: machine.show(unit, "NRestarts")["NRestarts"] != "0", 30, "a restart")
+        wait_until(lambda: machine.show(unit, "ActiveState")["ActiveState"] == "active", 30, "the new worker")
+        assert machine.show(unit, "MainPID")["MainPID"] != first_pid
+        app.broker.purge(queue)  # or the stubborn task hangs the next worker too (until dead-lettered)
+        machine.run("systemctl", "stop", unit)
+        app.broker.close()
+
+
+def test_a_config_error_exits_78_and_is_not_restarted(machine: Machine) -> None:
+    unit = "minicelery@bad.service"
+    machine.write("/etc/minicelery/bad.toml", EXAMPLE_CONFIG.read_text().replace("lease_seconds", "lease_secs"))
+    start = machine.run("systemctl", "start", unit)
+    assert start.returncode != 0
+    props = machine.show(unit, "ActiveState", "SubState", "ExecMainStatus", "NRestarts", "Result")
+    # SubState "failed", not "auto-restart": systemd has decided not to try again.
+    assert props == {"ActiveState": "failed", "SubState": "failed", "ExecMainStatus": "78", "NRestarts": "0",
+                     "Result": "exit-code"}, props  # fmt: skip
+    assert "lease_secs" in machine.journal(unit)

@@ -1,0 +1,132 @@
+"""What the deploy tests share: a Debian rootfs made by debootstrap, a wheelhouse of the
+project, and a systemd machine booted from that rootfs with systemd-nspawn.
+
+The rootfs is built once per machine (cached in $MINICELERY_ROOTFS, default
+/var/tmp/minicelery-rootfs) and used read-only: the systemd tests boot a copy, the container
+tests import it as the image's base.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import require_tool, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+ROOTFS = Path(os.environ.get("MINICELERY_ROOTFS", "/var/tmp/minicelery-rootfs"))
+SUITE = "bookworm"
+PACKAGES = "systemd,systemd-sysv,dbus,python3,python3-venv"
+COMPLETE = ".minicelery-rootfs-complete"
+
+
+def debian_mirror() -> str:
+    """The mirror apt already uses (only it is reachable on CI machines)."""
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.is_file():
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    for line in Path("/etc/apt/sources.list").read_text().splitlines():
+        if line.startswith("deb ") and "security" not in line:
+            return line.split()[1]
+    raise RuntimeError("no Debian mirror found in the apt sources")
+
+
+def debian_rootfs() -> Path:
+    """A minimal Debian with systemd and python3, built on first use."""
+    if (ROOTFS / COMPLETE).is_file():
+        return ROOTFS
+    debootstrap = require_tool("debootstrap", "apt-get install debootstrap")
+    partial = ROOTFS.with_name(ROOTFS.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    subprocess.run(
+        [debootstrap, "--variant=minbase", f"--include={PACKAGES}", SUITE, str(partial), debian_mirror()],
+        check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    (partial / COMPLETE).touch()
+    shutil.rmtree(ROOTFS, ignore_errors=True)
+    partial.rename(ROOTFS)
+    return ROOTFS
+
+
+def build_wheelhouse(dest: Path) -> Path:
+    """Wheels of the project and everything it needs, for installs that cannot reach PyPI
+    (pip inside the rootfs cannot verify PyPI's certificate here)."""
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--wheel-dir", str(dest), str(REPO)], check=True)
+    # setuptools: to build the project from source (the Containerfile does). async-timeout:
+    # redis-py needs it below Python 3.11.3, and Debian 12 has 3.11.2 while this host may not.
+    extra = ["setuptools>=77", "async-timeout>=4.0.3"]
+    subprocess.run([*pip, "download", "--dest", str(dest), *extra], check=True)
+    return dest
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        import pytest
+
+        message = "needs root (systemd-nspawn, podman)"
+        if os.environ.get("MINICELERY_REQUIRE_TOOLS"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+class Machine:
+    """A Debian rootfs booted with systemd-nspawn; commands run inside with nsenter.
+
+    It shares the host's network, so a Redis on host loopback is reachable from inside.
+    """
+
+    def __init__(self, root: Path, name: str, log: Path) -> None:
+        self.root, self.name = root, name
+        nspawn = require_tool("systemd-nspawn", "apt-get install systemd-container")
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [nspawn, "-D", str(root), "--boot", "--register=no", "--keep-unit", "--console=passive", "-q",
+                 "-M", name],
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.pid = int(wait_until(self._init_pid, 30, "the container's systemd"))  # type: ignore[arg-type]
+        wait_until(self._booted, 60, "the container to finish booting")
+
+    def _init_pid(self) -> int | None:
+        assert self.proc.poll() is None, "systemd-nspawn exited"
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        pids = children.read_text().split() if children.exists() else []
+        return int(pids[0]) if pids else None
+
+    def _booted(self) -> bool:
+        state = self.run("systemctl", "is-system-running").stdout.strip()
+        return state in ("running", "degraded")
+
+    def run(self, *command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["nsenter", "-t", str(self.pid), "-m", "-u", "-i", "-n", "-p", "--", *command],
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+    def show(self, unit: str, *properties: str) -> dict[str, str]:
+        out = self.run("systemctl", "show", unit, "-p", ",".join(properties)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def journal(self, unit: str) -> str:
+        return self.run("journalctl", "--no-pager", "-o", "cat", "-u", unit).stdout
+
+    def write(self, path: str, text: str) -> None:
+        target = self.root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+
+    def shutdown(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # nspawn asks the container's systemd to power off
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
