@@ -58,7 +58,8 @@ def image(rootfs: Path, wheelhouse: Path) -> Iterator[str]:
     if podman("image", "exists", BASE, check=False).returncode != 0:
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "--exclude=./.minicelery-rootfs-complete", "-c", "."],
                                stdout=subprocess.PIPE)  # fmt: skip
-        podman("import", "-", BASE, stdin=tar.stdout)
+        with tar.stdout:  # type: ignore[union-attr]
+            podman("import", "-", BASE, stdin=tar.stdout)
         assert tar.wait() == 0
     tag = f"localhost/minicelery:test-{uuid.uuid4().hex[:6]}"
     began = time.monotonic()
