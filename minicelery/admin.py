@@ -78,8 +78,25 @@ class Admin:
             print(f"  next due: {due if due else 'nothing scheduled'}")
             print(f"  live workers: {len(info['workers'])} {' '.join(info['workers'])}".rstrip())
             for dead in info["dead_letters"]:
-                print(f"  dead: {dead['id']} {dead['name']} attempts={dead['attempts']} {dead['error']}")
+                print(f"  dead: {dead['id']} {dead['name']} attempts={dead['attempts']} at {dead['failed_at']}")
+                print(f"        {dead['error']}")
+                last_line = dead["traceback"].strip().splitlines()[-2:-1]  # the line that raised
+                if last_line:
+                    print(f"        {last_line[0].strip()}")
         return 0
+
+    def retry_dead(self, queues: Sequence[str], task_ids: Sequence[str]) -> int:
+        """Put dead letters back: the given ids, or every dead letter of the queues."""
+        missing = set(task_ids)
+        for queue in queues:
+            wanted = list(task_ids) if task_ids else self.broker.dead_letters(queue)
+            revived = self.broker.revive(queue, wanted)
+            missing -= set(revived)
+            for task_id in revived:
+                print(f"{task_id} put back on queue {queue}")
+        for task_id in sorted(missing):
+            print(f"minicelery: {task_id} is not a dead letter on {', '.join(queues)}", file=sys.stderr)
+        return 1 if missing else 0
 
     def purge(self, queues: Sequence[str], *, assume_yes: bool) -> int:
         if not assume_yes:

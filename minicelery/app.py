@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, overload
 
 from .broker import RedisBroker
-from .errors import DuplicateTaskError
+from .errors import DuplicateTaskError, Retry
 from .keys import check_queue_name
 from .task import Task, TaskDefinition, attach
 
@@ -28,6 +28,8 @@ class Client:
 
     # Every Client made in this process, so a worker can find the tasks its modules registered.
     instances: ClassVar[list[Client]] = []
+    # `raise app.Retry(delay=5)` inside a task runs it again later (see errors.Retry).
+    Retry: ClassVar[type[Retry]] = Retry
 
     def __init__(self, broker: RedisBroker, *, default_queue: str = DEFAULT_QUEUE) -> None:
         self.broker = broker
@@ -47,6 +49,10 @@ class Client:
         name: str | None = None,
         queue: str | None = None,
         retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        retry_backoff: float = 1.0,
+        retry_backoff_max: float = 600.0,
+        retry_jitter: bool = True,
         time_limit: float | None = None,
     ) -> Callable[[Callable[..., Any]], TaskDefinition]: ...
 
@@ -58,15 +64,30 @@ class Client:
         name: str | None = None,
         queue: str | None = None,
         retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        retry_backoff: float = 1.0,
+        retry_backoff_max: float = 600.0,
+        retry_jitter: bool = True,
         time_limit: float | None = None,
     ) -> TaskDefinition | Callable[[Callable[..., Any]], TaskDefinition]:
         """Register a function as a task, as `@app.task` or `@app.task(name=..., queue=...)`.
 
         The task's name is the function's name unless `name=` is given; two different
         functions under one name raise DuplicateTaskError here, at import time.
+
+        `retries=N` runs a failing task up to N more times, when its exception is one of
+        `retry_on`: after `retry_backoff` seconds, doubling each time up to
+        `retry_backoff_max`, each delay jittered to 50-100% of itself unless
+        `retry_jitter=False`. A retry waits in Redis as a scheduled task, not in a worker.
         """
         if retries < 0:
             raise ValueError("retries must not be negative")
+        if not (
+            isinstance(retry_on, tuple) and all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on)
+        ):
+            raise ValueError("retry_on must be a tuple of exception classes")
+        if retry_backoff < 0 or retry_backoff_max < retry_backoff:
+            raise ValueError("retry_backoff must be >= 0 and retry_backoff_max >= retry_backoff")
         if time_limit is not None and time_limit <= 0:
             raise ValueError("time_limit must be positive (seconds)")
 
@@ -85,6 +106,10 @@ class Client:
                 queue=check_queue_name(queue or self.default_queue),
                 retries=retries,
                 time_limit=time_limit,
+                retry_on=retry_on,
+                retry_backoff=retry_backoff,
+                retry_backoff_max=retry_backoff_max,
+                retry_jitter=retry_jitter,
             )
             self.tasks[task_name] = definition
             return definition

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCRIPT_NAMES = ("enqueue", "claim", "finish", "release", "renew", "rearm")
+SCRIPT_NAMES = ("enqueue", "claim", "finish", "release", "renew", "rearm", "revive")
 DEFAULT_URL = "redis://localhost:6379/0"
 DEFAULT_RESULT_TTL = 24 * 3600.0
 DEFAULT_MAX_BLOCK = 5.0
@@ -35,6 +36,21 @@ DEFAULT_MAX_BLOCK = 5.0
 BLOCKING_SOCKET_SLACK = 5.0
 
 FINISHED_STATES = frozenset({"succeeded", "failed"})
+DEAD_LETTER_TTL = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class RetryPlan:
+    """How to run a failed task again, if it has retries left (the finish script counts them)."""
+
+    max_retries: int
+    base_ms: int  # the delay before retry r (0-based) is min(cap, base * 2**r) * jitter
+    cap_ms: int
+    jitter: float  # 0.5-1.0; 1.0 for no jitter
+    fixed_ms: int = -1  # app.Retry(delay=...): exactly this, no backoff
+
+
+NO_RETRY = RetryPlan(max_retries=0, base_ms=0, cap_ms=0, jitter=1.0)
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,7 @@ class RedisBroker:
         result_ttl: float | None = None,
         *,
         max_block: float | None = None,
+        dead_letter_ttl: float = DEAD_LETTER_TTL,
         connection_options: dict[str, Any] | None = None,
     ) -> None:
         options = dict(connection_options or {})
@@ -123,6 +140,9 @@ class RedisBroker:
             options = {**settings.redis.connection_options(), **options}
         if result_ttl <= 0:
             raise ValueError("result_ttl must be positive (seconds)")
+        if dead_letter_ttl <= 0:
+            raise ValueError("dead_letter_ttl must be positive (seconds)")
+        self.dead_letter_ttl = float(dead_letter_ttl)
         self.transport = transport or JSONTransport()
         self.url = url
         self.result_ttl = float(result_ttl)
@@ -145,6 +165,7 @@ class RedisBroker:
             url=settings.redis.url,
             result_ttl=settings.worker.result_ttl,
             max_block=settings.worker.idle_block_max,
+            dead_letter_ttl=settings.worker.dead_letter_ttl,
             connection_options=settings.redis.connection_options(),
         )
 
@@ -227,32 +248,57 @@ class RedisBroker:
         *,
         succeeded: bool,
         envelope: bytes,
-        dead: bool = False,
+        retry: RetryPlan | None = None,
         next_claim: tuple[str, int, str] | None = None,
-    ) -> tuple[bool, Claim | Idle | None]:
-        """Record the outcome; returns (applied, next claim). applied is False for a late finish."""
+    ) -> tuple[str, Claim | Idle | None]:
+        """Record the outcome, or schedule a retry (failed, with `retry` and retries left).
+
+        Returns (status, next claim): status "ok" (recorded), "retry" (scheduled to run again)
+        or "late" (the lease was lost: nothing written).
+        """
         keys = QueueKeys(queue)
+        plan = retry or NO_RETRY
         args: list[Any] = [
             task_id,
             token,
             "succeeded" if succeeded else "failed",
             envelope,
             int(self.result_ttl * 1000),
-            "1" if dead else "0",
+            int(self.dead_letter_ttl * 1000),
+            0 if succeeded else plan.max_retries,
+            plan.base_ms,
+            plan.cap_ms,
+            repr(plan.jitter),
+            plan.fixed_ms,
         ]
         if next_claim is not None:
             args += ["1", *next_claim]
         else:
             args += ["0"]
-        status, claim_reply = self._run("finish", keys, args, extra_keys=[keys.done(task_id)])
+        status, claim_reply, _delay = self._run("finish", keys, args, extra_keys=[keys.done(task_id)])
         claimed = None if next_claim is None else self._parse_claim(queue, next_claim[0], claim_reply)
-        return _text(status) == "ok", claimed
+        return _text(status), claimed
 
     def release(self, queue: str, task_id: str, token: str) -> bool:
         return _text(self._run("release", QueueKeys(queue), [task_id, token])) == "ok"
 
     def renew(self, queue: str, task_id: str, token: str, lease_ms: int) -> bool:
         return _text(self._run("renew", QueueKeys(queue), [task_id, token, lease_ms])) == "ok"
+
+    def dead_letters(self, queue: str) -> list[str]:
+        """Ids of every task in the queue's dead-letter set, oldest first."""
+        with translate_errors("dead letters"):
+            return [_text(i) for i in self.redis.zrange(QueueKeys(queue).dead, 0, -1)]
+
+    def revive(self, queue: str, task_ids: Sequence[str]) -> list[str]:
+        """Put dead letters back in the queue to run again; returns the ids put back."""
+        keys = QueueKeys(queue)
+        revived: list[str] = []
+        for start in range(0, len(task_ids), 100):  # bounded work per script call
+            batch = list(task_ids[start : start + 100])
+            reply = self._run("revive", keys, batch, extra_keys=[keys.done(i) for i in batch])
+            revived += [_text(i) for i in reply]
+        return revived
 
     def rearm(self, queue: str, due_ms: int) -> None:
         self._run("rearm", QueueKeys(queue), [due_ms])
@@ -360,7 +406,8 @@ class RedisBroker:
                     self.redis.hget(keys.result, task_id),
                 )
                 attempts = self.redis.hget(keys.info, f"{task_id}:a")
-                dead.append(self._dead_summary(task_id, payload, envelope, attempts))
+                died = self.redis.zscore(keys.dead, task_id)
+                dead.append(self._dead_summary(task_id, payload, envelope, attempts, died))
         next_due = None
         if first:
             next_due = dt.datetime.fromtimestamp(float(first[0][1]) / 1000, dt.UTC).isoformat()
@@ -371,17 +418,24 @@ class RedisBroker:
             "dead_letters": dead,
         }
 
-    def _dead_summary(self, task_id: str, payload: Any, envelope: Any, attempts: Any) -> dict[str, Any]:
-        name, error = "?", "?"
+    def _dead_summary(self, task_id: str, payload: Any, envelope: Any, attempts: Any, died: Any) -> dict[str, Any]:
+        name, error, traceback = "?", "?", ""
         with contextlib.suppress(MiniceleryError):
             name = self.transport.loads_message(payload).name
         if envelope is not None:
-            try:
+            with contextlib.suppress(MiniceleryError):
                 _ok, exc = self.transport.loads_outcome(envelope)
                 error = f"{type(exc).__name__}: {exc}"
-            except MiniceleryError:
-                pass
-        return {"id": task_id, "name": name, "attempts": int(attempts or 0), "error": error}
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                traceback = json.loads(envelope)["error"].get("traceback") or ""
+        return {
+            "id": task_id,
+            "name": name,
+            "attempts": int(attempts or 0),
+            "error": error,
+            "failed_at": dt.datetime.fromtimestamp(float(died) / 1000, dt.UTC).isoformat() if died else None,
+            "traceback": traceback,
+        }
 
     def purge(self, queue: str) -> int:
         """Delete every key of a queue; returns how many keys went."""

@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     result.add_argument("--queue", "-q")
     result.add_argument("--timeout", type=float, default=0.0, help="seconds to wait (default: do not wait)")
 
+    retry_dead = command("retry-dead", "Put dead letters back in their queue to run again.")
+    retry_dead.add_argument("ids", nargs="*", metavar="ID", help="task ids (default: every dead letter)")
+    retry_dead.add_argument("--queue", "-q", action="append", help="queue (repeatable; default: worker.queues)")
+
     purge = command("purge", "Delete every task of a queue (asks first).")
     purge.add_argument("--queue", "-q", action="append")
     purge.add_argument("--yes", "-y", action="store_true", help="do not ask")
@@ -149,6 +153,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         except TaskNotFound as exc:
             print(f"minicelery: {exc}", file=sys.stderr)
             return EXIT_FAILED
+    if args.command == "retry-dead":
+        return admin.retry_dead(args.queue or settings.worker.queues, args.ids)
     if args.command == "purge":
         return admin.purge(args.queue or settings.worker.queues, assume_yes=args.yes)
     raise AssertionError(args.command)

@@ -59,8 +59,26 @@ class TaskError(MiniceleryError):
     """Something about a task itself went wrong."""
 
 
+class BadArguments(TaskError):
+    """The payload's arguments do not fit the task function's signature (never retried)."""
+
+
 class UnknownTask(TaskError):
     """A payload names a task that no registered function has."""
+
+
+class Retry(TaskError):
+    """Raise `app.Retry(delay=seconds)` inside a task to run it again later.
+
+    It spends one of the task's `retries=`; with none left the task fails with the exception
+    this one was raised from (`raise app.Retry(delay=5) from exc`), else with this one.
+    """
+
+    def __init__(self, delay: float | None = None, message: str = "") -> None:
+        if delay is not None and delay < 0:
+            raise ValueError("Retry delay must not be negative")
+        self.delay = delay
+        super().__init__(message or (f"retry requested in {delay} s" if delay is not None else "retry requested"))
 
 
 class TaskTimeout(TaskError):

@@ -6,16 +6,23 @@ exception escape to the worker loop except HandBack (the worker must stop now).
 
 from __future__ import annotations
 
+import inspect
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .broker import Claim
-from .errors import SerializationError, TaskError, TaskTimeout, UnknownTask, WorkerLost
+from .broker import Claim, RetryPlan
+from .errors import BadArguments, Retry, SerializationError, TaskError, TaskTimeout, UnknownTask, WorkerLost
 from .interrupts import TaskAlarm
+from .task import TaskDefinition
 from .transport import TaskMessage
+
+# Failures that running again cannot fix: the payload, the name, the arguments or the result
+# itself is wrong, or the task already killed its workers too often.
+NEVER_RETRIED = (SerializationError, UnknownTask, BadArguments, WorkerLost)
 
 if TYPE_CHECKING:
     from .app import Client
@@ -34,6 +41,7 @@ class Outcome:
     error_type: str | None = None
     dead: bool = False
     timed_out: bool = False
+    retry: RetryPlan | None = None
 
 
 class TaskRunner:
@@ -48,6 +56,8 @@ class TaskRunner:
         """Run the claimed task; `on_start` hears the time limit just before the function runs."""
         started = time.monotonic()
         name = "?"
+        message: TaskMessage | None = None
+        definition: TaskDefinition | None = None
         try:
             message = self.transport.loads_message(claim.payload)
             name = message.name
@@ -62,6 +72,7 @@ class TaskRunner:
                     "dead-lettered instead of run again"
                 )
             args, kwargs = self._arguments(message, claim)
+            _check_signature(definition, args, kwargs)
             time_limit = message.time_limit or definition.time_limit or self.default_time_limit
             if on_start is not None:
                 on_start(time_limit)
@@ -73,7 +84,7 @@ class TaskRunner:
             envelope = self.transport.dumps_value(value)
             return Outcome(name, True, envelope, time.monotonic() - started)
         except Exception as exc:
-            return self._failure(name, exc, started)
+            return self._failure(name, exc, started, self._retry_plan(definition, message, exc))
 
     def _arguments(self, message: TaskMessage, claim: Claim) -> tuple[list[Any], dict[str, Any]]:
         """Put each parent's result (or its exception) where the parent handle was passed."""
@@ -95,7 +106,23 @@ class TaskRunner:
         _ok, value = self.transport.loads_outcome(envelope)
         return value  # a failed parent's exception is passed as the argument
 
-    def _failure(self, name: str, exc: Exception, started: float) -> Outcome:
+    @staticmethod
+    def _retry_plan(definition: TaskDefinition | None, message: TaskMessage | None, exc: Exception) -> RetryPlan | None:
+        if definition is None or message is None or message.retries <= 0 or isinstance(exc, NEVER_RETRIED):
+            return None
+        if not isinstance(exc, Retry) and not isinstance(exc, definition.retry_on):
+            return None
+        return RetryPlan(
+            max_retries=message.retries,
+            base_ms=int(definition.retry_backoff * 1000),
+            cap_ms=int(definition.retry_backoff_max * 1000),
+            jitter=random.uniform(0.5, 1.0) if definition.retry_jitter else 1.0,
+            fixed_ms=int(exc.delay * 1000) if isinstance(exc, Retry) and exc.delay is not None else -1,
+        )
+
+    def _failure(self, name: str, exc: Exception, started: float, retry: RetryPlan | None = None) -> Outcome:
+        if isinstance(exc, Retry) and isinstance(exc.__cause__, Exception):
+            exc = exc.__cause__  # with no retries left, the task fails with what caused the retry
         envelope = self.transport.dumps_error(exc)
         return Outcome(
             name=name,
@@ -105,4 +132,18 @@ class TaskRunner:
             error_type=type(exc).__name__,
             dead=isinstance(exc, WorkerLost),
             timed_out=isinstance(exc, TaskTimeout),
+            retry=retry,
         )
+
+
+def _check_signature(definition: TaskDefinition, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """A clear, never-retried error for arguments that cannot fit, instead of a TypeError from
+    inside the call that looks like the task's own bug."""
+    try:
+        signature = inspect.signature(definition.fn)
+    except (TypeError, ValueError):  # some builtins have none: let the call decide
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise BadArguments(f"arguments do not fit {definition.name}{signature}: {exc}") from None

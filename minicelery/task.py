@@ -30,6 +30,10 @@ class TaskDefinition:
     queue: str
     retries: int = 0
     time_limit: float | None = None
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    retry_backoff: float = 1.0  # seconds before the first retry; doubles each time
+    retry_backoff_max: float = 600.0
+    retry_jitter: bool = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Task:
         return Task(self, args, kwargs)

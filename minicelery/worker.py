@@ -65,6 +65,7 @@ class QueueClock:
 class Counters:
     done: int = 0
     failed: int = 0
+    retried: int = 0
     late_finishes: int = 0
     wasted_wakeups: int = 0
     handed_back: int = 0
@@ -224,23 +225,25 @@ class Worker:
             return
         finally:
             self.running = None
-        self._log_outcome(claim, outcome)
+        status = self._finish(claim, outcome)
+        self._log_outcome(claim, outcome, status)
         if self.settings.metrics.enabled:  # per-task histograms are the costly part; skip when unserved
-            self._observe(claim, outcome)
-        self._finish(claim, outcome)
+            self._observe(claim, outcome, status)
 
-    def _finish(self, claim: Claim, outcome: Outcome) -> None:
+    def _finish(self, claim: Claim, outcome: Outcome) -> str:
+        """Store the outcome (or schedule the retry); returns the finish script's status, or
+        "lost" when Redis could not be reached before an immediate stop."""
         next_claim = None if self.signals.requested else (self._token(), self.lease_ms, self.id)
         delay = 0.1
         while True:
             try:
-                applied, following = self.broker.finish(
+                status, following = self.broker.finish(
                     claim.queue,
                     claim.id,
                     claim.token,
                     succeeded=outcome.succeeded,
                     envelope=outcome.envelope,
-                    dead=outcome.dead,
+                    retry=outcome.retry,
                     next_claim=next_claim,
                 )
                 break
@@ -251,16 +254,18 @@ class Worker:
                         claim.id,
                         exc,
                     )
-                    return
+                    return "lost"
                 log.warning("task %s: cannot store the result yet (%s); retrying in %.1f s", claim.id, exc, delay)
                 self._update_status("waiting for Redis to store a result")
                 self._sleep(delay)
                 delay = min(delay * 2, self.settings.worker.reconnect_max_delay)
         if outcome.succeeded:
             self.counters.done += 1
+        elif status == "retry":
+            self.counters.retried += 1
         else:
             self.counters.failed += 1
-        if not applied:
+        if status == "late":
             self.counters.late_finishes += 1
             self.metrics.contention.labels("late_finish").inc()
             log.warning("task %s: late finish rejected (its lease was reclaimed; another run owns it)", claim.id)
@@ -270,6 +275,7 @@ class Worker:
             self._pending = following
         elif isinstance(following, Idle):
             self._learn(claim.queue, following)
+        return status
 
     def _hand_back(self, claim: Claim, *, interrupted: bool) -> None:
         try:
@@ -282,17 +288,14 @@ class Worker:
             self.metrics.outcomes.labels(_name_of(claim, self.broker.transport), "handed_back").inc()
         log.warning("task %s handed back to queue %s%s", claim.id, claim.queue, "" if released else " (lease lost)")
 
-    def _observe(self, claim: Claim, outcome: Outcome) -> None:
+    def _observe(self, claim: Claim, outcome: Outcome, status: str) -> None:
         m = self.metrics
         series = m.series(claim.queue, outcome.name)
         series.latency.observe(max(0, claim.now_ms - claim.due_ms) / 1000)
         series.run_time.observe(outcome.duration)
-        if outcome.succeeded:
-            kind = "succeeded"
-        else:
-            kind = "dead_lettered" if outcome.dead else "timed_out" if outcome.timed_out else "failed"
+        series.outcomes[_outcome_kind(outcome, status)].inc()
+        if not outcome.succeeded:
             m.failures.labels(outcome.name, outcome.error_type or "?").inc()
-        series.outcomes[kind].inc()
 
     def healthy(self) -> bool:
         """Alive: a running task within its limit (plus a lease), or the loop turned recently."""
@@ -316,8 +319,11 @@ class Worker:
         log.info("metrics on http://%s:%d/metrics", config.bind, self.metrics_port)
         return server
 
-    def _log_outcome(self, claim: Claim, outcome: Outcome) -> None:
-        result = "succeeded" if outcome.succeeded else f"failed ({outcome.error_type})"
+    def _log_outcome(self, claim: Claim, outcome: Outcome, status: str) -> None:
+        kind = _outcome_kind(outcome, status)
+        result = kind if outcome.succeeded else f"{kind} ({outcome.error_type})"
+        if status == "late":
+            result += ", rejected: lease lost"
         log.info(
             "task %s name=%s queue=%s attempt=%d outcome=%s duration=%.3fs",
             claim.id,
@@ -403,3 +409,13 @@ class Worker:
             code,
         )
         return code
+
+
+def _outcome_kind(outcome: Outcome, status: str) -> str:
+    """The outcome label of one run: every failed, timed_out or dead_lettered run has left its
+    task in the dead-letter set; a retried one is scheduled to run again."""
+    if outcome.succeeded:
+        return "succeeded"
+    if status == "retry":
+        return "retried"
+    return "dead_lettered" if outcome.dead else "timed_out" if outcome.timed_out else "failed"

@@ -142,6 +142,8 @@ def test_cpu_bound_task_longer_than_the_lease_keeps_it(app: Client, workers: Wor
     spinner = app.tasks["spin"](3).start()
     workers.start(MINICELERY_WORKER__LEASE_SECONDS="1")  # would steal it if the lease lapsed
     assert spinner.result(timeout=30) > 0
+    line = f"task {spinner.id} name=spin"
+    wait_until(lambda: line in "".join(workers.log(p) for p in workers.procs), 10, "the outcome log line")
     logs = "".join(workers.log(p) for p in workers.procs)
     assert "lost its lease" not in logs and "late finish" not in logs
     assert logs.count(f"task {spinner.id} name=spin") == 1

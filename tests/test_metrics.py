@@ -46,8 +46,19 @@ def test_worker_serves_metrics_that_count_the_tasks_it_ran(app: Client, workers:
     for handle in handles:
         with contextlib.suppress(ValueError):
             handle.result(timeout=30)
-    status, text = _get(base + "/metrics")
-    assert status == 200
+
+    # The worker records a run just after its result is stored: wait for the last of them.
+    def recorded() -> str | None:
+        status, text = _get(base + "/metrics")
+        assert status == 200
+        done = _sample(text, "minicelery_task_outcomes_total", task="echo", outcome="succeeded") == 7
+        return (
+            text
+            if done and _sample(text, "minicelery_task_failures_total", task="boom", exception="ValueError") == 2
+            else None
+        )
+
+    text = str(wait_until(recorded, 20, "the metrics of all nine runs"))
     assert _sample(text, "minicelery_task_outcomes_total", task="echo", outcome="succeeded") == 7
     assert _sample(text, "minicelery_task_outcomes_total", task="boom", outcome="failed") == 2
     assert _sample(text, "minicelery_task_failures_total", task="boom", exception="ValueError") == 2

@@ -129,6 +129,7 @@ def test_prometheus_scrapes_the_worker_and_every_dashboard_query_and_alert_works
 ) -> None:
     prometheus = scraped_worker
     succeeded = 'sum(minicelery_task_outcomes_total{job="minicelery", task="echo", outcome="succeeded"})'
+    failed_runs = 'sum(minicelery_task_outcomes_total{task="boom", outcome="failed"})'
     assert prometheus.value(succeeded) == 0  # every registered task's outcomes start at 0, not missing
     # Two rounds of work, each seen by a scrape: a series born in the first round (histograms
     # appear with their first observation) has grown by the next, so every rate() is real.
@@ -139,8 +140,12 @@ def test_prometheus_scrapes_the_worker_and_every_dashboard_query_and_alert_works
             assert handle.result(timeout=30) is not None
         with pytest.raises(ValueError):
             failed.result(timeout=30)
-        seen = total  # bound per round (a lambda would see the loop variable change)
-        wait_until(lambda n=seen: prometheus.value(succeeded) == n, 30, "Prometheus to see the tasks")
+        seen, failures = total, first + 1  # bound per round (a lambda would see the loop variable change)
+        wait_until(
+            lambda n=seen, f=failures: prometheus.value(succeeded) == n and prometheus.value(failed_runs) == f,
+            30,
+            "Prometheus to see the tasks",
+        )
     app.tasks["echo"]("later").wait(3600)
     wait_until(lambda: prometheus.value('minicelery_queue_depth{state="scheduled"}') == 1, 30, "a scheduled task")
     assert prometheus.value('sum(minicelery_task_outcomes_total{task="boom", outcome="failed"})') == 2
@@ -159,13 +164,11 @@ def test_prometheus_scrapes_the_worker_and_every_dashboard_query_and_alert_works
 
     rules = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
     assert len(rules) == 7 and all(rule["health"] == "ok" for rule in rules), rules
-    # Every run of `boom` failed: that alert evaluates on the real series and is pending (it
-    # fires after 10 minutes); nothing else about this worker is wrong.
-    wait_until(lambda: _alert_states(prometheus).get("MiniceleryFailureRatioHigh") == "pending", 30, "pending alert")
-    assert {name for name, state in _alert_states(prometheus).items() if state != "inactive"} == {
-        "MiniceleryFailureRatioHigh"
-    }
-
+    # Every run of `boom` failed and left a dead letter: those two alerts evaluate on the real
+    # series and go pending (they fire after their `for:`); nothing else about this worker is wrong.
+    expected = {"MiniceleryFailureRatioHigh", "MiniceleryDeadLettersGrowing"}
+    wait_until(lambda: all(_alert_states(prometheus).get(a) == "pending" for a in expected), 30, "pending alerts")
+    assert {name for name, state in _alert_states(prometheus).items() if state != "inactive"} == expected
 
 def _alert_states(prometheus: Prometheus) -> dict[str, str]:
     return {rule["name"]: rule["state"] for group in prometheus.api("rules")["groups"] for rule in group["rules"]}

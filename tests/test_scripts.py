@@ -36,15 +36,15 @@ def test_enqueue_claim_finish_cycle_and_fencing(redis_url: str, queue: str, r: r
     assert not r.exists(keys.marker)  # nothing else ready: no stale wake-up left behind
     assert broker.renew(queue, "t1", "tok-a", 1000)
     assert not broker.renew(queue, "t1", "tok-b", 1000)
-    applied, _ = broker.finish(queue, "t1", "tok-b", succeeded=True, envelope=b'{"ok":true}')
-    assert not applied  # wrong token: nothing written
+    status, _ = broker.finish(queue, "t1", "tok-b", succeeded=True, envelope=b'{"ok":true}')
+    assert status == "late"  # wrong token: nothing written
     assert r.hget(keys.result, "t1") is None
-    applied, _ = broker.finish(queue, "t1", "tok-a", succeeded=True, envelope=b'{"ok":true,"value":1}')
-    assert applied
+    status, _ = broker.finish(queue, "t1", "tok-a", succeeded=True, envelope=b'{"ok":true,"value":1}')
+    assert status == "ok"
     assert r.hget(keys.info, "t1:s") == b"succeeded"
     assert r.zcard(keys.running) == 0
-    applied, _ = broker.finish(queue, "t1", "tok-a", succeeded=True, envelope=b'{"ok":true,"value":2}')
-    assert not applied  # a second finish cannot overwrite the first
+    status, _ = broker.finish(queue, "t1", "tok-a", succeeded=True, envelope=b'{"ok":true,"value":2}')
+    assert status == "late"  # a second finish cannot overwrite the first
     assert r.hget(keys.result, "t1") == b'{"ok":true,"value":1}'
 
 
@@ -59,8 +59,8 @@ def test_expired_lease_is_reclaimed_by_the_next_claim(redis_url: str, queue: str
     second = broker.claim(queue, "tok-b", 1000, "w2")
     assert isinstance(second, Claim) and second.id == "t1"
     assert second.attempts == 2 and second.leases_lost == 1
-    applied, _ = broker.finish(queue, "t1", "tok-a", succeeded=True, envelope=b"{}")
-    assert not applied  # the first worker's late finish is rejected by token
+    status, _ = broker.finish(queue, "t1", "tok-a", succeeded=True, envelope=b"{}")
+    assert status == "late"  # the first worker's late finish is rejected by token
 
 
 def test_release_hands_back_without_counting_an_attempt(redis_url: str, queue: str) -> None:

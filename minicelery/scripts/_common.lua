@@ -13,6 +13,7 @@
 --   KEYS[7]  info       hash  "<id>:<f>" -> small per-task fields, f one of
 --                             s state (waiting|scheduled|ready|running|succeeded|failed)
 --                             a attempts (claims)      l leases lost (reclaims)
+--                             r retries spent (failures run again)
 --                             t lease token            d time the task became due (ms)
 --                             n not-before time (ms)   p count of unfinished parents
 --                             P parent ids, "," list   c child ids, "," list
@@ -36,7 +37,7 @@ local RECLAIM_BATCH = 20
 -- Workers not seen for a day are dropped from the workers set.
 local WORKER_FORGET_MS = 86400000
 
-local INFO_FIELDS = { 's', 'a', 'l', 't', 'd', 'n', 'p', 'P', 'c', 'k' }
+local INFO_FIELDS = { 's', 'a', 'l', 'r', 't', 'd', 'n', 'p', 'P', 'c', 'k' }
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -102,6 +103,8 @@ local function release_children(id, envelope, now)
       make_due(child, due, now)
     end
   end
+  -- Released once for good: a dead letter put back and finished again must not do it twice.
+  redis.call('HDEL', K_INFO, id .. ':c')
 end
 
 -- Delete everything stored for finished tasks whose result TTL has passed.

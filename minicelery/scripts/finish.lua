@@ -4,46 +4,72 @@
 -- that was paused past its lease (the task was reclaimed and maybe run again) gets 'late',
 -- and nothing is written: no result overwritten, no child released twice.
 --
+-- A failure with retries left is not an outcome: the task goes back to the schedule, due
+-- after its backoff (on the Redis clock), and keeps its children waiting. A failure with none
+-- left is final: the result holds the error, the children get it, and the task goes into the
+-- dead-letter set, kept for dead_ttl instead of result_ttl.
+--
 -- KEYS: the queue key set (see _common.lua), then
 --   KEYS[13] done      list the task's result waiters block on (BLMOVE)
 -- ARGV[1] id           task id
 -- ARGV[2] token        the lease token from the claim
 -- ARGV[3] outcome      "succeeded" or "failed"
 -- ARGV[4] envelope     result envelope (JSON)
--- ARGV[5] result_ttl   ms to keep the result; then every trace of the task is swept
--- ARGV[6] dead         "1" to record the task in the dead-letter set
--- ARGV[7] claim        "1" to claim the next task in the same call; then ARGV[8..10] are
--- ARGV[8] next_token, ARGV[9] lease_ms, ARGV[10] worker (as claim.lua's ARGV[1..3])
+-- ARGV[5] result_ttl   ms to keep a result; then every trace of the task is swept
+-- ARGV[6] dead_ttl     ms to keep a dead letter
+-- ARGV[7] max_retries  retries allowed for this failure (0: no retry)
+-- ARGV[8] base_ms, ARGV[9] cap_ms, ARGV[10] jitter (0.5-1), ARGV[11] fixed_ms (-1: backoff)
+--                      the delay before retry r (0-based) is fixed_ms, else
+--                      min(cap_ms, base_ms * 2^r) * jitter
+-- ARGV[12] claim       "1" to claim the next task in the same call; then ARGV[13..15] are
+-- ARGV[13] next_token, ARGV[14] lease_ms, ARGV[15] worker (as claim.lua's ARGV[1..3])
 --
--- Returns {finish_status, claim_reply}: finish_status is 'ok' or 'late'; claim_reply is
--- claim_next's reply, or false when no claim was asked for.
+-- Returns {finish_status, claim_reply, retry_delay_ms}: finish_status is 'ok', 'retry' or
+-- 'late'; claim_reply is claim_next's reply, or false when no claim was asked for.
 
 local id, token, outcome, envelope = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local result_ttl, dead, claim = tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local result_ttl, dead_ttl, max_retries = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local claim = ARGV[12]
 local now = now_ms()
 
 local status = 'late'
+local delay = false
 if token ~= '' and getf(id, 't') == token then
-  status = 'ok'
   redis.call('ZREM', K_RUNNING, id)
   redis.call('HDEL', K_INFO, id .. ':t')
-  setf(id, 's', outcome)
-  redis.call('HSET', K_RESULT, id, envelope)
-  redis.call('ZADD', K_EXPIRY, now + result_ttl, id)
-  if dead == '1' then
-    redis.call('ZADD', K_DEAD, now, id)
+  local retries = tonumber(getf(id, 'r') or 0)
+  if outcome == 'failed' and retries < max_retries then
+    status = 'retry'
+    local fixed = tonumber(ARGV[11])
+    if fixed >= 0 then
+      delay = fixed
+    else
+      delay = math.floor(math.min(tonumber(ARGV[9]), tonumber(ARGV[8]) * 2 ^ retries) * tonumber(ARGV[10]))
+    end
+    redis.call('HINCRBY', K_INFO, id .. ':r', 1)
+    make_due(id, now + delay, now)
+  else
+    status = 'ok'
+    setf(id, 's', outcome)
+    redis.call('HSET', K_RESULT, id, envelope)
+    local keep = result_ttl
+    if outcome == 'failed' then
+      redis.call('ZADD', K_DEAD, now, id)
+      keep = math.max(result_ttl, dead_ttl)
+    end
+    redis.call('ZADD', K_EXPIRY, now + keep, id)
+    local key = getf(id, 'k')
+    if key and redis.call('HGET', K_DEDUP, key) == id then
+      redis.call('HDEL', K_DEDUP, key)
+    end
+    release_children(id, envelope, now)
+    redis.call('LPUSH', KEYS[13], '1')
+    redis.call('PEXPIRE', KEYS[13], keep)
   end
-  local key = getf(id, 'k')
-  if key and redis.call('HGET', K_DEDUP, key) == id then
-    redis.call('HDEL', K_DEDUP, key)
-  end
-  release_children(id, envelope, now)
-  redis.call('LPUSH', KEYS[13], '1')
-  redis.call('PEXPIRE', KEYS[13], result_ttl)
 end
 
 local next_claim = false
 if claim == '1' then
-  next_claim = claim_next(now, ARGV[8], tonumber(ARGV[9]), ARGV[10], 0)
+  next_claim = claim_next(now, ARGV[13], tonumber(ARGV[14]), ARGV[15], 0)
 end
-return { status, next_claim }
+return { status, next_claim, delay }
