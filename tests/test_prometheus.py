@@ -170,6 +170,7 @@ def test_prometheus_scrapes_the_worker_and_every_dashboard_query_and_alert_works
     wait_until(lambda: all(_alert_states(prometheus).get(a) == "pending" for a in expected), 30, "pending alerts")
     assert {name for name, state in _alert_states(prometheus).items() if state != "inactive"} == expected
 
+
 def _alert_states(prometheus: Prometheus) -> dict[str, str]:
     return {rule["name"]: rule["state"] for group in prometheus.api("rules")["groups"] for rule in group["rules"]}
 
