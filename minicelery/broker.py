@@ -19,7 +19,7 @@ import redis
 import redis.exceptions as redis_errors
 from redis.commands.core import Script
 
-from .errors import BrokerError, BrokerUnavailable, MiniceleryError
+from .errors import BrokerAuthError, BrokerError, BrokerUnavailable, MiniceleryError
 from .keys import QueueKeys, worker_wake_key
 from .transport import JSONTransport
 
@@ -95,6 +95,10 @@ def translate_errors(what: str) -> Iterator[None]:
     """Turn redis-py exceptions into minicelery's, naming the operation."""
     try:
         yield
+    except (redis_errors.AuthenticationError, redis_errors.NoPermissionError) as exc:
+        raise BrokerAuthError(
+            f"Redis refused {what}: {exc} (check redis.username, the password and the ACL user's permissions)"
+        ) from exc
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.BusyLoadingError) as exc:
         raise BrokerUnavailable(f"Redis unavailable during {what}: {exc}") from exc
     except redis_errors.RedisError as exc:

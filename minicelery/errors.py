@@ -48,6 +48,10 @@ class BrokerUnavailable(BrokerError):
     """Redis could not be reached (connection refused, reset, timed out, loading)."""
 
 
+class BrokerAuthError(ConfigError, BrokerError):
+    """Redis refused our credentials or the ACL user lacks a command: retrying cannot fix it."""
+
+
 class LeaseLost(BrokerError):
     """The worker no longer owns the task: its lease expired and another claim took it."""
 

@@ -119,6 +119,8 @@ class Worker:
             while not self.signals.requested:
                 try:
                     worked = self.tick(block=not burst)
+                except ConfigError:
+                    raise  # Redis refused our credentials or ACL mid-run: exit 78
                 except BrokerError as exc:
                     self.metrics.redis_errors.inc()
                     self._wait_for_redis(exc)
@@ -353,6 +355,8 @@ class Worker:
                     )
                 self.ready = True
                 return True
+            except ConfigError:
+                raise  # refused credentials or ACL: waiting will not help; exit 78
             except BrokerError as exc:
                 self._update_status("waiting for Redis")
                 log.warning("waiting for Redis at %s: %s (retrying in %.1f s)", self.broker.url, exc, delay)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -103,11 +103,14 @@ class Workers:
         env.update(settings)
         return env
 
-    def start(self, *args: str, env: dict[str, str] | None = None, **settings: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, *args: str, env: dict[str, str] | None = None, wrapper: Sequence[str] = (), **settings: str
+    ) -> subprocess.Popen[bytes]:
+        """A worker process; `wrapper` goes in front of its command line (e.g. faketime)."""
         log_path = self.tmp_path / f"worker-{len(self.procs)}.log"
         with open(log_path, "wb") as log:  # the child keeps its own descriptor
             proc = subprocess.Popen(
-                [sys.executable, "-m", "minicelery", "worker", *args],
+                [*wrapper, sys.executable, "-m", "minicelery", "worker", *args],
                 env=env or self.env(**settings),
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -7,10 +7,12 @@ import re
 import signal
 import time
 
+import pytest
 import redis
 from conftest import Workers, wait_until
 
 from minicelery import Client, JSONTransport, RedisBroker
+from minicelery.errors import PayloadTooLarge
 from minicelery.keys import QueueKeys
 from minicelery.redis_server import RedisServer
 
@@ -135,6 +137,9 @@ def test_malformed_payloads_planted_in_redis_fail_visibly_and_the_worker_keeps_g
         b'"arg_deps":{},"kwarg_deps":{},"time_limit":null,"retries":0}',
         "binary": b"\xff\xfe\x00garbage",
         "huge": b'{"v":1,"pad":"' + b"x" * (2 * 1024 * 1024) + b'"}',
+        "nested": b'{"v":1,"args":' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # deeper than any parser stack
+        "badargs": b'{"v":1,"id":"badargs","name":"echo","args":[1,2,3,4],"kwargs":{},'
+        b'"arg_deps":{},"kwarg_deps":{},"time_limit":null,"retries":3}',
     }
     for task_id, payload in planted.items():
         r.hset(keys.payload, task_id, payload)
@@ -159,4 +164,13 @@ def test_malformed_payloads_planted_in_redis_fail_visibly_and_the_worker_keeps_g
     assert "no task named 'os.system'" in messages["unknown"]
     assert "over the limit" in messages["huge"]
     assert "missing" in messages["nopayload"]
+    assert "not valid JSON" in messages["nested"] and "recursion" in messages["nested"]
+    assert messages["badargs"].startswith("BadArguments: arguments do not fit echo(")  # and not retried 3 times
+    assert r.hget(keys.info, "badargs:a") == b"1"
+    huge_result = app.tasks["echo"]("y" * (2 * 1024 * 1024))  # an argument over the limit: refused at enqueue
+    with pytest.raises(PayloadTooLarge):
+        huge_result.start()
+    big = app.tasks["repeat"]("z", 2 * 1024 * 1024).start()  # a small payload whose result is too big
+    with pytest.raises(PayloadTooLarge, match="task result"):
+        big.result(timeout=30)
     assert proc.poll() is None

@@ -47,6 +47,10 @@ def register(app: Client) -> None:
         raise CustomError(message)
 
     @app.task
+    def repeat(text: str, times: int) -> str:
+        return text * times
+
+    @app.task
     def describe(value: Any) -> str:
         """Says what it received, so a test can see an exception arrive as an argument."""
         if isinstance(value, BaseException):
