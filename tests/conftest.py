@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -172,3 +173,14 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from deploytools import build_wheelhouse
 
     return build_wheelhouse(tmp_path_factory.mktemp("wheels"))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault suite's scorecard (tests/faults/), when it ran."""
+    faultkit = sys.modules.get("faultkit")
+    if faultkit is None or not faultkit.SCORECARD:
+        return
+    terminalreporter.section("fault-injection scorecard")
+    for row in faultkit.SCORECARD:
+        figures = ", ".join(f"{k}={v}" for k, v in row.items() if k != "scenario")
+        terminalreporter.write_line(f"{row['scenario']:<34} {figures}")

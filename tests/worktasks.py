@@ -11,6 +11,8 @@ import time
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from minicelery import Client, JSONTransport, RedisBroker
 
@@ -21,7 +23,13 @@ _redis: redis.Redis | None = None
 def _r() -> redis.Redis:
     global _redis
     if _redis is None:
-        _redis = redis.Redis.from_url(os.environ["MINICELERY_REDIS__URL"])
+        # The tasks' own bookkeeping client retries a connection that a fault test broke, so a
+        # count is never what fails (the worker's behaviour is what those tests look at).
+        _redis = redis.Redis.from_url(
+            os.environ["MINICELERY_REDIS__URL"],
+            retry=Retry(ExponentialBackoff(cap=1.0), 10),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
     return _redis
 
 
@@ -45,6 +53,26 @@ def register(app: Client) -> None:
     @app.task
     def custom_boom(message: str) -> None:
         raise CustomError(message)
+
+    @app.task
+    def count_run(tag: str, *inputs: Any) -> str:
+        """Counts its own executions in Redis (fault tests compare them with claims)."""
+        _r().hincrby("test:runs", tag, 1)
+        return tag
+
+    @app.task
+    def slow_count(tag: str, seconds: float) -> str:
+        """count_run that takes a while: counts, then is still running when a fault begins (so
+        its lease renewals and its finish meet the fault, not its own Redis call)."""
+        _r().hincrby("test:runs", tag, 1)
+        time.sleep(seconds)
+        return tag
+
+    @app.task
+    def pid_after(seconds: float) -> int:
+        """Sleeps, then says which process ran it: tells a late finish from the one that counts."""
+        time.sleep(seconds)
+        return os.getpid()
 
     @app.task
     def repeat(text: str, times: int) -> str:

@@ -1,0 +1,83 @@
+"""What the fault-injection suite (tests/faults/) shares: a Redis with AOF that can be killed and
+restarted on the same port, a network outage on that port (iptables on lo), and the scorecard
+printed at the end of the session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conftest import require_tool
+
+from minicelery.redis_server import RedisServer, free_port
+
+# Filled by the fault tests, printed by conftest's pytest_terminal_summary.
+SCORECARD: list[dict[str, object]] = []
+
+
+def record(scenario: str, **figures: object) -> None:
+    SCORECARD.append({"scenario": scenario, **figures})
+
+
+@dataclass
+class DurableRedis:
+    """A Redis server with an append-only file, restartable on the same port from that file."""
+
+    directory: Path
+    fsync: str = "always"
+    port: int = field(default_factory=free_port)
+    server: RedisServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> DurableRedis:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = ("--appendonly", "yes", "--appendfsync", self.fsync, "--aof-use-rdb-preamble", "yes")
+        self.server = RedisServer(self.port, directory=self.directory, extra_args=args).start()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save; only what the AOF already holds survives."""
+        assert self.server is not None
+        self.server.stop(kill=True)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+class Outage:
+    """Cut the Redis port on loopback with iptables: DROP (packets vanish, like a dead link) or
+    REJECT (connections reset at once, like a closed port)."""
+
+    def __init__(self, port: int, how: str) -> None:
+        assert how in ("DROP", "REJECT")
+        extra = ["--reject-with", "tcp-reset"] if how == "REJECT" else []
+        self.rule = ["INPUT", "-i", "lo", "-p", "tcp", "--dport", str(port), "-j", how, *extra]
+        self.iptables = require_tool("iptables", "apt-get install iptables")
+        if os.geteuid() != 0:
+            import pytest
+
+            (pytest.fail if os.environ.get("MINICELERY_REQUIRE_TOOLS") else pytest.skip)("iptables needs root")
+
+    def __enter__(self) -> Outage:
+        subprocess.run([self.iptables, "-I", *self.rule], check=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run([self.iptables, "-D", *self.rule], check=True)
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
