@@ -1,0 +1,172 @@
+"""A stateful property test of the broker scripts against a real Redis (hypothesis).
+
+Random enqueues (with random parents and delays), claims, finishes (succeeded, failed, retried),
+late finishes, lease expiries, the passing of time and of result TTLs; after every step the
+data model must hold together:
+- every task is in exactly the structure its state names (ready list, schedule, running set),
+- a waiting task's pending count equals its unfinished parents, and the queue's #waiting its
+  waiting tasks,
+- nothing is ready before it is due, a failed task is a dead letter,
+- a late finish changes nothing, and nothing of a task is left once its result TTL has passed.
+Time is moved by editing scores (Redis's clock cannot be wound), as a real wait would.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import redis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+
+from minicelery import JSONTransport, RedisBroker
+from minicelery.broker import Claim, RetryPlan
+from minicelery.keys import QueueKeys
+
+FINISHED = {b"succeeded", b"failed"}
+HOUR_MS = 3_600_000
+
+
+class BrokerModel(RuleBasedStateMachine):
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.broker = RedisBroker(JSONTransport(), url=url, result_ttl=3600, max_block=1)
+        self.r: redis.Redis = self.broker.redis
+        self.queue = f"prop-{uuid.uuid4().hex[:10]}"
+        self.keys = QueueKeys(self.queue)
+        self.parents: dict[str, list[str]] = {}  # every task enqueued -> its parents
+        self.held: dict[str, str] = {}  # task -> the token of our live claim on it
+        self.expiring: dict[str, str] = {}  # task -> our token, lease run out but not yet reclaimed
+        self.stale: dict[str, str] = {}  # task -> a token whose lease a later claim took away
+        self.expired: set[str] = set()  # finished tasks whose result TTL we let pass
+
+    def state(self, task_id: str) -> bytes | None:
+        return self.r.hget(self.keys.info, f"{task_id}:s")  # type: ignore[return-value]
+
+    def now_ms(self) -> int:
+        seconds, micros = self.r.time()
+        return int(seconds * 1000 + micros // 1000)
+
+    # --- rules ---------------------------------------------------------------------------------
+
+    @rule(delay=st.sampled_from([None, 0, HOUR_MS]), picks=st.lists(st.integers(0, 10**6), max_size=3, unique=True))
+    def enqueue(self, delay: int | None, picks: list[int]) -> None:
+        candidates = [t for t in self.parents if t not in self.expired]
+        parents = sorted({candidates[p % len(candidates)] for p in picks}) if candidates else []
+        task_id = uuid.uuid4().hex
+        reply = self.broker.enqueue(self.queue, task_id, b"{}", delay_ms=delay, parents=parents)
+        assert reply.status == "ok", reply
+        self.parents[task_id] = parents
+
+    @rule()
+    def claim(self) -> None:
+        token = uuid.uuid4().hex
+        claimed = self.broker.claim(self.queue, token, HOUR_MS, "worker")
+        self.stale.update(self.expiring)  # every claim first reclaims the leases that ran out
+        self.expiring.clear()
+        if isinstance(claimed, Claim):
+            assert claimed.id not in self.held, "a task we hold under a live lease was handed out again"
+            self.held[claimed.id] = token
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data(), succeeded=st.booleans(), retries=st.integers(0, 2), backoff=st.sampled_from([0, HOUR_MS]))
+    def finish(self, data: st.DataObject, succeeded: bool, retries: int, backoff: int) -> None:
+        task_id = data.draw(st.sampled_from(sorted(self.held)))
+        token = self.held.pop(task_id)
+        plan = RetryPlan(max_retries=retries, base_ms=backoff, cap_ms=backoff, jitter=1.0)
+        status, _ = self.broker.finish(self.queue, task_id, token, succeeded=succeeded, envelope=b'{"ok":true}',
+                                       retry=plan)  # fmt: skip
+        assert status in ("ok", "retry"), status
+        if succeeded:
+            assert status == "ok"
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def lease_expires(self, data: st.DataObject) -> None:
+        """Our worker stalls past its lease: the next claim reclaims the task."""
+        task_id = data.draw(st.sampled_from(sorted(self.held)))
+        self.expiring[task_id] = self.held.pop(task_id)
+        self.r.zadd(self.keys.running, {task_id: 0})
+
+    @precondition(lambda self: self.expiring)
+    @rule(data=st.data())
+    def finish_after_lease_ran_out_but_before_a_reclaim(self, data: st.DataObject) -> None:
+        """Nobody took the task over yet: the token still holds, and the finish counts."""
+        task_id = data.draw(st.sampled_from(sorted(self.expiring)))
+        status, _ = self.broker.finish(self.queue, task_id, self.expiring.pop(task_id), succeeded=True, envelope=b"{}")
+        assert status == "ok"
+
+    @precondition(lambda self: self.stale)
+    @rule(data=st.data())
+    def late_finish(self, data: st.DataObject) -> None:
+        task_id = data.draw(st.sampled_from(sorted(self.stale)))
+        token = self.stale.pop(task_id)
+        before = (self.r.hget(self.keys.result, task_id), self.state(task_id), self.r.zscore(self.keys.dead, task_id))
+        status, _ = self.broker.finish(self.queue, task_id, token, succeeded=False, envelope=b'{"late":1}')
+        assert status == "late"
+        after = (self.r.hget(self.keys.result, task_id), self.state(task_id), self.r.zscore(self.keys.dead, task_id))
+        assert before == after, "a late finish changed the task"
+
+    @rule()
+    def time_passes(self) -> None:
+        """Every scheduled task falls due (as if the hour had passed)."""
+        due = self.r.zrange(self.keys.scheduled, 0, -1)
+        if due:
+            self.r.zadd(self.keys.scheduled, {task_id: 0 for task_id in due})
+
+    @rule()
+    def results_expire(self) -> None:
+        finished = self.r.zrange(self.keys.expiry, 0, -1)
+        if finished:
+            self.r.zadd(self.keys.expiry, {task_id: 0 for task_id in finished})
+            self.expired |= {t.decode() for t in finished}
+
+    # --- invariants ----------------------------------------------------------------------------
+
+    @invariant()
+    def every_task_is_where_its_state_says(self) -> None:
+        ready = [t.decode() for t in self.r.lrange(self.keys.ready, 0, -1)]
+        scheduled = {t.decode() for t in self.r.zrange(self.keys.scheduled, 0, -1)}
+        running = {t.decode() for t in self.r.zrange(self.keys.running, 0, -1)}
+        dead = {t.decode() for t in self.r.zrange(self.keys.dead, 0, -1)}
+        assert len(ready) == len(set(ready)), "a task is in the ready list twice"
+        now = self.now_ms()
+        waiting = 0
+        for task_id, parents in self.parents.items():
+            state = self.state(task_id)
+            places = (task_id in ready, task_id in scheduled, task_id in running)
+            if state is None:  # swept: only after its TTL, and then without a trace
+                assert task_id in self.expired, f"{task_id} vanished before its result TTL"
+                assert not self.r.hexists(self.keys.payload, task_id)
+                assert not self.r.hexists(self.keys.result, task_id)
+                assert not any(places) and task_id not in dead
+                continue
+            expected = {b"ready": (True, False, False), b"scheduled": (False, True, False),
+                        b"running": (False, False, True)}.get(state, (False, False, False))  # fmt: skip
+            assert places == expected, (task_id, state, places)
+            if state == b"ready":
+                assert int(self.r.hget(self.keys.info, f"{task_id}:d") or 0) <= now, "ready before due"
+            if state in FINISHED:
+                assert self.r.hexists(self.keys.result, task_id)
+                assert (task_id in dead) == (state == b"failed")
+            if state == b"waiting":
+                waiting += 1
+                unfinished = sum(1 for p in parents if self.state(p) not in FINISHED and p not in self.expired)
+                assert unfinished > 0
+                assert int(self.r.hget(self.keys.info, f"{task_id}:p") or 0) == unfinished, task_id
+        assert int(self.r.hget(self.keys.info, "#waiting") or 0) == waiting
+
+    def teardown(self) -> None:
+        for key in self.r.scan_iter(match=self.keys.all_keys_pattern(), count=1000):
+            self.r.delete(key)
+        self.broker.close()
+
+
+def test_broker_scripts_keep_the_data_model_consistent(redis_url: str) -> None:
+    run_state_machine_as_test(
+        lambda: BrokerModel(redis_url),
+        settings=settings(
+            max_examples=100, stateful_step_count=50, deadline=None, suppress_health_check=list(HealthCheck)
+        ),
+    )
