@@ -191,3 +191,21 @@ def test_dead_letters_are_listed_and_put_back_by_the_cli(app: Client, redis_url:
     assert r.hget(QueueKeys(app.default_queue).info, f"{child.id}:p") is None  # not released a second time
     again = subprocess.run([*cli, "retry-dead", parent.id], env=env, capture_output=True, text=True)
     assert again.returncode == 1 and "not a dead letter" in again.stderr
+
+
+def test_an_idempotency_key_holds_while_the_task_is_pending_even_through_retries(app: Client, r: redis.Redis) -> None:
+    @app.task(retries=1, retry_backoff=3600, retry_backoff_max=3600)
+    def charge(order: str) -> str:
+        raise ConnectionError("payment gateway down")
+
+    first = charge("order-42").start(key="charge-order-42")
+    again = charge("order-42").start(key="charge-order-42")
+    assert again.id == first.id  # the second enqueue returned the pending task's handle
+    make_worker(app).tick(block=False)  # fails; its retry waits an hour in the schedule
+    assert first.state == "scheduled"
+    assert charge("order-42").start(key="charge-order-42").id == first.id  # still pending: still held
+    make_due_now(r, app.default_queue, first.id)
+    make_worker(app).tick(block=False)  # the retry fails too: for good
+    assert first.state == "failed"
+    fresh = charge("order-42").start(key="charge-order-42")
+    assert fresh.id != first.id  # the key is free once the task has ended

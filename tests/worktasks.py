@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -31,6 +32,24 @@ def _r() -> redis.Redis:
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
     return _redis
+
+
+EXECUTIONS_KEY = "test:executions"  # set of "tag|execution id": one member per run of a task
+
+
+def _count_execution(tag: str) -> None:
+    """SADD of a fresh id per run: idempotent, so the client's own retry after a connection
+    broken mid-reply cannot count one run twice (an INCR could)."""
+    _r().sadd(EXECUTIONS_KEY, f"{tag}|{uuid.uuid4().hex}")
+
+
+def executions(client: redis.Redis) -> dict[str, int]:
+    """tag -> how many times a task counted by _count_execution ran."""
+    counts: dict[str, int] = {}
+    for member in client.sscan_iter(EXECUTIONS_KEY, count=10_000):
+        tag = member.decode().rsplit("|", 1)[0]
+        counts[tag] = counts.get(tag, 0) + 1
+    return counts
 
 
 class CustomError(Exception):
@@ -57,14 +76,14 @@ def register(app: Client) -> None:
     @app.task
     def count_run(tag: str, *inputs: Any) -> str:
         """Counts its own executions in Redis (fault tests compare them with claims)."""
-        _r().hincrby("test:runs", tag, 1)
+        _count_execution(tag)
         return tag
 
     @app.task
     def slow_count(tag: str, seconds: float) -> str:
         """count_run that takes a while: counts, then is still running when a fault begins (so
         its lease renewals and its finish meet the fault, not its own Redis call)."""
-        _r().hincrby("test:runs", tag, 1)
+        _count_execution(tag)
         time.sleep(seconds)
         return tag
 

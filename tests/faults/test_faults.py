@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis
+import worktasks
 from conftest import Workers, wait_until
 from faultkit import DurableRedis, Outage, record, rss_kb
 
@@ -46,8 +47,6 @@ def producer(url: str, queue: str) -> Client:
     options = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
     app = Client(RedisBroker(JSONTransport(), url=url, max_block=1, connection_options=options), default_queue=queue)
     Client.instances.remove(app)
-    import worktasks
-
     worktasks.register(app)
     return app
 
@@ -60,7 +59,7 @@ def audit(r: redis.Redis, queue: str, tags: dict[str, str]) -> dict[str, Any]:
     for task_id in ids:
         pipe.hmget(keys.info, f"{task_id}:s", f"{task_id}:a", f"{task_id}:l", f"{task_id}:p")
     rows = pipe.execute()
-    runs = {k.decode(): int(v) for k, v in r.hgetall("test:runs").items()}
+    runs = worktasks.executions(r)
     dead = {i.decode() for i in r.zrange(keys.dead, 0, -1)}
     out = {"tasks": len(ids), "lost": 0, "duplicated": 0, "dead_lettered": 0, "unexplained": 0, "released_twice": 0}
     for task_id, (state, _attempts, lost_leases, pending) in zip(ids, rows, strict=True):
@@ -97,10 +96,9 @@ def test_churn_sigkill_a_random_worker_every_half_second(durable: DurableRedis, 
         node(f"e{g}", c, node(f"d{g}", a)).start()
     live = [pool.start(env=env) for _ in range(3)]
     kills, began = 0, time.monotonic()
-    runs_key = "test:runs"
     r = redis.Redis.from_url(durable.url)
     try:
-        while r.hlen(runs_key) < len(tags) and time.monotonic() - began < 200:
+        while len(worktasks.executions(r)) < len(tags) and time.monotonic() - began < 200:
             time.sleep(0.5)  # the chaos loop's own pace, not a synchronisation
             victim = random.choice(live)
             victim.kill()
