@@ -13,6 +13,8 @@ from conftest import Workers, wait_until
 from helpers import NotifySocket
 
 from minicelery import Client, JSONTransport, RedisBroker, TaskTimeout
+from minicelery.errors import WorkerLost
+from minicelery.keys import QueueKeys
 from minicelery.redis_server import RedisServer, free_port
 
 
@@ -225,3 +227,29 @@ def test_cli_enqueue_wait_inspect_result_and_purge(app: Client, workers: Workers
     purged = cli("purge", "--yes")
     assert purged.returncode == 0 and "keys deleted" in purged.stdout
     assert "scheduled 0" in cli("inspect").stdout
+
+
+def test_a_task_that_keeps_killing_its_worker_is_dead_lettered_not_looped(
+    app: Client, workers: Workers, r: redis.Redis
+) -> None:
+    """Like systemd's Restart=, the test restarts each killed worker; after max_lost_leases
+    lost leases the next claim dead-letters the task instead of running it again."""
+    settings = {"MINICELERY_WORKER__LEASE_SECONDS": "1", "MINICELERY_WORKER__MAX_LOST_LEASES": "2"}
+    poison = app.tasks["kill_my_worker"]().start()
+    child = app.tasks["describe"](poison)
+    child.start()
+    worker = workers.start(**settings)
+    deaths = 0
+    while poison.state not in ("failed", "succeeded"):
+        if worker.poll() is not None:  # SIGKILLed by the task: restart it
+            assert worker.returncode == -9
+            deaths += 1
+            assert deaths <= 3, "the poison task was run more than max_lost_leases + 1 times"
+            worker = workers.start(**settings)
+        time.sleep(0.05)  # the supervisor's pace, not a synchronisation
+    assert deaths == 3  # the first run and two reclaims, then no more
+    with pytest.raises(WorkerLost, match="died or hung 3 times"):
+        poison.result(timeout=1)
+    assert r.zscore(QueueKeys(app.default_queue).dead, poison.id) is not None
+    assert child.result(timeout=30).startswith("error:WorkerLost:")  # its child got the error
+    assert worker.poll() is None  # the last worker lives on

@@ -94,6 +94,11 @@ def register(app: Client) -> None:
         return os.getpid()
 
     @app.task
+    def kill_my_worker() -> None:
+        """A task that crashes the process running it, every time (a segfaulting C extension)."""
+        os.kill(os.getpid(), 9)
+
+    @app.task
     def repeat(text: str, times: int) -> str:
         return text * times
 
