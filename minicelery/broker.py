@@ -240,8 +240,11 @@ class RedisBroker:
             replies = pipe.execute()
         return [EnqueueReply(_text(reply[0]), _text(reply[1])) for reply in replies]
 
-    def claim(self, queue: str, token: str, lease_ms: int, worker_id: str, held_due_ms: int = 0) -> Claim | Idle:
-        reply = self._run("claim", QueueKeys(queue), [token, lease_ms, worker_id, held_due_ms])
+    def claim(
+        self, queue: str, token: str, lease_ms: int, worker_id: str, held_due_ms: int = 0, batch: int = 1
+    ) -> list[Claim] | Idle:
+        """Claim up to `batch` ready tasks (never more than half the backlog, rounded up)."""
+        reply = self._run("claim", QueueKeys(queue), [token, lease_ms, worker_id, held_due_ms, batch])
         return self._parse_claim(queue, token, reply)
 
     def finish(
@@ -253,14 +256,53 @@ class RedisBroker:
         succeeded: bool,
         envelope: bytes,
         retry: RetryPlan | None = None,
-        next_claim: tuple[str, int, str] | None = None,
-    ) -> tuple[str, Claim | Idle | None]:
+        next_claim: tuple[str, int, str, int] | None = None,
+    ) -> tuple[str, list[Claim] | Idle | None]:
         """Record the outcome, or schedule a retry (failed, with `retry` and retries left).
 
         Returns (status, next claim): status "ok" (recorded), "retry" (scheduled to run again)
         or "late" (the lease was lost: nothing written).
         """
         keys = QueueKeys(queue)
+        args = self._finish_args(task_id, token, succeeded, envelope, retry, next_claim)
+        status, claim_reply, _delay = self._run("finish", keys, args, extra_keys=[keys.done(task_id)])
+        claimed = None if next_claim is None else self._parse_claim(queue, next_claim[0], claim_reply)
+        return _text(status), claimed
+
+    def finish_many(
+        self,
+        finishes: Sequence[tuple[str, str, str, bool, bytes, RetryPlan | None]],
+        next_claim: tuple[str, str, int, str, int] | None = None,
+    ) -> tuple[list[str], list[Claim] | Idle | None]:
+        """Several finishes (queue, id, token, succeeded, envelope, retry), then optionally a
+        claim (queue, token, lease_ms, worker, batch), in one pipelined round trip. Each finish
+        is still its own atomic script; returns each one's status, then the claim's reply."""
+        script = self._scripts["finish"]
+        with translate_errors("finish"):
+            pipe = self.redis.pipeline(transaction=False)
+            for queue, task_id, token, succeeded, envelope, retry in finishes:
+                keys = QueueKeys(queue)
+                args = self._finish_args(task_id, token, succeeded, envelope, retry, None)
+                script(keys=[*keys.as_list(), keys.done(task_id)], args=args, client=pipe)
+            if next_claim is not None:
+                queue, token, lease_ms, worker, batch = next_claim
+                self._scripts["claim"](
+                    keys=QueueKeys(queue).as_list(), args=[token, lease_ms, worker, 0, batch], client=pipe
+                )
+            replies = pipe.execute()
+        statuses = [_text(reply[0]) for reply in replies[: len(finishes)]]
+        claimed = None if next_claim is None else self._parse_claim(next_claim[0], next_claim[1], replies[-1])
+        return statuses, claimed
+
+    def _finish_args(
+        self,
+        task_id: str,
+        token: str,
+        succeeded: bool,
+        envelope: bytes,
+        retry: RetryPlan | None,
+        next_claim: tuple[str, int, str, int] | None,
+    ) -> list[Any]:
         plan = retry or NO_RETRY
         args: list[Any] = [
             task_id,
@@ -279,15 +321,22 @@ class RedisBroker:
             args += ["1", *next_claim]
         else:
             args += ["0"]
-        status, claim_reply, _delay = self._run("finish", keys, args, extra_keys=[keys.done(task_id)])
-        claimed = None if next_claim is None else self._parse_claim(queue, next_claim[0], claim_reply)
-        return _text(status), claimed
+        return args
 
     def release(self, queue: str, task_id: str, token: str) -> bool:
         return _text(self._run("release", QueueKeys(queue), [task_id, token])) == "ok"
 
     def renew(self, queue: str, task_id: str, token: str, lease_ms: int) -> bool:
         return _text(self._run("renew", QueueKeys(queue), [task_id, token, lease_ms])) == "ok"
+
+    def renew_many(self, leases: Sequence[tuple[str, str, str]], lease_ms: int) -> list[bool]:
+        """Renew several (queue, id, token) leases in one pipelined round trip."""
+        script = self._scripts["renew"]
+        with translate_errors("renew"):
+            pipe = self.redis.pipeline(transaction=False)
+            for queue, task_id, token in leases:
+                script(keys=QueueKeys(queue).as_list(), args=[task_id, token, lease_ms], client=pipe)
+            return [_text(reply) == "ok" for reply in pipe.execute()]
 
     def dead_letters(self, queue: str) -> list[str]:
         """Ids of every task in the queue's dead-letter set, oldest first."""
@@ -308,23 +357,27 @@ class RedisBroker:
         self._run("rearm", QueueKeys(queue), [due_ms])
 
     @staticmethod
-    def _parse_claim(queue: str, token: str, reply: list[Any]) -> Claim | Idle:
+    def _parse_claim(queue: str, token: str, reply: list[Any]) -> list[Claim] | Idle:
         if _text(reply[0]) == "none":
             delay = int(reply[1])
             return Idle(next_due_in_ms=None if delay < 0 else delay, now_ms=int(reply[2]))
-        parents = _text(reply[7]).split(",") if reply[7] else []
-        inputs = {parent: (reply[8 + i] or None) for i, parent in enumerate(parents)}
-        return Claim(
-            queue=queue,
-            id=_text(reply[1]),
-            token=token,
-            payload=reply[2] or None,
-            attempts=int(reply[3]),
-            leases_lost=int(reply[4]),
-            due_ms=int(reply[5]),
-            now_ms=int(reply[6]),
-            inputs=inputs,
-        )
+        claims = []
+        for number, task in enumerate(reply[1:], start=1):
+            parents = _text(task[6]).split(",") if task[6] else []
+            claims.append(
+                Claim(
+                    queue=queue,
+                    id=_text(task[0]),
+                    token=f"{token}/{number}",  # as claim_next made it
+                    payload=task[1] or None,
+                    attempts=int(task[2]),
+                    leases_lost=int(task[3]),
+                    due_ms=int(task[4]),
+                    now_ms=int(task[5]),
+                    inputs={parent: (task[7 + i] or None) for i, parent in enumerate(parents)},
+                )
+            )
+        return claims
 
     # --- waiting -------------------------------------------------------------------------------
 

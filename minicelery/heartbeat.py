@@ -74,15 +74,21 @@ class Heartbeat(threading.Thread):
                 "task %s is stuck past its time limit: stopped pinging the watchdog and renewing its lease",
                 self.worker.running.task_id if self.worker.running else "?",
             )
+        if not healthy:
+            return  # a stuck worker lets go of everything it holds: other workers reclaim it
         running = self.worker.running
-        if running is None or not healthy:
+        # The running task first, then those claimed in its batch but not run (or not stored) yet.
+        leases = self.worker.held_leases()
+        if running is not None:
+            leases.insert(0, (running.queue, running.task_id, running.token))
+        if not leases:
             return
         try:
-            owned = self.worker.broker.renew(running.queue, running.task_id, running.token, self.lease_ms)
+            owned = self.worker.broker.renew_many(leases, self.lease_ms)
         except BrokerError as exc:
-            log.warning("could not renew the lease of task %s: %s", running.task_id, exc)
+            log.warning("could not renew %d leases: %s", len(leases), exc)
             return
-        if not owned and self.worker.running is running:
+        if running is not None and not owned[0] and self.worker.running is running:
             log.warning("task %s lost its lease: another worker may run it again", running.task_id)
 
     def _on_stop(self) -> None:

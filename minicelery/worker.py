@@ -15,6 +15,7 @@ import random
 import socket
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,10 @@ class QueueClock:
     last_claim: float = 0.0  # monotonic
 
 
+# Longest a finished result may be held back to be stored together with the next ones.
+FINISH_HOLD_MAX = 0.005
+
+
 @dataclass
 class Counters:
     done: int = 0
@@ -97,7 +102,12 @@ class Worker:
         self.metrics_port: int | None = None
         self.ready = False
         self.loop_alive_at = time.monotonic()
-        self._pending: Claim | None = None
+        # Claimed under lease, not yet run (a batch claim), and run but not yet stored.
+        self._local: deque[Claim] = deque()
+        self._unflushed: list[tuple[Claim, Outcome]] = []
+        self._unflushed_since = 0.0
+        self.batch = settings.worker.batch_size
+        self._typical_run: dict[str, float] = {}  # task name -> smoothed run time (s)
         self._claims = 0
 
     # --- the loop ------------------------------------------------------------------------------
@@ -125,7 +135,7 @@ class Worker:
                     self.metrics.redis_errors.inc()
                     self._wait_for_redis(exc)
                     continue
-                if burst and not worked and self._pending is None:
+                if burst and not worked and not self._local and not self._unflushed:
                     break
             return self._shutdown()
         finally:
@@ -136,16 +146,22 @@ class Worker:
     def tick(self, block: bool = True) -> bool:
         """Claim and run at most one task; idle-wait once if there is none. True if a task ran."""
         self.loop_alive_at = time.monotonic()
-        claim = self._pending or self._claim_due()
-        self._pending = None
-        if claim is None:
+        if self.signals.requested:
+            self._flush(claim_next=False)
+            self._hand_back_local()  # claimed by a batch or the last finish; we are stopping
+            return False
+        if not self._local:
+            self._flush(claim_next=True)  # store what ran, and claim the next batch with it
+        if not self._local:
+            self._local.extend(self._claim_due())
+        if not self._local:
             if block and not self.signals.requested:
                 self._wait_idle()
             return False
-        if self.signals.requested:
-            self._hand_back(claim, interrupted=False)  # claimed by the last finish; we are stopping
-            return False
+        claim = self._local.popleft()
         self._run_claim(claim)
+        if self._unflushed and not self._may_defer_finish():
+            self._flush(claim_next=not self._local)
         return True
 
     # --- claiming ------------------------------------------------------------------------------
@@ -154,20 +170,24 @@ class Worker:
         self._claims += 1
         return f"{self.id}:{self._claims}"
 
-    def _claim(self, queue: str, *, woken: bool = False) -> Claim | None:
+    def _claim(self, queue: str, *, woken: bool = False) -> list[Claim]:
         clock = self.clocks[queue]
-        reply = self.broker.claim(queue, self._token(), self.lease_ms, self.id, clock.held_due_ms)
+        reply = self.broker.claim(queue, self._token(), self.lease_ms, self.id, clock.held_due_ms, self.batch)
         clock.last_claim = time.monotonic()
-        if isinstance(reply, Claim):
+        if isinstance(reply, list):
             clock.held_due_ms = 0  # handed on by the claim script
-            clock.next_check = math.inf
-            clock.offset_ms = reply.now_ms - time.time() * 1000
+            self._claimed(queue, reply)
             return reply
         self._learn(queue, reply)
         if woken:
             self.counters.wasted_wakeups += 1
             self.metrics.contention.labels("wakeup").inc()
-        return None
+        return []
+
+    def _claimed(self, queue: str, claims: list[Claim]) -> None:
+        clock = self.clocks[queue]
+        clock.next_check = math.inf
+        clock.offset_ms = claims[0].now_ms - time.time() * 1000
 
     def _learn(self, queue: str, idle: Idle) -> None:
         clock = self.clocks[queue]
@@ -178,7 +198,7 @@ class Worker:
             clock.next_check = time.monotonic() + idle.next_due_in_ms / 1000
             clock.held_due_ms = idle.now_ms + idle.next_due_in_ms
 
-    def _claim_due(self) -> Claim | None:
+    def _claim_due(self) -> list[Claim]:
         """Claim from queues whose known due time has come or that are due an idle sweep.
 
         The sweep (one claim per lease period) recovers due times nobody is waiting for,
@@ -187,10 +207,10 @@ class Worker:
         now = time.monotonic()
         for queue, clock in self.clocks.items():
             if clock.next_check <= now or now - clock.last_claim >= self.sweep_interval:
-                claim = self._claim(queue)
-                if claim is not None:
-                    return claim
-        return None
+                claims = self._claim(queue)
+                if claims:
+                    return claims
+        return []
 
     def _wait_idle(self) -> None:
         now = time.monotonic()
@@ -210,7 +230,7 @@ class Worker:
             clock.next_check = min(clock.next_check, time.monotonic() + (wake.score_ms - redis_now) / 1000)
             clock.held_due_ms = int(wake.score_ms)
             return
-        self._pending = self._claim(wake.queue, woken=True)
+        self._local.extend(self._claim(wake.queue, woken=True))
 
     # --- running -------------------------------------------------------------------------------
 
@@ -223,44 +243,68 @@ class Worker:
         try:
             outcome = self.runner.run(claim, on_start=started)
         except HandBack:
+            self._flush(claim_next=False)
             self._hand_back(claim, interrupted=True)
+            self._hand_back_local()
             return
         finally:
             self.running = None
-        status = self._finish(claim, outcome)
-        self._log_outcome(claim, outcome, status)
-        if self.settings.metrics.enabled:  # per-task histograms are the costly part; skip when unserved
-            self._observe(claim, outcome, status)
+        typical = self._typical_run.get(outcome.name, outcome.duration)
+        self._typical_run[outcome.name] = 0.8 * typical + 0.2 * outcome.duration
+        if not self._unflushed:
+            self._unflushed_since = time.monotonic()
+        self._unflushed.append((claim, outcome))
 
-    def _finish(self, claim: Claim, outcome: Outcome) -> str:
-        """Store the outcome (or schedule the retry); returns the finish script's status, or
-        "lost" when Redis could not be reached before an immediate stop."""
-        next_claim = None if self.signals.requested else (self._token(), self.lease_ms, self.id)
+    def _may_defer_finish(self) -> bool:
+        """Hold finished results back, to store several in one round trip, only while the batch
+        is young and the next task is one that usually runs briefly: a result is never kept
+        waiting by a long task."""
+        if not self._local or len(self._unflushed) >= self.batch:
+            return False
+        if time.monotonic() - self._unflushed_since >= FINISH_HOLD_MAX:
+            return False
+        upcoming = _name_of(self._local[0], self.broker.transport)
+        return self._typical_run.get(upcoming, math.inf) < FINISH_HOLD_MAX
+
+    def held_leases(self) -> list[tuple[str, str, str]]:
+        """(queue, id, token) of tasks claimed but not running: the heartbeat renews them too."""
+        waiting = tuple(self._local) + tuple(c for c, _ in self._unflushed)  # atomic copies under the GIL
+        return [(c.queue, c.id, c.token) for c in waiting]
+
+    def _flush(self, *, claim_next: bool) -> None:
+        """Store every run-but-unstored outcome (retrying while Redis is away) and, with
+        claim_next, claim the next batch in the same round trip."""
+        finished, self._unflushed = self._unflushed, []
+        if not finished:
+            return
+        queue = finished[-1][0].queue
+        follow = (queue, self._token(), self.lease_ms, self.id, self.batch) if claim_next else None
+        items = [(c.queue, c.id, c.token, o.succeeded, o.envelope, o.retry) for c, o in finished]
         delay = 0.1
         while True:
             try:
-                status, following = self.broker.finish(
-                    claim.queue,
-                    claim.id,
-                    claim.token,
-                    succeeded=outcome.succeeded,
-                    envelope=outcome.envelope,
-                    retry=outcome.retry,
-                    next_claim=next_claim,
-                )
+                statuses, following = self.broker.finish_many(items, follow)
                 break
             except BrokerError as exc:
                 if self.signals.immediate:
-                    log.error(
-                        "task %s: result not stored (%s); its lease will expire and it runs again",
-                        claim.id,
-                        exc,
-                    )
-                    return "lost"
-                log.warning("task %s: cannot store the result yet (%s); retrying in %.1f s", claim.id, exc, delay)
+                    log.error("%d results not stored (%s); their leases expire and they run again", len(items), exc)
+                    return
+                log.warning("cannot store the result yet (%d tasks): %s; retrying in %.1f s", len(items), exc, delay)
                 self._update_status("waiting for Redis to store a result")
                 self._sleep(delay)
                 delay = min(delay * 2, self.settings.worker.reconnect_max_delay)
+                follow = None  # claim nothing new on the way back from an outage
+        for (claim, outcome), status in zip(finished, statuses, strict=True):
+            self._count(claim, outcome, status)
+        clock = self.clocks[queue]
+        clock.last_claim = time.monotonic()
+        if isinstance(following, list):
+            self._claimed(queue, following)
+            self._local.extend(following)
+        elif isinstance(following, Idle):
+            self._learn(queue, following)
+
+    def _count(self, claim: Claim, outcome: Outcome, status: str) -> None:
         if outcome.succeeded:
             self.counters.done += 1
         elif status == "retry":
@@ -271,13 +315,14 @@ class Worker:
             self.counters.late_finishes += 1
             self.metrics.contention.labels("late_finish").inc()
             log.warning("task %s: late finish rejected (its lease was reclaimed; another run owns it)", claim.id)
-        clock = self.clocks[claim.queue]
-        clock.last_claim = time.monotonic()
-        if isinstance(following, Claim):
-            self._pending = following
-        elif isinstance(following, Idle):
-            self._learn(claim.queue, following)
-        return status
+        self._log_outcome(claim, outcome, status)
+        if self.settings.metrics.enabled:  # per-task histograms are the costly part; skip when unserved
+            self._observe(claim, outcome, status)
+
+    def _hand_back_local(self) -> None:
+        """Give back every task claimed but not started (not counted as interrupted)."""
+        while self._local:
+            self._hand_back(self._local.popleft(), interrupted=False)
 
     def _hand_back(self, claim: Claim, *, interrupted: bool) -> None:
         try:
@@ -393,9 +438,8 @@ class Worker:
         self.notifier.status(f"{state}, {self.counters.done} done, {self.counters.failed} failed")
 
     def _shutdown(self) -> int:
-        if self._pending is not None:
-            self._hand_back(self._pending, interrupted=False)
-            self._pending = None
+        self._flush(claim_next=False)
+        self._hand_back_local()
         for queue, clock in self.clocks.items():
             if clock.held_due_ms:
                 try:

@@ -59,15 +59,19 @@ class BrokerModel(RuleBasedStateMachine):
         assert reply.status == "ok", reply
         self.parents[task_id] = parents
 
-    @rule()
-    def claim(self) -> None:
-        token = uuid.uuid4().hex
-        claimed = self.broker.claim(self.queue, token, HOUR_MS, "worker")
+    @rule(batch=st.sampled_from([1, 1, 3]))
+    def claim(self, batch: int) -> None:
+        claimed = self.broker.claim(self.queue, uuid.uuid4().hex, HOUR_MS, "worker", batch=batch)
         self.stale.update(self.expiring)  # every claim first reclaims the leases that ran out
         self.expiring.clear()
-        if isinstance(claimed, Claim):
-            assert claimed.id not in self.held, "a task we hold under a live lease was handed out again"
-            self.held[claimed.id] = token
+        if isinstance(claimed, list):
+            assert len({c.token for c in claimed}) == len(claimed), "two tasks under one token"
+            if batch == 1:
+                assert len(claimed) == 1
+            for claim in claimed:
+                assert isinstance(claim, Claim)
+                assert claim.id not in self.held, "a task we hold under a live lease was handed out again"
+                self.held[claim.id] = claim.token
 
     @precondition(lambda self: self.held)
     @rule(data=st.data(), succeeded=st.booleans(), retries=st.integers(0, 2), backoff=st.sampled_from([0, HOUR_MS]))

@@ -31,19 +31,19 @@ def test_enqueue_claim_finish_cycle_and_fencing(redis_url: str, queue: str, r: r
     assert broker.enqueue(queue, "t1", b"{}").status == "ok"
     assert broker.enqueue(queue, "t1", b"{}").status == "exists"
     assert r.zscore(keys.marker, "m") == 0  # one idle worker would wake
-    claim = broker.claim(queue, "tok-a", 1000, "w1")
-    assert isinstance(claim, Claim) and claim.id == "t1" and claim.attempts == 1
+    (claim,) = broker.claim(queue, "tok", 1000, "w1")  # type: ignore[misc]
+    assert isinstance(claim, Claim) and claim.id == "t1" and claim.attempts == 1 and claim.token == "tok/1"
     assert not r.exists(keys.marker)  # nothing else ready: no stale wake-up left behind
-    assert broker.renew(queue, "t1", "tok-a", 1000)
+    assert broker.renew(queue, "t1", claim.token, 1000)
     assert not broker.renew(queue, "t1", "tok-b", 1000)
     status, _ = broker.finish(queue, "t1", "tok-b", succeeded=True, envelope=b'{"ok":true}')
     assert status == "late"  # wrong token: nothing written
     assert r.hget(keys.result, "t1") is None
-    status, _ = broker.finish(queue, "t1", "tok-a", succeeded=True, envelope=b'{"ok":true,"value":1}')
+    status, _ = broker.finish(queue, "t1", claim.token, succeeded=True, envelope=b'{"ok":true,"value":1}')
     assert status == "ok"
     assert r.hget(keys.info, "t1:s") == b"succeeded"
     assert r.zcard(keys.running) == 0
-    status, _ = broker.finish(queue, "t1", "tok-a", succeeded=True, envelope=b'{"ok":true,"value":2}')
+    status, _ = broker.finish(queue, "t1", claim.token, succeeded=True, envelope=b'{"ok":true,"value":2}')
     assert status == "late"  # a second finish cannot overwrite the first
     assert r.hget(keys.result, "t1") == b'{"ok":true,"value":1}'
 
@@ -51,25 +51,24 @@ def test_enqueue_claim_finish_cycle_and_fencing(redis_url: str, queue: str, r: r
 def test_expired_lease_is_reclaimed_by_the_next_claim(redis_url: str, queue: str) -> None:
     broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
     broker.enqueue(queue, "t1", b"{}")
-    first = broker.claim(queue, "tok-a", 1, "w1")  # a 1 ms lease
-    assert isinstance(first, Claim)
+    (first,) = broker.claim(queue, "tok-a", 1, "w1")  # type: ignore[misc]  # a 1 ms lease
     import time
 
     time.sleep(0.01)
-    second = broker.claim(queue, "tok-b", 1000, "w2")
-    assert isinstance(second, Claim) and second.id == "t1"
+    (second,) = broker.claim(queue, "tok-b", 1000, "w2")  # type: ignore[misc]
+    assert second.id == "t1"
     assert second.attempts == 2 and second.leases_lost == 1
-    status, _ = broker.finish(queue, "t1", "tok-a", succeeded=True, envelope=b"{}")
+    status, _ = broker.finish(queue, "t1", first.token, succeeded=True, envelope=b"{}")
     assert status == "late"  # the first worker's late finish is rejected by token
 
 
 def test_release_hands_back_without_counting_an_attempt(redis_url: str, queue: str) -> None:
     broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
     broker.enqueue(queue, "t1", b"{}")
-    broker.claim(queue, "tok-a", 1000, "w1")
-    assert broker.release(queue, "t1", "tok-a")
-    again = broker.claim(queue, "tok-b", 1000, "w2")
-    assert isinstance(again, Claim) and again.attempts == 1
+    (held,) = broker.claim(queue, "tok-a", 1000, "w1")  # type: ignore[misc]
+    assert broker.release(queue, "t1", held.token)
+    (again,) = broker.claim(queue, "tok-b", 1000, "w2")  # type: ignore[misc]
+    assert again.attempts == 1
 
 
 def test_scheduled_task_reports_its_due_delay(redis_url: str, queue: str) -> None:
@@ -85,3 +84,24 @@ def test_idempotency_key_returns_the_pending_holder(redis_url: str, queue: str) 
     assert broker.enqueue(queue, "t1", b"{}", dedup_key="k").status == "ok"
     reply = broker.enqueue(queue, "t2", b"{}", dedup_key="k")
     assert (reply.status, reply.detail) == ("duplicate", "t1")
+
+
+def test_a_batch_claim_leases_each_task_and_leaves_half_the_backlog(redis_url: str, queue: str, r: redis.Redis) -> None:
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    keys = QueueKeys(queue)
+    for i in range(10):
+        broker.enqueue(queue, f"t{i}", b"{}")
+    claims = broker.claim(queue, "tok", 1000, "w1", batch=8)
+    assert isinstance(claims, list) and [c.id for c in claims] == ["t0", "t1", "t2", "t3", "t4"]  # half of 10
+    assert [c.token for c in claims] == [f"tok/{i}" for i in range(1, 6)]  # a fencing token each
+    assert r.zcard(keys.running) == 5 and r.llen(keys.ready) == 5
+    assert r.zscore(keys.marker, "m") == 0  # work is left: another idle worker is woken for it
+    statuses, following = broker.finish_many(
+        [(queue, c.id, c.token, True, b'{"ok":true}', None) for c in claims]
+        + [(queue, "t0", "tok/1", True, b"{}", None)],
+        next_claim=(queue, "tok2", 1000, "w1", 1),
+    )
+    assert statuses == ["ok"] * 5 + ["late"]  # each finish fenced on its own; a repeat is late
+    assert isinstance(following, list) and len(following) == 1 and following[0].id == "t5"
+    assert len(broker.claim(queue, "tok3", 1000, "w2", batch=100)) == 2  # type: ignore[arg-type]  # half of 4
+    assert broker.claim(queue, "tok4", 1000, "w2", batch=1)[0].id == "t8"  # type: ignore[index]

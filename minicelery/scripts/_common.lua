@@ -167,26 +167,47 @@ local function next_due_delay(now)
   return math.max(0, best - now)
 end
 
--- Claim the next ready task for this worker. `held_due` is a future due time (ms) this worker
--- was waiting for, or 0; a worker that goes busy hands that wake-up on through the marker so
--- an idle worker takes it over. Returns
---   {'ok', id, payload|false, attempts, leases_lost, due_ms, now_ms, parent_ids_csv|false, env1, ...}
+-- Take one ready task (already popped from the ready list) under the lease `token`.
+local function lease_task(id, now, token, lease_ms)
+  redis.call('ZADD', K_RUNNING, now + lease_ms, id)
+  setf(id, 't', token)
+  setf(id, 's', 'running')
+  local attempts = redis.call('HINCRBY', K_INFO, id .. ':a', 1)
+  local reply = {
+    id, redis.call('HGET', K_PAYLOAD, id), attempts,
+    tonumber(getf(id, 'l') or 0), tonumber(getf(id, 'd') or now), now, getf(id, 'P'),
+  }
+  for _, parent in ipairs(split(getf(id, 'P'))) do
+    reply[#reply + 1] = redis.call('HGET', K_INPUTS, id .. '|' .. parent)
+  end
+  return reply
+end
+
+-- Claim up to `batch` ready tasks for this worker, each under its own lease and fencing token
+-- (token .. '/' .. i). It never takes more than half the ready backlog (rounded up), so a
+-- worker that batches leaves work for the idle workers the marker wakes. `held_due` is a
+-- future due time (ms) this worker was waiting for, or 0; a worker that goes busy hands that
+-- wake-up on through the marker so an idle worker takes it over. Returns
+--   {'ok', {id, payload|false, attempts, leases_lost, due_ms, now_ms, parent_ids_csv|false,
+--           env1, ...}, ...one such table per task claimed}
 --   {'none', next_due_delay_ms (-1: nothing pending), now_ms}
-local function claim_next(now, token, lease_ms, worker, held_due)
+local function claim_next(now, token, lease_ms, worker, held_due, batch)
   sweep_expired(now)
   reclaim_expired(now)
   promote_due(now)
   redis.call('ZADD', K_WORKERS, now, worker)
   redis.call('ZREMRANGEBYSCORE', K_WORKERS, '-inf', now - WORKER_FORGET_MS)
-  local id = redis.call('RPOP', K_READY)
-  if not id then
+  local ready = redis.call('LLEN', K_READY)
+  if ready == 0 then
     -- A score-0 marker left now would wake a worker for nothing.
     if redis.call('ZSCORE', K_MARKER, 'm') == '0' then
       redis.call('ZREM', K_MARKER, 'm')
     end
     return { 'none', next_due_delay(now), now }
   end
-  if redis.call('LLEN', K_READY) > 0 then
+  local count = math.min(batch or 1, math.max(1, math.ceil(ready / 2)))
+  local ids = redis.call('RPOP', K_READY, count)
+  if ready > count then
     wake_now()
   else
     if redis.call('ZSCORE', K_MARKER, 'm') == '0' then
@@ -196,16 +217,9 @@ local function claim_next(now, token, lease_ms, worker, held_due)
       redis.call('ZADD', K_MARKER, 'LT', held_due, 'm')
     end
   end
-  redis.call('ZADD', K_RUNNING, now + lease_ms, id)
-  setf(id, 't', token)
-  setf(id, 's', 'running')
-  local attempts = redis.call('HINCRBY', K_INFO, id .. ':a', 1)
-  local reply = {
-    'ok', id, redis.call('HGET', K_PAYLOAD, id), attempts,
-    tonumber(getf(id, 'l') or 0), tonumber(getf(id, 'd') or now), now, getf(id, 'P'),
-  }
-  for _, parent in ipairs(split(getf(id, 'P'))) do
-    reply[#reply + 1] = redis.call('HGET', K_INPUTS, id .. '|' .. parent)
+  local reply = { 'ok' }
+  for i, id in ipairs(ids) do
+    reply[i + 1] = lease_task(id, now, token .. '/' .. i, lease_ms)
   end
   return reply
 end

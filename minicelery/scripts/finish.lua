@@ -21,8 +21,8 @@
 -- ARGV[8] base_ms, ARGV[9] cap_ms, ARGV[10] jitter (0.5-1), ARGV[11] fixed_ms (-1: backoff)
 --                      the delay before retry r (0-based) is fixed_ms, else
 --                      min(cap_ms, base_ms * 2^r) * jitter
--- ARGV[12] claim       "1" to claim the next task in the same call; then ARGV[13..15] are
--- ARGV[13] next_token, ARGV[14] lease_ms, ARGV[15] worker (as claim.lua's ARGV[1..3])
+-- ARGV[12] claim       "1" to claim next tasks in the same call; then ARGV[13..16] are
+-- ARGV[13] next_token, ARGV[14] lease_ms, ARGV[15] worker, ARGV[16] batch (as claim.lua's)
 --
 -- Returns {finish_status, claim_reply, retry_delay_ms}: finish_status is 'ok', 'retry' or
 -- 'late'; claim_reply is claim_next's reply, or false when no claim was asked for.
@@ -70,6 +70,6 @@ end
 
 local next_claim = false
 if claim == '1' then
-  next_claim = claim_next(now, ARGV[13], tonumber(ARGV[14]), ARGV[15], 0)
+  next_claim = claim_next(now, ARGV[13], tonumber(ARGV[14]), ARGV[15], 0, tonumber(ARGV[16]))
 end
 return { status, next_claim, delay }
