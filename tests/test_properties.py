@@ -54,7 +54,7 @@ class BrokerModel(RuleBasedStateMachine):
     def enqueue(self, delay: int | None, picks: list[int]) -> None:
         candidates = [t for t in self.parents if t not in self.expired]
         parents = sorted({candidates[p % len(candidates)] for p in picks}) if candidates else []
-        task_id = uuid.uuid4().hex
+        task_id = f"t{len(self.parents):04d}"  # deterministic, so hypothesis can replay a run
         reply = self.broker.enqueue(self.queue, task_id, b"{}", delay_ms=delay, parents=parents)
         assert reply.status == "ok", reply
         self.parents[task_id] = parents
