@@ -86,6 +86,20 @@ def test_nothing_of_a_task_remains_after_its_result_ttl(redis_url: str, queue: s
     assert r.hget(keys.info, "#waiting") in (None, b"0")
 
 
+def test_an_idle_worker_sweeps_thousands_of_expired_results_with_no_traffic(
+    app: Client, workers: Workers, r: redis.Redis
+) -> None:
+    """Memory returns to its baseline after the result TTL even on a quiet queue: the idle
+    worker wakes for the expiries (coalesced) and sweeps 500 per call."""
+    keys = QueueKeys(app.default_queue)
+    proc = workers.start(MINICELERY_WORKER__RESULT_TTL="1")
+    handles = app.start_many([app.tasks["echo"](i) for i in range(2000)])
+    assert handles[-1].result(timeout=60) == 1999
+    wait_until(lambda: r.zcard(keys.expiry) == 0 and r.hlen(keys.payload) == 0, 30, "every result swept")
+    assert r.hlen(keys.result) == 0 and r.hlen(keys.info) in (0, 1)  # at most the queue-wide #waiting
+    assert proc.poll() is None
+
+
 def test_idle_worker_makes_about_one_redis_command_per_block_period(tmp_path, queue: str) -> None:
     # A server of its own, so command counts are this worker's alone.
     with RedisServer() as server:

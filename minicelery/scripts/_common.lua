@@ -32,6 +32,12 @@ local K_EXPIRY, K_DEAD, K_WORKERS, K_DEDUP = KEYS[9], KEYS[10], KEYS[11], KEYS[1
 
 -- How much cleanup and recovery one call may do, so no call is ever slow.
 local SWEEP_BATCH = 20
+-- An idle claim (nothing ready) has time to spare: it sweeps more, so Redis memory returns to
+-- its baseline soon after result TTLs pass even on a quiet queue.
+local IDLE_SWEEP_BATCH = 500
+-- Idle workers look again for expired results at most this long after they expire, so many
+-- small expiries make one sweep, not a wake-up each.
+local EXPIRY_COALESCE_MS = 5000
 local PROMOTE_BATCH = 100
 local RECLAIM_BATCH = 20
 -- Workers not seen for a day are dropped from the workers set.
@@ -108,8 +114,8 @@ local function release_children(id, envelope, now)
 end
 
 -- Delete everything stored for finished tasks whose result TTL has passed.
-local function sweep_expired(now)
-  local ids = redis.call('ZRANGEBYSCORE', K_EXPIRY, '-inf', now, 'LIMIT', 0, SWEEP_BATCH)
+local function sweep_expired(now, batch)
+  local ids = redis.call('ZRANGEBYSCORE', K_EXPIRY, '-inf', now, 'LIMIT', 0, batch or SWEEP_BATCH)
   for _, id in ipairs(ids) do
     for _, parent in ipairs(split(getf(id, 'P'))) do
       redis.call('HDEL', K_INPUTS, id .. '|' .. parent)
@@ -124,6 +130,7 @@ local function sweep_expired(now)
     redis.call('ZREM', K_DEAD, id)
     redis.call('ZREM', K_EXPIRY, id)
   end
+  return #ids
 end
 
 -- Move scheduled tasks whose time has come to the ready list.
@@ -152,13 +159,20 @@ local function reclaim_expired(now)
   return #ids
 end
 
--- The earliest time a worker should look again: next scheduled task or next lease to expire.
+-- The earliest time a worker should look again: next scheduled task, next lease to expire,
+-- or (coalesced) next result to sweep.
 local function next_due_delay(now)
   local best = nil
-  for _, key in ipairs({ K_SCHEDULED, K_RUNNING }) do
+  for _, key in ipairs({ K_SCHEDULED, K_RUNNING, K_EXPIRY }) do
     local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-    if first[2] ~= nil and (best == nil or tonumber(first[2]) < best) then
-      best = tonumber(first[2])
+    if first[2] ~= nil then
+      local at = tonumber(first[2])
+      if key == K_EXPIRY then
+        at = at + EXPIRY_COALESCE_MS
+      end
+      if best == nil or at < best then
+        best = at
+      end
     end
   end
   if best == nil then
@@ -199,9 +213,13 @@ local function claim_next(now, token, lease_ms, worker, held_due, batch)
   redis.call('ZREMRANGEBYSCORE', K_WORKERS, '-inf', now - WORKER_FORGET_MS)
   local ready = redis.call('LLEN', K_READY)
   if ready == 0 then
+    local swept = sweep_expired(now, IDLE_SWEEP_BATCH)
     -- A score-0 marker left now would wake a worker for nothing.
     if redis.call('ZSCORE', K_MARKER, 'm') == '0' then
       redis.call('ZREM', K_MARKER, 'm')
+    end
+    if swept == IDLE_SWEEP_BATCH then
+      return { 'none', 0, now } -- more expired results wait: look again at once
     end
     return { 'none', next_due_delay(now), now }
   end
