@@ -25,5 +25,10 @@ lint: $(STAMP)
 
 check: lint test
 
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+	$(BIN)/python bench/drain.py
+	$(BIN)/python bench/metrics_overhead.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -62,6 +62,10 @@ class QueueClock:
     last_claim: float = 0.0  # monotonic
 
 
+# Redis checks blocking-command timeouts on its `hz` timer (10 Hz by default), so a timeout
+# can fire up to this late; the worker does not leave a due time to a Redis timeout.
+REDIS_TIMEOUT_GRAIN = 0.1
+
 # Longest a finished result may be held back to be stored together with the next ones.
 FINISH_HOLD_MAX = 0.005
 
@@ -214,8 +218,15 @@ class Worker:
 
     def _wait_idle(self) -> None:
         now = time.monotonic()
-        deadlines = [min(c.next_check, c.last_claim + self.sweep_interval) for c in self.clocks.values()]
-        timeout = min(self.broker.max_block, max(0.001, min(deadlines) - now))
+        due = min(c.next_check for c in self.clocks.values()) - now  # a task falls due then
+        sweep = min(c.last_claim + self.sweep_interval for c in self.clocks.values()) - now
+        if due <= REDIS_TIMEOUT_GRAIN:
+            # Redis fires blocking timeouts on its 10 Hz timer, up to 100 ms late: wait out the
+            # last stretch before a due time here, to the millisecond. (Another idle worker, if
+            # any, takes work pushed meanwhile; if none, the claim at the due time takes it.)
+            self._sleep_until(now + max(0.0, due))
+            return
+        timeout = min(self.broker.max_block, max(0.001, sweep), due - REDIS_TIMEOUT_GRAIN)
         self._update_status()
         wake = self.broker.wait_for_work(self.queues, self.id, timeout)
         if wake is not None and wake.queue is not None:
@@ -424,6 +435,11 @@ class Worker:
             log.info("Redis is back after %.2f s", time.monotonic() - started)
             for clock in self.clocks.values():
                 clock.next_check = 0.0  # look at every queue again at once
+
+    def _sleep_until(self, deadline: float) -> None:
+        """Sleep to a monotonic deadline, exactly (no jitter), still waking for a stop signal."""
+        while not self.signals.requested and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(0.1, left))
 
     def _sleep(self, seconds: float) -> None:
         """Back off, with jitter, but wake within 0.1 s of a stop signal."""
