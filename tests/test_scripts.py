@@ -105,3 +105,17 @@ def test_a_batch_claim_leases_each_task_and_leaves_half_the_backlog(redis_url: s
     assert isinstance(following, list) and len(following) == 1 and following[0].id == "t5"
     assert len(broker.claim(queue, "tok3", 1000, "w2", batch=100)) == 2  # type: ignore[arg-type]  # half of 4
     assert broker.claim(queue, "tok4", 1000, "w2", batch=1)[0].id == "t8"  # type: ignore[index]
+
+
+def test_pipelined_scripts_survive_a_script_cache_flush(redis_url: str, queue: str, r: redis.Redis) -> None:
+    """A restarted Redis forgets loaded scripts: pipelines (sent by SHA) load them and resend."""
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    broker.load_scripts()
+    r.script_flush()
+    replies = broker.enqueue_many(queue, [("a", b"{}"), ("b", b"{}")])
+    assert [reply.status for reply in replies] == ["ok", "ok"]
+    claims = broker.claim(queue, "tok", 1000, "w", batch=2)
+    assert isinstance(claims, list)
+    r.script_flush()
+    statuses, _ = broker.finish_many([(queue, c.id, c.token, True, b"{}", None) for c in claims])
+    assert statuses == ["ok"]  # one claimed (half of two): its finish went through after reloading
