@@ -255,10 +255,20 @@ class RedisBroker:
         return [EnqueueReply(_text(reply[0]), _text(reply[1])) for reply in replies]
 
     def claim(
-        self, queue: str, token: str, lease_ms: int, worker_id: str, held_due_ms: int = 0, batch: int = 1
+        self,
+        queue: str,
+        token: str,
+        lease_ms: int,
+        worker_id: str,
+        held_due_ms: int = 0,
+        batch: int = 1,
+        *,
+        woken: bool = False,
     ) -> list[Claim] | Idle:
-        """Claim up to `batch` ready tasks (never more than half the backlog, rounded up)."""
-        reply = self._run("claim", QueueKeys(queue), [token, lease_ms, worker_id, held_due_ms, batch])
+        """Claim up to `batch` ready tasks (never more than half the backlog, rounded up, nor
+        those promised to other woken workers). `woken`: this claim follows a wake-up."""
+        args = [token, lease_ms, worker_id, held_due_ms, batch, 1 if woken else 0]
+        reply = self._run("claim", QueueKeys(queue), args)
         return self._parse_claim(queue, token, reply)
 
     def finish(
@@ -298,7 +308,7 @@ class RedisBroker:
             calls.append(("finish", [*keys.as_list(), keys.done(task_id)], args))
         if next_claim is not None:
             queue, token, lease_ms, worker, batch = next_claim
-            calls.append(("claim", QueueKeys(queue).as_list(), [token, lease_ms, worker, 0, batch]))
+            calls.append(("claim", QueueKeys(queue).as_list(), [token, lease_ms, worker, 0, batch, 0]))
         replies = self._pipelined("finish", calls)
         statuses = [_text(reply[0]) for reply in replies[: len(finishes)]]
         claimed = None if next_claim is None else self._parse_claim(next_claim[0], next_claim[1], replies[-1])

@@ -176,7 +176,9 @@ class Worker:
 
     def _claim(self, queue: str, *, woken: bool = False) -> list[Claim]:
         clock = self.clocks[queue]
-        reply = self.broker.claim(queue, self._token(), self.lease_ms, self.id, clock.held_due_ms, self.batch)
+        reply = self.broker.claim(
+            queue, self._token(), self.lease_ms, self.id, clock.held_due_ms, self.batch, woken=woken
+        )
         clock.last_claim = time.monotonic()
         if isinstance(reply, list):
             clock.held_due_ms = 0  # handed on by the claim script

@@ -119,3 +119,25 @@ def test_pipelined_scripts_survive_a_script_cache_flush(redis_url: str, queue: s
     r.script_flush()
     statuses, _ = broker.finish_many([(queue, c.id, c.token, True, b"{}", None) for c in claims])
     assert statuses == ["ok"]  # one claimed (half of two): its finish went through after reloading
+
+
+def test_a_task_promised_to_a_woken_worker_is_left_for_it(redis_url: str, queue: str, r: redis.Redis) -> None:
+    """A busy worker's claim does not take the task an idle worker was just woken for (the
+    cause of wasted wake-ups), unless that promise is too old to trust (the woken worker died)."""
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    keys = QueueKeys(queue)
+    broker.enqueue(queue, "t1", b"{}")
+    assert r.bzpopmin(keys.marker, timeout=1) is not None  # an idle worker wakes for t1
+    assert isinstance(broker.claim(queue, "busy", 1000, "w-busy"), Idle)  # not woken: leaves t1
+    (claim,) = broker.claim(queue, "woken", 1000, "w-idle", woken=True)  # type: ignore[misc]
+    assert claim.id == "t1"
+
+    broker.enqueue(queue, "t2", b"{}")
+    assert r.bzpopmin(keys.marker, timeout=1) is not None  # woken ... and then it dies
+    r.hset(keys.info, "#promised_at", 0)  # its promise is older than any claim would take
+    (taken,) = broker.claim(queue, "busy", 1000, "w-busy")  # type: ignore[misc]
+    assert taken.id == "t2"
+
+    broker.enqueue(queue, "t3", b"{}")  # a wake-up nobody has popped yet: a busy claim takes it over
+    (over,) = broker.claim(queue, "busy", 1000, "w-busy")  # type: ignore[misc]
+    assert over.id == "t3" and not r.exists(keys.marker)  # and nobody wakes for nothing

@@ -68,10 +68,45 @@ local function split(csv)
   return out
 end
 
+-- Promised wake-ups: how many idle workers were woken for ready work and have not claimed
+-- yet. A claim by a worker that was not woken (a busy worker finishing-and-claiming, an idle
+-- sweep) leaves that many tasks for them, so no woken worker finds its task gone. A woken
+-- worker that dies before claiming must not hold tasks back for long: promises older than
+-- PROMISE_TTL_MS (a claim normally follows its wake-up within milliseconds) count as none.
+local PROMISE_TTL_MS = 1000
+
+local function promised(now)
+  local at = tonumber(redis.call('HGET', K_INFO, '#promised_at') or 0)
+  if now - at > PROMISE_TTL_MS then
+    return 0
+  end
+  return tonumber(redis.call('HGET', K_INFO, '#promised') or 0)
+end
+
+local function add_promised(delta, now)
+  local count = math.max(0, promised(now) + delta)
+  if count == 0 then
+    redis.call('HDEL', K_INFO, '#promised', '#promised_at')
+  else
+    redis.call('HSET', K_INFO, '#promised', count, '#promised_at', now)
+  end
+end
+
 -- Wake one idle worker now (ZADD of the single member: many pushes still wake one worker;
 -- the claim that takes a task re-arms the marker while work remains, waking the next).
-local function wake_now()
-  redis.call('ZADD', K_MARKER, 0, 'm')
+local function wake_now(now)
+  if redis.call('ZSCORE', K_MARKER, 'm') ~= '0' then
+    redis.call('ZADD', K_MARKER, 0, 'm')
+    add_promised(1, now)
+  end
+end
+
+-- Take back a wake-up no worker has popped yet (nothing is ready for it any more).
+local function unwake(now)
+  if redis.call('ZSCORE', K_MARKER, 'm') == '0' then
+    redis.call('ZREM', K_MARKER, 'm')
+    add_promised(-1, now)
+  end
 end
 
 -- Tell idle workers about a due time that is earlier than any scheduled before it.
@@ -88,7 +123,7 @@ local function make_due(id, due, now)
     redis.call('LPUSH', K_READY, id)
     setf(id, 's', 'ready')
     setf(id, 'd', now)
-    wake_now()
+    wake_now(now)
   else
     wake_at(due)
     redis.call('ZADD', K_SCHEDULED, due, id)
@@ -199,38 +234,47 @@ end
 
 -- Claim up to `batch` ready tasks for this worker, each under its own lease and fencing token
 -- (token .. '/' .. i). It never takes more than half the ready backlog (rounded up), so a
--- worker that batches leaves work for the idle workers the marker wakes. `held_due` is a
--- future due time (ms) this worker was waiting for, or 0; a worker that goes busy hands that
--- wake-up on through the marker so an idle worker takes it over. Returns
+-- worker that batches leaves work for the idle workers the marker wakes, nor tasks promised
+-- to workers already woken (see promised()); `woken` says this claim follows a wake-up.
+-- `held_due` is a future due time (ms) this worker was waiting for, or 0; a worker that goes
+-- busy hands that wake-up on through the marker so an idle worker takes it over. Returns
 --   {'ok', {id, payload|false, attempts, leases_lost, due_ms, now_ms, parent_ids_csv|false,
 --           env1, ...}, ...one such table per task claimed}
 --   {'none', next_due_delay_ms (-1: nothing pending), now_ms}
-local function claim_next(now, token, lease_ms, worker, held_due, batch)
+local function claim_next(now, token, lease_ms, worker, held_due, batch, woken)
   sweep_expired(now)
   reclaim_expired(now)
   promote_due(now)
   redis.call('ZADD', K_WORKERS, now, worker)
   redis.call('ZREMRANGEBYSCORE', K_WORKERS, '-inf', now - WORKER_FORGET_MS)
+  if woken == 1 then
+    add_promised(-1, now) -- this worker's wake-up is delivered
+  end
   local ready = redis.call('LLEN', K_READY)
-  if ready == 0 then
-    local swept = sweep_expired(now, IDLE_SWEEP_BATCH)
-    -- A score-0 marker left now would wake a worker for nothing.
+  local available = ready - promised(now)
+  if available <= 0 and ready > 0 and woken ~= 1 then
+    -- A wake-up not popped yet: take it over rather than leave a worker to wake for nothing.
     if redis.call('ZSCORE', K_MARKER, 'm') == '0' then
-      redis.call('ZREM', K_MARKER, 'm')
+      unwake(now)
+      available = ready - promised(now)
     end
-    if swept == IDLE_SWEEP_BATCH then
-      return { 'none', 0, now } -- more expired results wait: look again at once
+  end
+  if ready == 0 or available <= 0 then
+    if ready == 0 then
+      unwake(now) -- a score-0 marker left now would wake a worker for nothing
+      local swept = sweep_expired(now, IDLE_SWEEP_BATCH)
+      if swept == IDLE_SWEEP_BATCH then
+        return { 'none', 0, now } -- more expired results wait: look again at once
+      end
     end
     return { 'none', next_due_delay(now), now }
   end
-  local count = math.min(batch or 1, math.max(1, math.ceil(ready / 2)))
+  local count = math.min(batch or 1, math.max(1, math.ceil(available / 2)))
   local ids = redis.call('RPOP', K_READY, count)
-  if ready > count then
-    wake_now()
+  if ready - count > promised(now) then
+    wake_now(now)
   else
-    if redis.call('ZSCORE', K_MARKER, 'm') == '0' then
-      redis.call('ZREM', K_MARKER, 'm')
-    end
+    unwake(now)
     if held_due > 0 then
       redis.call('ZADD', K_MARKER, 'LT', held_due, 'm')
     end

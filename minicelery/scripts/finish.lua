@@ -70,6 +70,6 @@ end
 
 local next_claim = false
 if claim == '1' then
-  next_claim = claim_next(now, ARGV[13], tonumber(ARGV[14]), ARGV[15], 0, tonumber(ARGV[16]))
+  next_claim = claim_next(now, ARGV[13], tonumber(ARGV[14]), ARGV[15], 0, tonumber(ARGV[16]), 0)
 end
 return { status, next_claim, delay }
