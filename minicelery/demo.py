@@ -30,6 +30,7 @@ def run_demo(workers: int = 3) -> int:
             **os.environ,
             "MINICELERY_REDIS__URL": server.url,
             "MINICELERY_LOGGING__LEVEL": "WARNING",
+            "MINICELERY_METRICS__PORT": "0",  # three workers on one host: each takes a free port
             "PYTHONPATH": os.pathsep.join(filter(None, [str(examples), os.environ.get("PYTHONPATH")])),
             "PYTHONUNBUFFERED": "1",
         }
