@@ -26,6 +26,7 @@ lint: $(STAMP)
 check: lint test
 
 bench: $(STAMP)
+	$(BIN)/python bench/compare.py
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/drain.py
 	$(BIN)/python bench/metrics_overhead.py
