@@ -280,18 +280,16 @@ class RedisBroker:
         succeeded: bool,
         envelope: bytes,
         retry: RetryPlan | None = None,
-        next_claim: tuple[str, int, str, int] | None = None,
-    ) -> tuple[str, list[Claim] | Idle | None]:
+    ) -> str:
         """Record the outcome, or schedule a retry (failed, with `retry` and retries left).
 
-        Returns (status, next claim): status "ok" (recorded), "retry" (scheduled to run again)
-        or "late" (the lease was lost: nothing written).
+        Returns "ok" (recorded), "retry" (scheduled to run again) or "late" (the lease was
+        lost: nothing written).
         """
         keys = QueueKeys(queue)
-        args = self._finish_args(task_id, token, succeeded, envelope, retry, next_claim)
-        status, claim_reply, _delay = self._run("finish", keys, args, extra_keys=[keys.done(task_id)])
-        claimed = None if next_claim is None else self._parse_claim(queue, next_claim[0], claim_reply)
-        return _text(status), claimed
+        args = self._finish_args(task_id, token, succeeded, envelope, retry)
+        status, _delay = self._run("finish", keys, args, extra_keys=[keys.done(task_id)])
+        return _text(status)
 
     def finish_many(
         self,
@@ -304,7 +302,7 @@ class RedisBroker:
         calls: list[tuple[str, list[str], list[Any]]] = []
         for queue, task_id, token, succeeded, envelope, retry in finishes:
             keys = QueueKeys(queue)
-            args = self._finish_args(task_id, token, succeeded, envelope, retry, None)
+            args = self._finish_args(task_id, token, succeeded, envelope, retry)
             calls.append(("finish", [*keys.as_list(), keys.done(task_id)], args))
         if next_claim is not None:
             queue, token, lease_ms, worker, batch = next_claim
@@ -321,10 +319,9 @@ class RedisBroker:
         succeeded: bool,
         envelope: bytes,
         retry: RetryPlan | None,
-        next_claim: tuple[str, int, str, int] | None,
     ) -> list[Any]:
         plan = retry or NO_RETRY
-        args: list[Any] = [
+        return [
             task_id,
             token,
             "succeeded" if succeeded else "failed",
@@ -337,11 +334,6 @@ class RedisBroker:
             repr(plan.jitter),
             plan.fixed_ms,
         ]
-        if next_claim is not None:
-            args += ["1", *next_claim]
-        else:
-            args += ["0"]
-        return args
 
     def release(self, queue: str, task_id: str, token: str) -> bool:
         return _text(self._run("release", QueueKeys(queue), [task_id, token])) == "ok"

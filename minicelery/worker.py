@@ -2,8 +2,9 @@
 
 `run()` loops over `tick()`, which claims and runs at most one task. Idle, the worker makes one
 blocking call (BZPOPMIN on its queues' markers) and wakes when a task is ready for it, when a
-due time it knows of arrives, or when it is told to stop. Finishing a task claims the next in
-the same script call, so a busy worker makes one round trip per task.
+due time it knows of arrives, or when it is told to stop. A busy worker claims a batch of tasks
+at a time and stores their results in the same pipeline as the next claim, so it makes one
+round trip per batch.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ class BrokerModel(RuleBasedStateMachine):
         task_id = data.draw(st.sampled_from(sorted(self.held)))
         token = self.held.pop(task_id)
         plan = RetryPlan(max_retries=retries, base_ms=backoff, cap_ms=backoff, jitter=1.0)
-        status, _ = self.broker.finish(self.queue, task_id, token, succeeded=succeeded, envelope=b'{"ok":true}',
+        status = self.broker.finish(self.queue, task_id, token, succeeded=succeeded, envelope=b'{"ok":true}',
                                        retry=plan)  # fmt: skip
         assert status in ("ok", "retry"), status
         if succeeded:
@@ -98,7 +98,7 @@ class BrokerModel(RuleBasedStateMachine):
     def finish_after_lease_ran_out_but_before_a_reclaim(self, data: st.DataObject) -> None:
         """Nobody took the task over yet: the token still holds, and the finish counts."""
         task_id = data.draw(st.sampled_from(sorted(self.expiring)))
-        status, _ = self.broker.finish(self.queue, task_id, self.expiring.pop(task_id), succeeded=True, envelope=b"{}")
+        status = self.broker.finish(self.queue, task_id, self.expiring.pop(task_id), succeeded=True, envelope=b"{}")
         assert status == "ok"
 
     @precondition(lambda self: self.stale)
@@ -107,7 +107,7 @@ class BrokerModel(RuleBasedStateMachine):
         task_id = data.draw(st.sampled_from(sorted(self.stale)))
         token = self.stale.pop(task_id)
         before = (self.r.hget(self.keys.result, task_id), self.state(task_id), self.r.zscore(self.keys.dead, task_id))
-        status, _ = self.broker.finish(self.queue, task_id, token, succeeded=False, envelope=b'{"late":1}')
+        status = self.broker.finish(self.queue, task_id, token, succeeded=False, envelope=b'{"late":1}')
         assert status == "late"
         after = (self.r.hget(self.keys.result, task_id), self.state(task_id), self.r.zscore(self.keys.dead, task_id))
         assert before == after, "a late finish changed the task"

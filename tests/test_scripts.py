@@ -36,14 +36,14 @@ def test_enqueue_claim_finish_cycle_and_fencing(redis_url: str, queue: str, r: r
     assert not r.exists(keys.marker)  # nothing else ready: no stale wake-up left behind
     assert broker.renew(queue, "t1", claim.token, 1000)
     assert not broker.renew(queue, "t1", "tok-b", 1000)
-    status, _ = broker.finish(queue, "t1", "tok-b", succeeded=True, envelope=b'{"ok":true}')
+    status = broker.finish(queue, "t1", "tok-b", succeeded=True, envelope=b'{"ok":true}')
     assert status == "late"  # wrong token: nothing written
     assert r.hget(keys.result, "t1") is None
-    status, _ = broker.finish(queue, "t1", claim.token, succeeded=True, envelope=b'{"ok":true,"value":1}')
+    status = broker.finish(queue, "t1", claim.token, succeeded=True, envelope=b'{"ok":true,"value":1}')
     assert status == "ok"
     assert r.hget(keys.info, "t1:s") == b"succeeded"
     assert r.zcard(keys.running) == 0
-    status, _ = broker.finish(queue, "t1", claim.token, succeeded=True, envelope=b'{"ok":true,"value":2}')
+    status = broker.finish(queue, "t1", claim.token, succeeded=True, envelope=b'{"ok":true,"value":2}')
     assert status == "late"  # a second finish cannot overwrite the first
     assert r.hget(keys.result, "t1") == b'{"ok":true,"value":1}'
 
@@ -58,7 +58,7 @@ def test_expired_lease_is_reclaimed_by_the_next_claim(redis_url: str, queue: str
     (second,) = broker.claim(queue, "tok-b", 1000, "w2")  # type: ignore[misc]
     assert second.id == "t1"
     assert second.attempts == 2 and second.leases_lost == 1
-    status, _ = broker.finish(queue, "t1", first.token, succeeded=True, envelope=b"{}")
+    status = broker.finish(queue, "t1", first.token, succeeded=True, envelope=b"{}")
     assert status == "late"  # the first worker's late finish is rejected by token
 
 

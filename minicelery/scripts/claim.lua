@@ -1,8 +1,8 @@
 -- claim.lua: take the next ready task under a fresh lease.
 --
--- The steps are claim_next() in _common.lua, because finish.lua also claims the next task in
--- the same call (one round trip per task). Before taking a task the claim sweeps expired
--- results, requeues tasks whose lease expired, and moves due scheduled tasks to ready.
+-- Before taking a task the claim sweeps expired results, requeues tasks whose lease expired,
+-- and moves due scheduled tasks to ready. A busy worker sends it in the same pipeline as the
+-- finishes of its last batch: one round trip per batch.
 --
 -- KEYS: the queue key set (see _common.lua).
 -- ARGV[1] token      fencing token base for these leases (unique per claim)
@@ -13,6 +13,76 @@
 -- ARGV[6] woken      1 if this claim follows a wake-up from the marker, else 0
 --
 -- Returns what claim_next returns: {'ok', {task}, ...} or {'none', next_due_delay_ms, now_ms}.
+
+-- Take one ready task (already popped from the ready list) under the lease `token`.
+local function lease_task(id, now, token, lease_ms)
+  redis.call('ZADD', K_RUNNING, now + lease_ms, id)
+  setf(id, 't', token)
+  setf(id, 's', 'running')
+  local attempts = redis.call('HINCRBY', K_INFO, id .. ':a', 1)
+  local reply = {
+    id, redis.call('HGET', K_PAYLOAD, id), attempts,
+    tonumber(getf(id, 'l') or 0), tonumber(getf(id, 'd') or now), now, getf(id, 'P'),
+  }
+  for _, parent in ipairs(split(getf(id, 'P'))) do
+    reply[#reply + 1] = redis.call('HGET', K_INPUTS, id .. '|' .. parent)
+  end
+  return reply
+end
+
+-- Claim up to `batch` ready tasks for this worker, each under its own lease and fencing token
+-- (token .. '/' .. i). It never takes more than half the ready backlog (rounded up), so a
+-- worker that batches leaves work for the idle workers the marker wakes, nor tasks promised
+-- to workers already woken (see promised()); `woken` says this claim follows a wake-up.
+-- `held_due` is a future due time (ms) this worker was waiting for, or 0; a worker that goes
+-- busy hands that wake-up on through the marker so an idle worker takes it over. Returns
+--   {'ok', {id, payload|false, attempts, leases_lost, due_ms, now_ms, parent_ids_csv|false,
+--           env1, ...}, ...one such table per task claimed}
+--   {'none', next_due_delay_ms (-1: nothing pending), now_ms}
+local function claim_next(now, token, lease_ms, worker, held_due, batch, woken)
+  sweep_expired(now)
+  reclaim_expired(now)
+  promote_due(now)
+  redis.call('ZADD', K_WORKERS, now, worker)
+  redis.call('ZREMRANGEBYSCORE', K_WORKERS, '-inf', now - WORKER_FORGET_MS)
+  if woken == 1 then
+    add_promised(-1, now) -- this worker's wake-up is delivered
+  end
+  local ready = redis.call('LLEN', K_READY)
+  local available = ready - promised(now)
+  if available <= 0 and ready > 0 and woken ~= 1 then
+    -- A wake-up not popped yet: take it over rather than leave a worker to wake for nothing.
+    if redis.call('ZSCORE', K_MARKER, 'm') == '0' then
+      unwake(now)
+      available = ready - promised(now)
+    end
+  end
+  if ready == 0 or available <= 0 then
+    if ready == 0 then
+      unwake(now) -- a score-0 marker left now would wake a worker for nothing
+      local swept = sweep_expired(now, IDLE_SWEEP_BATCH)
+      if swept == IDLE_SWEEP_BATCH then
+        return { 'none', 0, now } -- more expired results wait: look again at once
+      end
+    end
+    return { 'none', next_due_delay(now), now }
+  end
+  local count = math.min(batch or 1, math.max(1, math.ceil(available / 2)))
+  local ids = redis.call('RPOP', K_READY, count)
+  if ready - count > promised(now) then
+    wake_now(now)
+  else
+    unwake(now)
+    if held_due > 0 then
+      redis.call('ZADD', K_MARKER, 'LT', held_due, 'm')
+    end
+  end
+  local reply = { 'ok' }
+  for i, id in ipairs(ids) do
+    reply[i + 1] = lease_task(id, now, token .. '/' .. i, lease_ms)
+  end
+  return reply
+end
 
 return claim_next(now_ms(), ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]),
   tonumber(ARGV[6]))

@@ -1,4 +1,4 @@
--- finish.lua: record a task's outcome, release its children, and optionally claim the next.
+-- finish.lua: record a task's outcome (or schedule its retry) and release its children.
 --
 -- Only the lease holder may finish: the token must match the one its claim stored. A worker
 -- that was paused past its lease (the task was reclaimed and maybe run again) gets 'late',
@@ -21,15 +21,12 @@
 -- ARGV[8] base_ms, ARGV[9] cap_ms, ARGV[10] jitter (0.5-1), ARGV[11] fixed_ms (-1: backoff)
 --                      the delay before retry r (0-based) is fixed_ms, else
 --                      min(cap_ms, base_ms * 2^r) * jitter
--- ARGV[12] claim       "1" to claim next tasks in the same call; then ARGV[13..16] are
--- ARGV[13] next_token, ARGV[14] lease_ms, ARGV[15] worker, ARGV[16] batch (as claim.lua's)
 --
--- Returns {finish_status, claim_reply, retry_delay_ms}: finish_status is 'ok', 'retry' or
--- 'late'; claim_reply is claim_next's reply, or false when no claim was asked for.
+-- Returns {finish_status, retry_delay_ms}: finish_status is 'ok', 'retry' or 'late';
+-- retry_delay_ms is false unless the task was scheduled to run again.
 
 local id, token, outcome, envelope = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local result_ttl, dead_ttl, max_retries = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local claim = ARGV[12]
 local now = now_ms()
 
 local status = 'late'
@@ -68,8 +65,4 @@ if token ~= '' and getf(id, 't') == token then
   end
 end
 
-local next_claim = false
-if claim == '1' then
-  next_claim = claim_next(now, ARGV[13], tonumber(ARGV[14]), ARGV[15], 0, tonumber(ARGV[16]), 0)
-end
-return { status, next_claim, delay }
+return { status, delay }
