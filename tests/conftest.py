@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import redis
@@ -142,28 +142,34 @@ def workers(redis_url: str, queue: str, tmp_path: Path) -> Iterator[Workers]:
     pool.stop_all()
 
 
-def require_tool(name: str, install: str) -> str:
-    """The path of an outside tool the test needs (promtool, podman, …), on PATH or in this venv.
+def unavailable(reason: str) -> NoReturn:
+    """A test cannot run here (a tool or root is missing). On a developer machine it is
+    skipped, saying why. In CI (MINICELERY_REQUIRE_TOOLS=1, set by .ci/run, which provides
+    everything) it fails, so a broken install step cannot pass as green."""
+    if os.environ.get("MINICELERY_REQUIRE_TOOLS"):
+        pytest.fail(reason)
+    pytest.skip(reason)
 
-    Missing on a developer machine: the test is skipped, saying how to install it. Missing in CI
-    (MINICELERY_REQUIRE_TOOLS=1, set by .ci/run, which installs them all): the test fails, so a
-    broken install step cannot pass as green.
-    """
+
+def require_root(why: str) -> None:
+    if os.geteuid() != 0:
+        unavailable(f"needs root ({why})")
+
+
+def require_tool(name: str, install: str) -> str:
+    """The path of an outside tool the test needs (promtool, podman, …), on PATH or in this venv."""
     path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if path:
         return path
-    message = f"{name} is not installed ({install})"
-    if os.environ.get("MINICELERY_REQUIRE_TOOLS"):
-        pytest.fail(message)
-    pytest.skip(message)
+    unavailable(f"{name} is not installed ({install})")
 
 
 @pytest.fixture(scope="session")
 def rootfs() -> Path:
     """A Debian rootfs with systemd and python3 (tests/deploytools.py), built once per machine."""
-    from deploytools import debian_rootfs, require_root
+    from deploytools import debian_rootfs
 
-    require_root()
+    require_root("systemd-nspawn, podman")
     return debian_rootfs()
 
 

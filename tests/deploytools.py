@@ -66,16 +66,6 @@ def build_wheelhouse(dest: Path) -> Path:
     return dest
 
 
-def require_root() -> None:
-    if os.geteuid() != 0:
-        import pytest
-
-        message = "needs root (systemd-nspawn, podman)"
-        if os.environ.get("MINICELERY_REQUIRE_TOOLS"):
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 class Machine:
     """A Debian rootfs booted with systemd-nspawn; commands run inside with nsenter.
 

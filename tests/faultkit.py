@@ -4,12 +4,11 @@ printed at the end of the session."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import require_tool
+from conftest import require_root, require_tool
 
 from minicelery.redis_server import RedisServer, free_port
 
@@ -63,10 +62,7 @@ class Outage:
         extra = ["--reject-with", "tcp-reset"] if how == "REJECT" else []
         self.rule = ["INPUT", "-i", "lo", "-p", "tcp", "--dport", str(port), "-j", how, *extra]
         self.iptables = require_tool("iptables", "apt-get install iptables")
-        if os.geteuid() != 0:
-            import pytest
-
-            (pytest.fail if os.environ.get("MINICELERY_REQUIRE_TOOLS") else pytest.skip)("iptables needs root")
+        require_root("iptables")
 
     def __enter__(self) -> Outage:
         subprocess.run([self.iptables, "-I", *self.rule], check=True)
