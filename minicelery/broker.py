@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCRIPT_NAMES = ("enqueue", "claim", "finish", "release", "renew", "rearm", "revive")
+SCRIPT_NAMES = ("enqueue", "claim", "finish", "release", "renew", "rearm", "revive", "watch")
 DEFAULT_URL = "redis://localhost:6379/0"
 DEFAULT_RESULT_TTL = 24 * 3600.0
 DEFAULT_MAX_BLOCK = 5.0
@@ -287,8 +287,8 @@ class RedisBroker:
         lost: nothing written).
         """
         keys = QueueKeys(queue)
-        args = self._finish_args(task_id, token, succeeded, envelope, retry)
-        status, _delay = self._run("finish", keys, args, extra_keys=[keys.done(task_id)])
+        args = [*self._ttls(), *self._finish_args(task_id, token, succeeded, envelope, retry)]
+        (status,) = self._run("finish", keys, args, extra_keys=[keys.done(task_id)])
         return _text(status)
 
     def finish_many(
@@ -297,23 +297,36 @@ class RedisBroker:
         next_claim: tuple[str, str, int, str, int] | None = None,
     ) -> tuple[list[str], list[Claim] | Idle | None]:
         """Several finishes (queue, id, token, succeeded, envelope, retry), then optionally a
-        claim (queue, token, lease_ms, worker, batch), in one pipelined round trip. Each finish
-        is still its own atomic script; returns each one's status, then the claim's reply."""
+        claim (queue, token, lease_ms, worker, batch), in one pipelined round trip: one finish
+        script per queue, each atomic. Returns each finish's status, then the claim's reply."""
+        by_queue: dict[str, list[int]] = {}
+        for index, item in enumerate(finishes):
+            by_queue.setdefault(item[0], []).append(index)
         calls: list[tuple[str, list[str], list[Any]]] = []
-        for queue, task_id, token, succeeded, envelope, retry in finishes:
+        for queue, indexes in by_queue.items():
             keys = QueueKeys(queue)
-            args = self._finish_args(task_id, token, succeeded, envelope, retry)
-            calls.append(("finish", [*keys.as_list(), keys.done(task_id)], args))
+            script_keys, args = keys.as_list(), list(self._ttls())
+            for index in indexes:
+                _queue, task_id, token, succeeded, envelope, retry = finishes[index]
+                script_keys.append(keys.done(task_id))
+                args += self._finish_args(task_id, token, succeeded, envelope, retry)
+            calls.append(("finish", script_keys, args))
         if next_claim is not None:
             queue, token, lease_ms, worker, batch = next_claim
             calls.append(("claim", QueueKeys(queue).as_list(), [token, lease_ms, worker, 0, batch, 0]))
         replies = self._pipelined("finish", calls)
-        statuses = [_text(reply[0]) for reply in replies[: len(finishes)]]
+        statuses = [""] * len(finishes)
+        for indexes, reply in zip(by_queue.values(), replies, strict=False):
+            for index, status in zip(indexes, reply, strict=True):
+                statuses[index] = _text(status)
         claimed = None if next_claim is None else self._parse_claim(next_claim[0], next_claim[1], replies[-1])
         return statuses, claimed
 
+    def _ttls(self) -> tuple[int, int]:
+        return int(self.result_ttl * 1000), int(self.dead_letter_ttl * 1000)
+
+    @staticmethod
     def _finish_args(
-        self,
         task_id: str,
         token: str,
         succeeded: bool,
@@ -326,8 +339,6 @@ class RedisBroker:
             token,
             "succeeded" if succeeded else "failed",
             envelope,
-            int(self.result_ttl * 1000),
-            int(self.dead_letter_ttl * 1000),
             0 if succeeded else plan.max_retries,
             plan.base_ms,
             plan.cap_ms,
@@ -420,8 +431,14 @@ class RedisBroker:
             state, envelope = pipe.execute()
         return (None if state is None else _text(state)), envelope
 
+    def watch(self, queue: str, task_id: str) -> tuple[str | None, bytes | None]:
+        """Like outcome(), and a pending task's finish will wake wait_done() (only watched tasks
+        pay for a done list)."""
+        state, envelope = self._run("watch", QueueKeys(queue), [task_id])
+        return (_text(state) if state else None), (envelope or None)
+
     def wait_done(self, queue: str, task_id: str, timeout: float) -> bool:
-        """Block until the task finishes or `timeout` passes; True if it finished.
+        """Block until a watched task finishes or `timeout` passes; True if it finished.
 
         BLMOVE from the task's done list back onto itself returns to every waiter in turn
         and leaves the element in place, so any number of waiters wake on one finish.

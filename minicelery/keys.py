@@ -82,7 +82,8 @@ class QueueKeys:
         return self.prefix + "dedup"
 
     def done(self, task_id: str) -> str:
-        """The list a finished task pushes to, so `.result()` waiters block on Redis."""
+        """The list a finished task pushes to when someone watches it (scripts/watch.lua), so
+        `.result()` waiters block on Redis."""
         return f"{self.prefix}done:{task_id}"
 
     def as_list(self) -> list[str]:

@@ -204,7 +204,7 @@ class Task:
         broker = self.definition.app.broker
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            state, envelope = broker.outcome(self.queue, self.id)
+            state, envelope = broker.watch(self.queue, self.id)
             if state in FINISHED_STATES and envelope is not None:
                 ok, value = broker.transport.loads_outcome(envelope)
                 if ok:

@@ -141,3 +141,24 @@ def test_a_task_promised_to_a_woken_worker_is_left_for_it(redis_url: str, queue:
     broker.enqueue(queue, "t3", b"{}")  # a wake-up nobody has popped yet: a busy claim takes it over
     (over,) = broker.claim(queue, "busy", 1000, "w-busy")  # type: ignore[misc]
     assert over.id == "t3" and not r.exists(keys.marker)  # and nobody wakes for nothing
+
+
+def test_only_a_watched_task_gets_a_done_list_and_its_waiter_wakes(redis_url: str, queue: str, r: redis.Redis) -> None:
+    """Most tasks have nobody waiting on their result: their finish writes no done list. A
+    waiter that watches a pending task is woken by its finish (result() does this)."""
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    keys = QueueKeys(queue)
+    broker.enqueue(queue, "unwatched", b"{}")
+    broker.enqueue(queue, "watched", b"{}")
+    assert broker.watch(queue, "watched") == ("ready", None)
+    assert broker.watch(queue, "never-sent") == (None, None)
+    assert not r.hexists(keys.info, "never-sent:w")  # watching nothing leaves nothing behind
+    claims = broker.claim(queue, "tok", 1000, "w", batch=2)
+    assert isinstance(claims, list) and len(claims) == 1  # half of two
+    claims += broker.claim(queue, "tok2", 1000, "w", batch=2)  # type: ignore[operator]
+    assert not broker.wait_done(queue, "watched", 0.05)  # not finished yet: the wait times out
+    statuses, _ = broker.finish_many([(queue, c.id, c.token, True, b'{"ok": 1}', None) for c in claims])
+    assert statuses == ["ok", "ok"]
+    assert not r.exists(keys.done("unwatched"))
+    assert broker.wait_done(queue, "watched", 1)
+    assert broker.watch(queue, "watched") == ("succeeded", b'{"ok": 1}')

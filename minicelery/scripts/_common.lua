@@ -17,7 +17,7 @@
 --                             t lease token            d time the task became due (ms)
 --                             n not-before time (ms)   p count of unfinished parents
 --                             P parent ids, "," list   c child ids, "," list
---                             k idempotency key
+--                             k idempotency key       w someone waits for the result
 --                             and one queue-wide field: "#waiting", how many tasks wait for parents
 --   KEYS[8]  inputs     hash  "<child>|<parent>" -> the parent's result envelope, kept for the child
 --   KEYS[9]  expiry     zset  id -> time (ms) after which a finished task's data is deleted
@@ -43,7 +43,7 @@ local RECLAIM_BATCH = 20
 -- Workers not seen for a day are dropped from the workers set.
 local WORKER_FORGET_MS = 86400000
 
-local INFO_FIELDS = { 's', 'a', 'l', 'r', 't', 'd', 'n', 'p', 'P', 'c', 'k' }
+local INFO_FIELDS = { 's', 'a', 'l', 'r', 't', 'd', 'n', 'p', 'P', 'c', 'k', 'w' }
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -132,9 +132,10 @@ local function make_due(id, due, now)
   end
 end
 
--- Give each waiting child this parent's envelope; release those with no parent left.
-local function release_children(id, envelope, now)
-  for _, child in ipairs(split(getf(id, 'c'))) do
+-- Give each waiting child (`children`: the parent's "c" field) this parent's envelope;
+-- release those with no parent left.
+local function release_children(id, children, envelope, now)
+  for _, child in ipairs(split(children)) do
     redis.call('HSET', K_INPUTS, child .. '|' .. id, envelope)
     local left = redis.call('HINCRBY', K_INFO, child .. ':p', -1)
     if left <= 0 and getf(child, 's') == 'waiting' then
@@ -144,8 +145,6 @@ local function release_children(id, envelope, now)
       make_due(child, due, now)
     end
   end
-  -- Released once for good: a dead letter put back and finished again must not do it twice.
-  redis.call('HDEL', K_INFO, id .. ':c')
 end
 
 -- Delete everything stored for finished tasks whose result TTL has passed.

@@ -14,19 +14,40 @@
 --
 -- Returns what claim_next returns: {'ok', {task}, ...} or {'none', next_due_delay_ms, now_ms}.
 
--- Take one ready task (already popped from the ready list) under the lease `token`.
-local function lease_task(id, now, token, lease_ms)
-  redis.call('ZADD', K_RUNNING, now + lease_ms, id)
-  setf(id, 't', token)
-  setf(id, 's', 'running')
-  local attempts = redis.call('HINCRBY', K_INFO, id .. ':a', 1)
-  local reply = {
-    id, redis.call('HGET', K_PAYLOAD, id), attempts,
-    tonumber(getf(id, 'l') or 0), tonumber(getf(id, 'd') or now), now, getf(id, 'P'),
-  }
-  for _, parent in ipairs(split(getf(id, 'P'))) do
-    reply[#reply + 1] = redis.call('HGET', K_INPUTS, id .. '|' .. parent)
+-- Lease ready tasks (already popped from the ready list), the i-th under token .. '/' .. i.
+-- The writes all tasks share are one command each: Lua calls into Redis are a busy queue's
+-- main cost.
+local function lease_tasks(ids, now, token, lease_ms)
+  local wanted = {}
+  for _, id in ipairs(ids) do
+    wanted[#wanted + 1] = id .. ':a'
+    wanted[#wanted + 1] = id .. ':l'
+    wanted[#wanted + 1] = id .. ':d'
+    wanted[#wanted + 1] = id .. ':P'
   end
+  local held = redis.call('HMGET', K_INFO, unpack(wanted))
+  local payloads = redis.call('HMGET', K_PAYLOAD, unpack(ids))
+  local leases, fields, reply = {}, {}, { 'ok' }
+  for i, id in ipairs(ids) do
+    local at = (i - 1) * 4
+    local attempts = tonumber(held[at + 1] or 0) + 1
+    leases[#leases + 1] = now + lease_ms
+    leases[#leases + 1] = id
+    fields[#fields + 1] = id .. ':t'
+    fields[#fields + 1] = token .. '/' .. i
+    fields[#fields + 1] = id .. ':s'
+    fields[#fields + 1] = 'running'
+    fields[#fields + 1] = id .. ':a'
+    fields[#fields + 1] = attempts
+    local parents = held[at + 4]
+    local task = { id, payloads[i], attempts, tonumber(held[at + 2] or 0), tonumber(held[at + 3] or now), now, parents }
+    for _, parent in ipairs(split(parents)) do
+      task[#task + 1] = redis.call('HGET', K_INPUTS, id .. '|' .. parent)
+    end
+    reply[i + 1] = task
+  end
+  redis.call('ZADD', K_RUNNING, unpack(leases))
+  redis.call('HSET', K_INFO, unpack(fields))
   return reply
 end
 
@@ -77,11 +98,7 @@ local function claim_next(now, token, lease_ms, worker, held_due, batch, woken)
       redis.call('ZADD', K_MARKER, 'LT', held_due, 'm')
     end
   end
-  local reply = { 'ok' }
-  for i, id in ipairs(ids) do
-    reply[i + 1] = lease_task(id, now, token .. '/' .. i, lease_ms)
-  end
-  return reply
+  return lease_tasks(ids, now, token, lease_ms)
 end
 
 return claim_next(now_ms(), ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]),
