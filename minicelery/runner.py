@@ -52,6 +52,14 @@ class TaskRunner:
         self.alarm = alarm
         self.default_time_limit = default_time_limit
         self.max_lost_leases = max_lost_leases
+        self._peeked: tuple[str, TaskMessage] | None = None  # (lease token, its decoded payload)
+
+    def peek(self, claim: Claim) -> TaskMessage:
+        """Decode a claim's payload ahead of its run (the worker wants the next task's name);
+        run() then uses it instead of decoding again. Raises SerializationError."""
+        message = self.transport.loads_message(claim.payload)
+        self._peeked = (claim.token, message)
+        return message
 
     def run(self, claim: Claim, on_start: Callable[[float | None], None] | None = None) -> Outcome:
         """Run the claimed task; `on_start` hears the time limit just before the function runs."""
@@ -60,7 +68,11 @@ class TaskRunner:
         message: TaskMessage | None = None
         definition: TaskDefinition | None = None
         try:
-            message = self.transport.loads_message(claim.payload)
+            peeked, self._peeked = self._peeked, None
+            if peeked is not None and peeked[0] == claim.token:
+                message = peeked[1]
+            else:
+                message = self.transport.loads_message(claim.payload)
             name = message.name
             if message.id != claim.id:
                 raise SerializationError(f"payload id {message.id!r} does not match its key {claim.id!r}")

@@ -277,7 +277,10 @@ class Worker:
             return False
         if time.monotonic() - self._unflushed_since >= FINISH_HOLD_MAX:
             return False
-        upcoming = _name_of(self._local[0], self.broker.transport)
+        try:
+            upcoming = self.runner.peek(self._local[0]).name
+        except MiniceleryError:
+            return False  # a bad payload: its run says what is wrong
         return self._typical_run.get(upcoming, math.inf) < FINISH_HOLD_MAX
 
     def held_leases(self) -> list[tuple[str, str, str]]:
