@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -115,6 +117,7 @@ class Workers:
                 env=env or self.env(**settings),
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop_all() reaches a wrapper's child too
             )
         proc.log_path = log_path  # type: ignore[attr-defined]
         self.procs.append(proc)
@@ -129,10 +132,12 @@ class Workers:
         assert proc.poll() is None, self.log(proc)
 
     def stop_all(self) -> None:
+        """Kill every worker's process group: a wrapper such as faketime forks the worker, and
+        killing the wrapper alone left it running, orphaned, after the session."""
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """SAQ: one worker process, concurrency 10 (its default). Scheduled jobs take whole epoch seconds
-and are moved by a timer that runs every second. Bulk enqueue: asyncio.gather per 1,000 jobs."""
+(rounded up here, so none runs early) and are moved by a timer that runs every second. Bulk
+enqueue: asyncio.gather per 1,000 jobs."""
 
 import asyncio
+import math
 import os
 import time
 
@@ -42,7 +44,7 @@ def send_stamp() -> None:
 
 
 def schedule(due: float) -> None:
-    loop.run_until_complete(producer.enqueue("stamp", sent=due, scheduled=int(due)))
+    loop.run_until_complete(producer.enqueue("stamp", sent=due, scheduled=math.ceil(due)))
 
 
 WORKER = ["saq", "saq_peer.settings", "--quiet"]

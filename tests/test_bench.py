@@ -1,0 +1,46 @@
+"""`make bench` must keep running: minicelery's adapter to the side-by-side benchmark
+(bench/peers/scenario.py, the same harness every peer runs in) on tiny sizes. The peers
+themselves need their own venvs (PyPI) and minutes each, so only `make bench` runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minicelery.redis_server import RedisServer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench_redis_url() -> object:
+    with RedisServer() as server:  # its own: every scenario starts with FLUSHDB
+        yield server.url
+
+
+def scenario(url: str, *args: str) -> dict[str, float]:
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench/peers/scenario.py"), str(Path(sys.executable).parent), "minicelery_peer",
+         url, *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    figures: dict[str, float] = json.loads(run.stdout.splitlines()[-1])
+    return figures
+
+
+@pytest.mark.slow
+def test_minicelery_runs_every_side_by_side_scenario(bench_redis_url: str) -> None:
+    drain = scenario(bench_redis_url, "drain", "300", "2")
+    assert drain["drain tasks/s"] > 0 and drain["enqueue tasks/s"] > 0
+    assert 0 < drain["redis commands per task, drain"] < 50
+    latency = scenario(bench_redis_url, "latency", "5")
+    assert 0 < latency["p50 ms"] <= latency["p99 ms"]
+    scheduled = scenario(bench_redis_url, "scheduled", "4")
+    assert 0 <= scheduled["lateness p50 ms"] <= scheduled["lateness p99 ms"]  # never early
+    dag = scenario(bench_redis_url, "dependencies", "20")
+    assert dag["completion s"] > 0
