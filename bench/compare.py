@@ -66,12 +66,12 @@ def run_scenario(python: Path, name: str, url: str, scenario: str, *args: int) -
 def scenarios(tasks: int, scale: int) -> dict[str, tuple[str, tuple[int, ...], bool]]:
     """name -> (scenario.py scenario, its sizes, whether every run repeats it). The idle
     figures are counts of commands and a memory size, not timings: measured in the first run."""
-    groups = 1000 // scale
+    groups, samples = 1000 // scale, 200 // scale
     return {
         f"drain {tasks:,} tasks, 1 worker process": ("drain", (tasks, 1), True),
         f"drain {tasks:,} tasks, 2 worker processes": ("drain", (tasks, 2), True),
-        "latency, idle worker, 200 tasks one at a time": ("latency", (200 // scale,), True),
-        "scheduled, 200 tasks due 0.5-3 s ahead": ("scheduled", (200 // scale,), True),
+        f"latency, idle worker, {samples} tasks one at a time": ("latency", (samples,), True),
+        f"scheduled, {samples} tasks due 0.5-3 s ahead": ("scheduled", (samples,), True),
         f"dependencies, {groups:,} groups of 5 (chains and fan-in)": ("dependencies", (groups,), True),
         "idle, 1 worker": ("idle", (1,), False),
         "idle, 8 workers": ("idle", (8,), False),
