@@ -29,6 +29,7 @@ class TaskAlarm:
         self._stop_at: float | None = None
         self._active = False
         self._installed = False  # without the handler an alarm would kill the process: arm none
+        self._armed = False  # a timer may be pending (most tasks have no limit: no syscall to end them)
 
     def install(self) -> None:
         signal.signal(signal.SIGALRM, self._on_alarm)
@@ -43,8 +44,9 @@ class TaskAlarm:
     def task_ended(self) -> None:
         self._active = False
         self._limit_at = None
-        if self._installed:
+        if self._armed:
             signal.setitimer(signal.ITIMER_REAL, 0)
+            self._armed = False
 
     def stop_by(self, seconds: float) -> None:
         """The running task (if any) must end within `seconds`, else it is handed back."""
@@ -61,6 +63,7 @@ class TaskAlarm:
             return
         deadlines = [d for d in (self._limit_at, self._stop_at) if d is not None]
         if deadlines:
+            self._armed = True
             signal.setitimer(signal.ITIMER_REAL, max(1e-6, min(deadlines) - time.monotonic()))
 
     def _on_alarm(self, signum: int, frame: FrameType | None) -> None:

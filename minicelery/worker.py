@@ -249,11 +249,15 @@ class Worker:
     # --- running -------------------------------------------------------------------------------
 
     def _run_claim(self, claim: Claim) -> None:
-        def started(time_limit: float | None) -> None:
-            self.running = Running(claim.queue, claim.id, claim.token, time.monotonic(), time_limit)
+        default_limit = self.settings.worker.default_time_limit
+        self.running = Running(claim.queue, claim.id, claim.token, time.monotonic(), default_limit)
 
-        started(self.settings.worker.default_time_limit)
-        self._update_status(f"running task {claim.id}")
+        def started(time_limit: float | None) -> None:
+            if time_limit != default_limit:  # the task's own limit: the heartbeat must know it
+                self.running = Running(claim.queue, claim.id, claim.token, time.monotonic(), time_limit)
+
+        if self.notifier.enabled:
+            self._update_status(f"running task {claim.id}")
         try:
             outcome = self.runner.run(claim, on_start=started)
         except HandBack:
@@ -332,7 +336,8 @@ class Worker:
             self.counters.late_finishes += 1
             self.metrics.contention.labels("late_finish").inc()
             log.warning("task %s: late finish rejected (its lease was reclaimed; another run owns it)", claim.id)
-        self._log_outcome(claim, outcome, status)
+        if log.isEnabledFor(logging.INFO):  # (building the line costs more than the check)
+            self._log_outcome(claim, outcome, status)
         if self.settings.metrics.enabled:  # per-task histograms are the costly part; skip when unserved
             self._observe(claim, outcome, status)
 

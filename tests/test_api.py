@@ -38,6 +38,19 @@ def test_start_then_result_returns_the_value(app: Client) -> None:
     assert handle.result(timeout=5) == {"a": [1, 2]}
 
 
+def test_a_task_that_returns_nothing_gives_none_to_its_waiter_and_its_child(app: Client) -> None:
+    @app.task
+    def nothing() -> None:
+        return None
+
+    parent = nothing()
+    child = app.tasks["echo"](parent).start()
+    parent.start()
+    drain(app)
+    assert parent.result(timeout=5) is None
+    assert child.result(timeout=5) is None
+
+
 def test_original_readme_world_wait_feeds_hello(app: Client) -> None:
     world = app.tasks["echo"]("World!").wait(0.3)
     hello = app.tasks["describe"](world)  # registered at once, waiting for its parent

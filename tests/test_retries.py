@@ -157,6 +157,27 @@ def test_failures_a_retry_cannot_fix_are_not_retried(app: Client, body: str, err
     assert ("do not fit two_args(a: 'int', b: 'int')" in message and "'b'" in message) or "JSON" in message, message
 
 
+def test_each_shape_of_call_is_judged_on_its_own(app: Client) -> None:
+    """The signature check is cached per shape (how many positional arguments, which keyword
+    names): a good call after a bad one of the same task still runs, and the reverse."""
+
+    @app.task
+    def scale(value: int, *, factor: int = 2) -> int:
+        return value * factor
+
+    calls = [scale(3), scale(3, wrong=1), scale(3, factor=5), scale(), scale(4)]
+    for handle in calls:
+        handle.start()
+    make_worker(app).run(burst=True, install_signals=False)
+    assert calls[0].result(timeout=5) == 6
+    with pytest.raises(BadArguments, match="unexpected keyword argument 'wrong'"):
+        calls[1].result(timeout=5)
+    assert calls[2].result(timeout=5) == 15
+    with pytest.raises(BadArguments, match="missing a required argument: 'value'"):
+        calls[3].result(timeout=5)
+    assert calls[4].result(timeout=5) == 8
+
+
 def test_dead_letters_are_listed_and_put_back_by_the_cli(app: Client, redis_url: str, r: redis.Redis) -> None:
     state = {"fixed": False}
 
