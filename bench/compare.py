@@ -66,7 +66,7 @@ def run_scenario(python: Path, name: str, url: str, scenario: str, *args: int) -
 def scenarios(tasks: int, scale: int) -> dict[str, tuple[str, tuple[int, ...], bool]]:
     """name -> (scenario.py scenario, its sizes, whether every run repeats it). The idle
     figures are counts of commands and a memory size, not timings: measured in the first run."""
-    groups, samples = 1000 // scale, 200 // scale
+    groups, samples = 2000 // scale, 200 // scale  # groups of 5: a 10,000-task DAG
     return {
         f"drain {tasks:,} tasks, 1 worker process": ("drain", (tasks, 1), True),
         f"drain {tasks:,} tasks, 2 worker processes": ("drain", (tasks, 2), True),

@@ -161,8 +161,9 @@ def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
 @functools.lru_cache(maxsize=4096)
 def _misfit(fn: Callable[..., Any], positional: int, keywords: tuple[str, ...]) -> str | None:
     """Why this many positional arguments and these keyword names cannot be bound to fn (the
-    TypeError's message), or None if they can. Binding looks at how many and which names, never at the values, so the
-    answer for one shape of call is cached: binding cost 10 µs per task."""
+    TypeError's message), or None if they can. Binding looks at how many arguments and which
+    names, never at the values, so the answer for one shape of call is cached (binding cost
+    10 µs per task)."""
     signature = _signature(fn)
     if signature is None:
         return None
