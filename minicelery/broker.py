@@ -288,10 +288,8 @@ class RedisBroker:
         Returns "ok" (recorded), "retry" (scheduled to run again) or "late" (the lease was
         lost: nothing written).
         """
-        keys = QueueKeys(queue)
-        args = [*self._ttls(), *self._finish_args(task_id, token, succeeded, envelope, retry)]
-        (status,) = self._run("finish", keys, args, extra_keys=[keys.done(task_id)])
-        return _text(status)
+        statuses, _ = self.finish_many([(queue, task_id, token, succeeded, envelope, retry)])
+        return statuses[0]
 
     def finish_many(
         self,
@@ -341,9 +339,9 @@ class RedisBroker:
         return [
             task_id,
             token,
-            "succeeded" if succeeded else "failed",
+            "failed",
             envelope,
-            0 if succeeded else plan.max_retries,
+            plan.max_retries,
             plan.base_ms,
             plan.cap_ms,
             repr(plan.jitter),

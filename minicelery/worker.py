@@ -256,8 +256,7 @@ class Worker:
             if time_limit != default_limit:  # the task's own limit: the heartbeat must know it
                 self.running = Running(claim.queue, claim.id, claim.token, time.monotonic(), time_limit)
 
-        if self.notifier.enabled:
-            self._update_status(f"running task {claim.id}")
+        self._update_status(f"running task {claim.id}")
         try:
             outcome = self.runner.run(claim, on_start=started)
         except HandBack:
