@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -80,10 +81,17 @@ class Idle:
 
 @dataclass(frozen=True)
 class Wake:
-    """Why an idle wait ended: a queue's marker (with its score) or this worker's wake key."""
+    """Why an idle wait ended: a queue's marker (with its score), this worker's wake key
+    (queue None), or a task handed to this worker (`handed`, already leased to it)."""
 
     queue: str | None
     score_ms: float
+    handed: Claim | None = None
+
+
+def idle_registration(queue: str, worker_id: str, lease_ms: int) -> str:
+    """A worker's member in a queue's idle set: the lease a hand-off gives, and its inbox."""
+    return f"{lease_ms}|{QueueKeys(queue).inbox(worker_id)}"
 
 
 @dataclass(frozen=True)
@@ -266,11 +274,20 @@ class RedisBroker:
         batch: int = 1,
         *,
         woken: bool = False,
+        handoffs: bool = False,
     ) -> list[Claim] | Idle:
         """Claim up to `batch` ready tasks (never more than half the backlog, rounded up, nor
-        those promised to other woken workers). `woken`: this claim follows a wake-up."""
-        args = [token, lease_ms, worker_id, held_due_ms, batch, 1 if woken else 0]
-        reply = self._run("claim", QueueKeys(queue), args)
+        those promised to other woken workers). `woken`: this claim follows a wake-up.
+        `handoffs`: this worker takes tasks handed to it while idle (see wait_for_work); the
+        claim takes those waiting in its inbox too, and a worker that gets tasks leaves the
+        idle set."""
+        keys = QueueKeys(queue)
+        args: list[Any] = [token, lease_ms, worker_id, held_due_ms, batch, 1 if woken else 0]
+        extra_keys: list[str] = []
+        if handoffs:
+            args.append(idle_registration(queue, worker_id, lease_ms))
+            extra_keys.append(keys.inbox(worker_id))
+        reply = self._run("claim", keys, args, extra_keys)
         return self._parse_claim(queue, token, reply)
 
     def finish(
@@ -294,26 +311,30 @@ class RedisBroker:
     def finish_many(
         self,
         finishes: Sequence[tuple[str, str, str, bool, bytes, RetryPlan | None]],
-        next_claim: tuple[str, str, int, str, int] | None = None,
+        next_claim: tuple[str, str, int, str, int, int] | None = None,
     ) -> tuple[list[str], list[Claim] | Idle | None]:
         """Several finishes (queue, id, token, succeeded, envelope, retry), then optionally a
-        claim (queue, token, lease_ms, worker, batch), in one pipelined round trip: one finish
-        script per queue, each atomic. Returns each finish's status, then the claim's reply."""
+        claim (queue, token, lease_ms, worker, batch, held_due_ms), in one pipelined round trip: one finish
+        script per queue, each atomic. Returns each finish's status, then the claim's reply.
+        The claim is a worker's, as claim(handoffs=True) makes it."""
         by_queue: dict[str, list[int]] = {}
         for index, item in enumerate(finishes):
             by_queue.setdefault(item[0], []).append(index)
         calls: list[tuple[str, list[str], list[Any]]] = []
         for queue, indexes in by_queue.items():
             keys = QueueKeys(queue)
-            script_keys, args = keys.as_list(), list(self._ttls())
+            script_keys, args = keys.as_list(), list[Any](self._ttls())
             for index in indexes:
                 _queue, task_id, token, succeeded, envelope, retry = finishes[index]
                 script_keys.append(keys.done(task_id))
                 args += self._finish_args(task_id, token, succeeded, envelope, retry)
             calls.append(("finish", script_keys, args))
         if next_claim is not None:
-            queue, token, lease_ms, worker, batch = next_claim
-            calls.append(("claim", QueueKeys(queue).as_list(), [token, lease_ms, worker, 0, batch, 0]))
+            queue, token, lease_ms, worker, batch, held_due_ms = next_claim
+            keys = QueueKeys(queue)
+            registration = idle_registration(queue, worker, lease_ms)
+            claim_args = [token, lease_ms, worker, held_due_ms, batch, 0, registration]
+            calls.append(("claim", [*keys.as_list(), keys.inbox(worker)], claim_args))
         replies = self._pipelined("finish", calls)
         statuses = [""] * len(finishes)
         for indexes, reply in zip(by_queue.values(), replies, strict=False):
@@ -384,35 +405,61 @@ class RedisBroker:
             return Idle(next_due_in_ms=None if delay < 0 else delay, now_ms=int(reply[2]))
         claims = []
         for number, task in enumerate(reply[1:], start=1):
-            parents = _text(task[6]).split(",") if task[6] else []
-            claims.append(
-                Claim(
-                    queue=queue,
-                    id=_text(task[0]),
-                    token=f"{token}/{number}",  # as claim_next made it
-                    payload=task[1] or None,
-                    attempts=int(task[2]),
-                    leases_lost=int(task[3]),
-                    due_ms=int(task[4]),
-                    now_ms=int(task[5]),
-                    inputs={parent: (task[7 + i] or None) for i, parent in enumerate(parents)},
-                )
-            )
+            if isinstance(task, bytes):  # handed to this worker while it was idle
+                claims.append(_decode_handed(queue, task))
+            else:
+                claims.append(_claim_of(queue, f"{token}/{number}", task))  # the token claim_next made
         return claims
 
     # --- waiting -------------------------------------------------------------------------------
 
-    def wait_for_work(self, queues: Sequence[str], worker_id: str, timeout: float) -> Wake | None:
-        """Block (one BZPOPMIN) until a queue's marker or this worker's wake key is pushed."""
+    def wait_for_work(
+        self,
+        queues: Sequence[str],
+        worker_id: str,
+        timeout: float,
+        *,
+        handoffs_lease_ms: int | None = None,
+        register: Sequence[str] = (),
+    ) -> Wake | None:
+        """Block (one BZPOPMIN) until this worker's wake key, a queue's marker or, with
+        `handoffs_lease_ms`, one of its inboxes is pushed. First, in the same round trip, it
+        joins the idle set of each queue in `register`: from then on a ready task on that queue
+        may be handed straight to its inbox, leased for `handoffs_lease_ms`."""
         markers = {QueueKeys(q).marker: q for q in queues}
+        inboxes = {} if handoffs_lease_ms is None else {QueueKeys(q).inbox(worker_id): q for q in queues}
         wake_key = worker_wake_key(worker_id)
         timeout = max(0.001, min(timeout, self.max_block))
         with translate_errors("BZPOPMIN"):
-            reply = self.blocking_redis.bzpopmin([*markers, wake_key], timeout=timeout)
+            pipe = self.blocking_redis.pipeline(transaction=False)
+            if handoffs_lease_ms is not None:
+                for queue in register:
+                    member = idle_registration(queue, worker_id, handoffs_lease_ms)
+                    pipe.zadd(QueueKeys(queue).idle, {member: time.time() * 1000})
+            # A stop comes first, then a task already leased to this worker, then a marker.
+            pipe.bzpopmin([wake_key, *inboxes, *markers], timeout=timeout)
+            reply = pipe.execute()[-1]
         if reply is None:
             return None
-        key, _member, score = reply
-        return Wake(queue=markers.get(_text(key)), score_ms=float(score))
+        key, member, score = _text(reply[0]), reply[1], float(reply[2])
+        if key in inboxes:
+            return Wake(queue=inboxes[key], score_ms=score, handed=_decode_handed(inboxes[key], member))
+        return Wake(queue=markers.get(key), score_ms=score)
+
+    def leave(self, queues: Sequence[str], worker_id: str, lease_ms: int) -> list[Claim]:
+        """Leave every queue's idle set, so nothing more is handed to this worker, and return
+        the tasks already handed to it (still leased to it: a stopping worker releases them)."""
+        handed: list[Claim] = []
+        with translate_errors("leave the idle set"):
+            for queue in queues:
+                keys = QueueKeys(queue)
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.zrem(keys.idle, idle_registration(queue, worker_id, lease_ms))
+                pipe.zrange(keys.inbox(worker_id), 0, -1)
+                pipe.delete(keys.inbox(worker_id))
+                _, members, _ = pipe.execute()
+                handed += [_decode_handed(queue, member) for member in members]
+        return handed
 
     def wake_worker(self, worker_id: str) -> None:
         """Make a worker's idle wait return now (the key expires if nobody pops it)."""
@@ -528,3 +575,41 @@ class RedisBroker:
             for key in self.redis.scan_iter(match=QueueKeys(queue).all_keys_pattern(), count=500):
                 deleted += int(self.redis.delete(key))
         return deleted
+
+
+def _claim_of(queue: str, token: str, task: Sequence[Any]) -> Claim:
+    """A Claim from one task of a claim reply: {id, payload|false, attempts, leases_lost,
+    due_ms, now_ms, parent_ids_csv|false, env1, ...} (lease_tasks in scripts/_common.lua)."""
+    parents = _text(task[6]).split(",") if task[6] else []
+    return Claim(
+        queue=queue,
+        id=_text(task[0]),
+        token=token,
+        payload=task[1] or None,
+        attempts=int(task[2]),
+        leases_lost=int(task[3]),
+        due_ms=int(task[4]),
+        now_ms=int(task[5]),
+        inputs={parent: (task[7 + i] or None) for i, parent in enumerate(parents)},
+    )
+
+
+def _decode_handed(queue: str, member: bytes) -> Claim:
+    """A task handed to an inbox: its token, then a claim reply's task fields, each encoded as
+    b"<length>:<bytes>", or b"-:" for false (encode_handed in scripts/_common.lua)."""
+    fields: list[bytes | None] = []
+    at = 0
+    while at < len(member):
+        colon = member.index(b":", at)
+        head = member[at:colon]
+        if head == b"-":
+            fields.append(None)
+            at = colon + 1
+        else:
+            end = colon + 1 + int(head)
+            fields.append(member[colon + 1 : end])
+            at = end
+    token = fields[0]
+    if token is None:
+        raise BrokerError(f"a task handed to queue {queue!r} has no lease token: {member[:200]!r}")
+    return _claim_of(queue, _text(token), fields[1:])

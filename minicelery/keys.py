@@ -2,7 +2,9 @@
 
 A queue's keys share the prefix `minicelery:{queue}:`; the braces make Redis Cluster hash
 them to one slot, so every script sees all its keys on one node. Scripts receive these keys
-in `KEYS`, in the order of `QueueKeys.as_list()`, and never build key names themselves.
+in `KEYS`, in the order of `QueueKeys.as_list()`, and never build key names themselves. One
+name is read from data instead: a hand-off (scripts/_common.lua) writes to the inbox an idle
+worker registered, which is in the queue's slot too.
 """
 
 from __future__ import annotations
@@ -81,13 +83,22 @@ class QueueKeys:
     def dedup(self) -> str:
         return self.prefix + "dedup"
 
+    @property
+    def idle(self) -> str:
+        return self.prefix + "idle"
+
+    def inbox(self, worker_id: str) -> str:
+        """Where tasks handed to an idle worker of this queue wait for it (see hand_off in
+        scripts/_common.lua); the worker blocks on it."""
+        return f"{self.prefix}inbox:{worker_id}"
+
     def done(self, task_id: str) -> str:
         """The list a finished task pushes to when someone watches it (scripts/watch.lua), so
         `.result()` waiters block on Redis."""
         return f"{self.prefix}done:{task_id}"
 
     def as_list(self) -> list[str]:
-        """KEYS[1..12] of every script, in the order scripts/_common.lua names them."""
+        """KEYS[1..13] of every script, in the order scripts/_common.lua names them."""
         return [
             self.ready,
             self.scheduled,
@@ -101,6 +112,7 @@ class QueueKeys:
             self.dead,
             self.workers,
             self.dedup,
+            self.idle,
         ]
 
     def all_keys_pattern(self) -> str:

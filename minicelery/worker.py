@@ -1,10 +1,11 @@
 """The worker: one process, one task at a time, blocking on Redis while idle.
 
 `run()` loops over `tick()`, which claims and runs at most one task. Idle, the worker makes one
-blocking call (BZPOPMIN on its queues' markers) and wakes when a task is ready for it, when a
-due time it knows of arrives, or when it is told to stop. A busy worker claims a batch of tasks
-at a time and stores their results in the same pipeline as the next claim, so it makes one
-round trip per batch.
+blocking call (BZPOPMIN on its inboxes and its queues' markers) and wakes when a task is handed
+to it (already leased to it: it runs it at once, without claiming), when a task is ready for
+it, when a due time it knows of arrives, or when it is told to stop. A busy worker claims a
+batch of tasks at a time and stores their results in the same pipeline as the next claim, so
+it makes one round trip per batch.
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ class Worker:
         self.batch = settings.worker.batch_size
         self._typical_run: dict[str, float] = {}  # task name -> smoothed run time (s)
         self._claims = 0
+        # Queues whose idle set holds this worker (tasks may be handed to it). A claim that
+        # gets tasks, or a hand-off, takes it out; the next idle wait puts it back.
+        self._idle_in: set[str] = set()
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -178,7 +182,7 @@ class Worker:
     def _claim(self, queue: str, *, woken: bool = False) -> list[Claim]:
         clock = self.clocks[queue]
         reply = self.broker.claim(
-            queue, self._token(), self.lease_ms, self.id, clock.held_due_ms, self.batch, woken=woken
+            queue, self._token(), self.lease_ms, self.id, clock.held_due_ms, self.batch, woken=woken, handoffs=True
         )
         clock.last_claim = time.monotonic()
         if isinstance(reply, list):
@@ -192,6 +196,7 @@ class Worker:
         return []
 
     def _claimed(self, queue: str, claims: list[Claim]) -> None:
+        self._idle_in.discard(queue)  # the claim script took this worker out of the idle set
         clock = self.clocks[queue]
         clock.next_check = math.inf
         clock.offset_ms = claims[0].now_ms - time.time() * 1000
@@ -231,9 +236,33 @@ class Worker:
             return
         timeout = min(self.broker.max_block, max(0.001, sweep), due - REDIS_TIMEOUT_GRAIN)
         self._update_status()
-        wake = self.broker.wait_for_work(self.queues, self.id, timeout)
-        if wake is not None and wake.queue is not None:
+        register = [queue for queue in self.queues if queue not in self._idle_in]
+        wake = self.broker.wait_for_work(
+            self.queues, self.id, timeout, handoffs_lease_ms=self.lease_ms, register=register
+        )
+        self._idle_in.update(register)
+        if wake is None or wake.queue is None:
+            return
+        if wake.handed is not None:
+            self._on_handed(wake.queue, wake.handed)
+        else:
             self._on_wake(wake)
+
+    def _on_handed(self, queue: str, claim: Claim) -> None:
+        """A task handed to this idle worker: the hand-off took it out of the queue's idle set
+        and leased the task to it. It runs next.
+
+        A due time this worker waits for is passed on, as a claim would, unless the task
+        usually runs briefly: then the claim that follows it passes it on (or learns it
+        again), and the hand-off saves that round trip."""
+        self._idle_in.discard(queue)
+        self._local.append(claim)
+        if self._usually_brief(claim):
+            return
+        for name, clock in self.clocks.items():
+            if clock.held_due_ms:
+                self.broker.rearm(name, clock.held_due_ms)
+                clock.held_due_ms = 0
 
     def _on_wake(self, wake: Wake) -> None:
         assert wake.queue is not None
@@ -280,11 +309,15 @@ class Worker:
             return False
         if time.monotonic() - self._unflushed_since >= FINISH_HOLD_MAX:
             return False
+        return self._usually_brief(self._local[0])
+
+    def _usually_brief(self, claim: Claim) -> bool:
+        """True if this task's runs so far took under FINISH_HOLD_MAX (smoothed)."""
         try:
-            upcoming = self.runner.peek(self._local[0]).name
+            name = self.runner.peek(claim).name
         except MiniceleryError:
             return False  # a bad payload: its run says what is wrong
-        return self._typical_run.get(upcoming, math.inf) < FINISH_HOLD_MAX
+        return self._typical_run.get(name, math.inf) < FINISH_HOLD_MAX
 
     def held_leases(self) -> list[tuple[str, str, str]]:
         """(queue, id, token) of tasks claimed but not running: the heartbeat renews them too."""
@@ -298,7 +331,8 @@ class Worker:
         if not finished:
             return
         queue = finished[-1][0].queue
-        follow = (queue, self._token(), self.lease_ms, self.id, self.batch) if claim_next else None
+        clock = self.clocks[queue]
+        follow = (queue, self._token(), self.lease_ms, self.id, self.batch, clock.held_due_ms) if claim_next else None
         items = [(c.queue, c.id, c.token, o.succeeded, o.envelope, o.retry) for c, o in finished]
         delay = 0.1
         while True:
@@ -316,9 +350,9 @@ class Worker:
                 follow = None  # claim nothing new on the way back from an outage
         for (claim, outcome), status in zip(finished, statuses, strict=True):
             self._count(claim, outcome, status)
-        clock = self.clocks[queue]
         clock.last_claim = time.monotonic()
         if isinstance(following, list):
+            clock.held_due_ms = 0  # handed on by the claim script
             self._claimed(queue, following)
             self._local.extend(following)
         elif isinstance(following, Idle):
@@ -339,6 +373,18 @@ class Worker:
             self._log_outcome(claim, outcome, status)
         if self.settings.metrics.enabled:  # per-task histograms are the costly part; skip when unserved
             self._observe(claim, outcome, status)
+
+    def _leave_idle_sets(self) -> None:
+        """Take this worker out of every idle set and give back what was handed to it since.
+        (Even when it thinks it is in none: Redis may have kept it across a lost connection.)"""
+        try:
+            handed = self.broker.leave(self.queues, self.id, self.lease_ms)
+        except BrokerError as exc:
+            log.warning("could not leave the idle sets (%s); a task handed to this worker runs after its lease", exc)
+            return
+        self._idle_in.clear()
+        for claim in handed:
+            self._hand_back(claim, interrupted=False)
 
     def _hand_back_local(self) -> None:
         """Give back every task claimed but not started (not counted as interrupted)."""
@@ -432,6 +478,7 @@ class Worker:
 
     def _wait_for_redis(self, exc: BrokerError) -> None:
         self.ready = False
+        self._idle_in.clear()  # a restarted Redis may have lost the idle sets: join them again
         started = time.monotonic()
         if not isinstance(exc, BrokerUnavailable):
             # Redis answered with an error (OOM, READONLY, ...): reconnecting will not fix it
@@ -466,6 +513,7 @@ class Worker:
     def _shutdown(self) -> int:
         self._flush(claim_next=False)
         self._hand_back_local()
+        self._leave_idle_sets()
         for queue, clock in self.clocks.items():
             if clock.held_due_ms:
                 try:

@@ -99,7 +99,7 @@ def test_a_batch_claim_leases_each_task_and_leaves_half_the_backlog(redis_url: s
     statuses, following = broker.finish_many(
         [(queue, c.id, c.token, True, b'{"ok":true}', None) for c in claims]
         + [(queue, "t0", "tok/1", True, b"{}", None)],
-        next_claim=(queue, "tok2", 1000, "w1", 1),
+        next_claim=(queue, "tok2", 1000, "w1", 1, 0),
     )
     assert statuses == ["ok"] * 5 + ["late"]  # each finish fenced on its own; a repeat is late
     assert isinstance(following, list) and len(following) == 1 and following[0].id == "t5"

@@ -24,11 +24,16 @@
 --   KEYS[10] dead       zset  id -> time (ms) the task was dead-lettered
 --   KEYS[11] workers    zset  worker id -> last time it claimed (ms)
 --   KEYS[12] dedup      hash  idempotency key -> id of the pending task that holds it
--- Scripts that need more keys take them from KEYS[13] on; their headers say which.
+--   KEYS[13] idle       zset  "<lease_ms>|<inbox key>" -> time (ms) a worker, idle and blocked
+--                             on that inbox, registered; a ready task is handed to the newest
+--   inbox (one per idle worker, named in `idle`)
+--                       zset  tasks handed to that worker, already leased to it, each member
+--                             encoded by encode_handed; score: the time handed (ms)
+-- Scripts that need more keys take them from KEYS[14] on; their headers say which.
 
 local K_READY, K_SCHEDULED, K_RUNNING, K_MARKER = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_PAYLOAD, K_RESULT, K_INFO, K_INPUTS = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local K_EXPIRY, K_DEAD, K_WORKERS, K_DEDUP = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local K_EXPIRY, K_DEAD, K_WORKERS, K_DEDUP, K_IDLE = KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13]
 
 -- How much cleanup and recovery one call may do, so no call is ever slow.
 local SWEEP_BATCH = 20
@@ -117,9 +122,95 @@ local function wake_at(due)
   end
 end
 
--- Put a task whose parents are all done where it belongs: ready now, or scheduled.
-local function make_due(id, due, now)
+-- Lease ready tasks (already taken off the ready list), the i-th under token .. '/' .. i.
+-- The writes all tasks share are one command each: Lua calls into Redis are a busy queue's
+-- main cost. Returns {'ok', task...}, each task
+--   {id, payload|false, attempts, leases_lost, due_ms, now_ms, parent_ids_csv|false, env1, ...}
+local function lease_tasks(ids, now, token, lease_ms)
+  local wanted = {}
+  for _, id in ipairs(ids) do
+    wanted[#wanted + 1] = id .. ':a'
+    wanted[#wanted + 1] = id .. ':l'
+    wanted[#wanted + 1] = id .. ':d'
+    wanted[#wanted + 1] = id .. ':P'
+  end
+  local held = redis.call('HMGET', K_INFO, unpack(wanted))
+  local payloads = redis.call('HMGET', K_PAYLOAD, unpack(ids))
+  local leases, fields, reply = {}, {}, { 'ok' }
+  for i, id in ipairs(ids) do
+    local at = (i - 1) * 4
+    local attempts = tonumber(held[at + 1] or 0) + 1
+    leases[#leases + 1] = now + lease_ms
+    leases[#leases + 1] = id
+    fields[#fields + 1] = id .. ':t'
+    fields[#fields + 1] = token .. '/' .. i
+    fields[#fields + 1] = id .. ':s'
+    fields[#fields + 1] = 'running'
+    fields[#fields + 1] = id .. ':a'
+    fields[#fields + 1] = attempts
+    local parents = held[at + 4]
+    local task = { id, payloads[i], attempts, tonumber(held[at + 2] or 0), tonumber(held[at + 3] or now), now, parents }
+    for _, parent in ipairs(split(parents)) do
+      task[#task + 1] = redis.call('HGET', K_INPUTS, id .. '|' .. parent)
+    end
+    reply[i + 1] = task
+  end
+  redis.call('ZADD', K_RUNNING, unpack(leases))
+  redis.call('HSET', K_INFO, unpack(fields))
+  return reply
+end
+
+-- A leased task as one string, for an inbox: each field as "<length>:<bytes>", false as "-:",
+-- the token first, then the fields of a lease_tasks task (decoded by broker._decode_handed).
+local function encode_handed(token, task)
+  local parts = { #token .. ':' .. token }
+  for i = 1, #task do
+    local v = task[i]
+    if v then
+      v = tostring(v)
+      parts[#parts + 1] = #v .. ':' .. v
+    else
+      parts[#parts + 1] = '-:'
+    end
+  end
+  return table.concat(parts)
+end
+
+-- Give a ready task straight to the idle worker that registered last (it blocks on its inbox,
+-- so it starts the task without claiming it: one wake-up, no second round trip). The task is
+-- leased to it at once, as a claim would; if that worker died idle, the lease expires and any
+-- worker's claim reclaims the task. `fresh_payload` is given for a task just enqueued with no
+-- parents: nothing about it needs reading back (the idle path's latency is mostly Redis
+-- calls). False if no worker is registered idle.
+local function hand_off(id, now, fresh_payload)
+  local newest = redis.call('ZPOPMAX', K_IDLE)
+  if newest[1] == nil then
+    return false
+  end
+  local lease_ms, inbox = string.match(newest[1], '^(%d+)|(.+)$')
+  lease_ms = tonumber(lease_ms)
+  local token = 'h' .. redis.call('HINCRBY', K_INFO, '#handoffs', 1)
+  local task
+  if fresh_payload then -- lease_tasks' writes, for a first attempt
+    redis.call('ZADD', K_RUNNING, now + lease_ms, id)
+    redis.call('HSET', K_INFO, id .. ':t', token .. '/1', id .. ':s', 'running', id .. ':a', 1, id .. ':d', now)
+    task = { id, fresh_payload, 1, 0, now, now, false }
+  else
+    setf(id, 'd', now)
+    task = lease_tasks({ id }, now, token, lease_ms)[2]
+  end
+  redis.call('ZADD', inbox, now, encode_handed(token .. '/1', task))
+  redis.call('PEXPIRE', inbox, 2 * lease_ms) -- a dead worker's inbox goes; its tasks are reclaimed
+  return true
+end
+
+-- Put a task whose parents are all done where it belongs: handed to an idle worker, ready
+-- now, or scheduled. (`fresh_payload`: see hand_off.)
+local function make_due(id, due, now, fresh_payload)
   if due <= now then
+    if hand_off(id, now, fresh_payload) then
+      return
+    end
     redis.call('LPUSH', K_READY, id)
     setf(id, 's', 'ready')
     setf(id, 'd', now)

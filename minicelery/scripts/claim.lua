@@ -4,52 +4,19 @@
 -- and moves due scheduled tasks to ready. A busy worker sends it in the same pipeline as the
 -- finishes of its last batch: one round trip per batch.
 --
--- KEYS: the queue key set (see _common.lua).
+-- KEYS: the queue key set (see _common.lua), then
+--   KEYS[14] inbox   this worker's inbox on the queue (only with ARGV[7])
 -- ARGV[1] token      fencing token base for these leases (unique per claim)
 -- ARGV[2] lease_ms   lease length
 -- ARGV[3] worker     worker id (recorded in the workers set)
 -- ARGV[4] held_due   future due time this worker was waiting for (ms), or 0
 -- ARGV[5] batch      most tasks to claim (each gets its own lease and token ARGV[1]/i)
 -- ARGV[6] woken      1 if this claim follows a wake-up from the marker, else 0
+-- ARGV[7] idle       the worker's registration in the idle set ("<lease_ms>|<inbox>"), or ""
 --
--- Returns what claim_next returns: {'ok', {task}, ...} or {'none', next_due_delay_ms, now_ms}.
-
--- Lease ready tasks (already popped from the ready list), the i-th under token .. '/' .. i.
--- The writes all tasks share are one command each: Lua calls into Redis are a busy queue's
--- main cost.
-local function lease_tasks(ids, now, token, lease_ms)
-  local wanted = {}
-  for _, id in ipairs(ids) do
-    wanted[#wanted + 1] = id .. ':a'
-    wanted[#wanted + 1] = id .. ':l'
-    wanted[#wanted + 1] = id .. ':d'
-    wanted[#wanted + 1] = id .. ':P'
-  end
-  local held = redis.call('HMGET', K_INFO, unpack(wanted))
-  local payloads = redis.call('HMGET', K_PAYLOAD, unpack(ids))
-  local leases, fields, reply = {}, {}, { 'ok' }
-  for i, id in ipairs(ids) do
-    local at = (i - 1) * 4
-    local attempts = tonumber(held[at + 1] or 0) + 1
-    leases[#leases + 1] = now + lease_ms
-    leases[#leases + 1] = id
-    fields[#fields + 1] = id .. ':t'
-    fields[#fields + 1] = token .. '/' .. i
-    fields[#fields + 1] = id .. ':s'
-    fields[#fields + 1] = 'running'
-    fields[#fields + 1] = id .. ':a'
-    fields[#fields + 1] = attempts
-    local parents = held[at + 4]
-    local task = { id, payloads[i], attempts, tonumber(held[at + 2] or 0), tonumber(held[at + 3] or now), now, parents }
-    for _, parent in ipairs(split(parents)) do
-      task[#task + 1] = redis.call('HGET', K_INPUTS, id .. '|' .. parent)
-    end
-    reply[i + 1] = task
-  end
-  redis.call('ZADD', K_RUNNING, unpack(leases))
-  redis.call('HSET', K_INFO, unpack(fields))
-  return reply
-end
+-- Returns what claim_next returns, {'ok', {task}, ...} or {'none', next_due_delay_ms, now_ms},
+-- with the tasks handed to this worker's inbox (encoded strings) added to an 'ok': a claim
+-- takes them too, so none waits in the inbox of a worker that is busy.
 
 -- Claim up to `batch` ready tasks for this worker, each under its own lease and fencing token
 -- (token .. '/' .. i). It never takes more than half the ready backlog (rounded up), so a
@@ -101,5 +68,28 @@ local function claim_next(now, token, lease_ms, worker, held_due, batch, woken)
   return lease_tasks(ids, now, token, lease_ms)
 end
 
-return claim_next(now_ms(), ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]),
-  tonumber(ARGV[6]))
+local function claim(now, registration, held_due)
+  local handed = {}
+  if registration ~= '' then
+    handed = redis.call('ZRANGE', KEYS[14], 0, -1)
+    if #handed > 0 then
+      redis.call('DEL', KEYS[14])
+    end
+  end
+  local reply = claim_next(now, ARGV[1], tonumber(ARGV[2]), ARGV[3], held_due, tonumber(ARGV[5]), tonumber(ARGV[6]))
+  if #handed > 0 and reply[1] == 'none' then
+    reply = { 'ok' }
+    if held_due > 0 then -- busy now: the due time it waited for goes to an idle worker
+      redis.call('ZADD', K_MARKER, 'LT', held_due, 'm')
+    end
+  end
+  for _, task in ipairs(handed) do
+    reply[#reply + 1] = task
+  end
+  if reply[1] == 'ok' and registration ~= '' then
+    redis.call('ZREM', K_IDLE, registration) -- busy: hand nothing more to it until it waits again
+  end
+  return reply
+end
+
+return claim(now_ms(), ARGV[7] or '', tonumber(ARGV[4]))

@@ -68,5 +68,5 @@ if pending > 0 then
   redis.call('HINCRBY', K_INFO, '#waiting', 1)
   return { 'ok', 'waiting' }
 end
-make_due(id, math.max(now, not_before), now)
+make_due(id, math.max(now, not_before), now, parents == '' and payload or nil)
 return { 'ok', getf(id, 's') }

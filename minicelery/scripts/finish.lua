@@ -11,7 +11,7 @@
 -- dead-letter set, kept for dead_ttl instead of result_ttl.
 --
 -- KEYS: the queue key set (see _common.lua), then
---   KEYS[12 + i] done  list the i-th task's result waiters block on (BLMOVE); pushed only if
+--   KEYS[13 + i] done  list the i-th task's result waiters block on (BLMOVE); pushed only if
 --                      a waiter watches the task (see watch.lua)
 -- ARGV[1] result_ttl   ms to keep a result; then every trace of the task is swept
 -- ARGV[2] dead_ttl     ms to keep a dead letter
@@ -50,14 +50,17 @@ for i = 1, (#ARGV - 2) / FIELDS do
     statuses[i] = 'late' -- (a repeat in this batch: its token is deleted only at the end)
   else
     seen[id] = true
-    running_done[#running_done + 1] = id
-    info_deleted[#info_deleted + 1] = id .. ':t'
     local retries = tonumber(held[2] or 0)
     if outcome == 'failed' and retries < tonumber(ARGV[base + 5]) then
       statuses[i] = 'retry'
+      -- The lease ends before make_due, which may hand the task to an idle worker at once.
+      redis.call('ZREM', K_RUNNING, id)
+      redis.call('HDEL', K_INFO, id .. ':t')
       redis.call('HINCRBY', K_INFO, id .. ':r', 1)
       make_due(id, now + retry_delay(base, retries), now)
     else
+      running_done[#running_done + 1] = id
+      info_deleted[#info_deleted + 1] = id .. ':t'
       statuses[i] = 'ok'
       states[#states + 1] = id .. ':s'
       states[#states + 1] = outcome
@@ -80,8 +83,8 @@ for i = 1, (#ARGV - 2) / FIELDS do
         info_deleted[#info_deleted + 1] = id .. ':c'
       end
       if held[5] then
-        redis.call('LPUSH', KEYS[12 + i], '1')
-        redis.call('PEXPIRE', KEYS[12 + i], keep)
+        redis.call('LPUSH', KEYS[13 + i], '1')
+        redis.call('PEXPIRE', KEYS[13 + i], keep)
       end
     end
   end
