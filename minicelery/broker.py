@@ -21,7 +21,7 @@ import redis.exceptions as redis_errors
 from redis.commands.core import Script
 
 from .errors import BrokerAuthError, BrokerError, BrokerUnavailable, MiniceleryError
-from .keys import QueueKeys, worker_wake_key
+from .keys import QueueKeys, queue_keys, worker_wake_key
 from .transport import JSONTransport
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ class Wake:
 
 def idle_registration(queue: str, worker_id: str, lease_ms: int) -> str:
     """A worker's member in a queue's idle set: the lease a hand-off gives, and its inbox."""
-    return f"{lease_ms}|{QueueKeys(queue).inbox(worker_id)}"
+    return f"{lease_ms}|{queue_keys(queue).inbox(worker_id)}"
 
 
 @dataclass(frozen=True)
@@ -254,12 +254,12 @@ class RedisBroker:
 
     def enqueue(self, queue: str, task_id: str, payload: bytes, **options: Any) -> EnqueueReply:
         """Store one task (options: delay_ms, at_ms, parents, dedup_key, reschedule)."""
-        reply = self._run("enqueue", QueueKeys(queue), self._enqueue_args(task_id, payload, **options))
+        reply = self._run("enqueue", queue_keys(queue), self._enqueue_args(task_id, payload, **options))
         return EnqueueReply(_text(reply[0]), _text(reply[1]))
 
     def enqueue_many(self, queue: str, tasks: Sequence[tuple[str, bytes]]) -> list[EnqueueReply]:
         """Store many ready-to-run tasks in one round trip (a pipeline of enqueue scripts)."""
-        keys = QueueKeys(queue).as_list()
+        keys = queue_keys(queue).as_list()
         calls = [("enqueue", keys, self._enqueue_args(task_id, payload)) for task_id, payload in tasks]
         replies = self._pipelined("enqueue many", calls)
         return [EnqueueReply(_text(reply[0]), _text(reply[1])) for reply in replies]
@@ -281,7 +281,7 @@ class RedisBroker:
         `handoffs`: this worker takes tasks handed to it while idle (see wait_for_work); the
         claim takes those waiting in its inbox too, and a worker that gets tasks leaves the
         idle set."""
-        keys = QueueKeys(queue)
+        keys = queue_keys(queue)
         args: list[Any] = [token, lease_ms, worker_id, held_due_ms, batch, 1 if woken else 0]
         extra_keys: list[str] = []
         if handoffs:
@@ -322,7 +322,7 @@ class RedisBroker:
             by_queue.setdefault(item[0], []).append(index)
         calls: list[tuple[str, list[str], list[Any]]] = []
         for queue, indexes in by_queue.items():
-            keys = QueueKeys(queue)
+            keys = queue_keys(queue)
             script_keys, args = keys.as_list(), list[Any](self._ttls())
             for index in indexes:
                 _queue, task_id, token, succeeded, envelope, retry = finishes[index]
@@ -331,7 +331,7 @@ class RedisBroker:
             calls.append(("finish", script_keys, args))
         if next_claim is not None:
             queue, token, lease_ms, worker, batch, held_due_ms = next_claim
-            keys = QueueKeys(queue)
+            keys = queue_keys(queue)
             registration = idle_registration(queue, worker, lease_ms)
             claim_args = [token, lease_ms, worker, held_due_ms, batch, 0, registration]
             calls.append(("claim", [*keys.as_list(), keys.inbox(worker)], claim_args))
@@ -370,24 +370,24 @@ class RedisBroker:
         ]
 
     def release(self, queue: str, task_id: str, token: str) -> bool:
-        return _text(self._run("release", QueueKeys(queue), [task_id, token])) == "ok"
+        return _text(self._run("release", queue_keys(queue), [task_id, token])) == "ok"
 
     def renew(self, queue: str, task_id: str, token: str, lease_ms: int) -> bool:
-        return _text(self._run("renew", QueueKeys(queue), [task_id, token, lease_ms])) == "ok"
+        return _text(self._run("renew", queue_keys(queue), [task_id, token, lease_ms])) == "ok"
 
     def renew_many(self, leases: Sequence[tuple[str, str, str]], lease_ms: int) -> list[bool]:
         """Renew several (queue, id, token) leases in one pipelined round trip."""
-        calls = [("renew", QueueKeys(q).as_list(), [task_id, token, lease_ms]) for q, task_id, token in leases]
+        calls = [("renew", queue_keys(q).as_list(), [task_id, token, lease_ms]) for q, task_id, token in leases]
         return [_text(reply) == "ok" for reply in self._pipelined("renew", calls)]
 
     def dead_letters(self, queue: str) -> list[str]:
         """Ids of every task in the queue's dead-letter set, oldest first."""
         with translate_errors("dead letters"):
-            return [_text(i) for i in self.redis.zrange(QueueKeys(queue).dead, 0, -1)]
+            return [_text(i) for i in self.redis.zrange(queue_keys(queue).dead, 0, -1)]
 
     def revive(self, queue: str, task_ids: Sequence[str]) -> list[str]:
         """Put dead letters back in the queue to run again; returns the ids put back."""
-        keys = QueueKeys(queue)
+        keys = queue_keys(queue)
         revived: list[str] = []
         for start in range(0, len(task_ids), 100):  # bounded work per script call
             batch = list(task_ids[start : start + 100])
@@ -396,7 +396,7 @@ class RedisBroker:
         return revived
 
     def rearm(self, queue: str, due_ms: int) -> None:
-        self._run("rearm", QueueKeys(queue), [due_ms])
+        self._run("rearm", queue_keys(queue), [due_ms])
 
     @staticmethod
     def _parse_claim(queue: str, token: str, reply: list[Any]) -> list[Claim] | Idle:
@@ -426,8 +426,8 @@ class RedisBroker:
         `handoffs_lease_ms`, one of its inboxes is pushed. First, in the same round trip, it
         joins the idle set of each queue in `register`: from then on a ready task on that queue
         may be handed straight to its inbox, leased for `handoffs_lease_ms`."""
-        markers = {QueueKeys(q).marker: q for q in queues}
-        inboxes = {} if handoffs_lease_ms is None else {QueueKeys(q).inbox(worker_id): q for q in queues}
+        markers = {queue_keys(q).marker: q for q in queues}
+        inboxes = {} if handoffs_lease_ms is None else {queue_keys(q).inbox(worker_id): q for q in queues}
         wake_key = worker_wake_key(worker_id)
         timeout = max(0.001, min(timeout, self.max_block))
         with translate_errors("BZPOPMIN"):
@@ -435,7 +435,7 @@ class RedisBroker:
             if handoffs_lease_ms is not None:
                 for queue in register:
                     member = idle_registration(queue, worker_id, handoffs_lease_ms)
-                    pipe.zadd(QueueKeys(queue).idle, {member: time.time() * 1000})
+                    pipe.zadd(queue_keys(queue).idle, {member: time.time() * 1000})
             # A stop comes first, then a task already leased to this worker, then a marker.
             pipe.bzpopmin([wake_key, *inboxes, *markers], timeout=timeout)
             reply = pipe.execute()[-1]
@@ -452,7 +452,7 @@ class RedisBroker:
         handed: list[Claim] = []
         with translate_errors("leave the idle set"):
             for queue in queues:
-                keys = QueueKeys(queue)
+                keys = queue_keys(queue)
                 pipe = self.redis.pipeline(transaction=True)
                 pipe.zrem(keys.idle, idle_registration(queue, worker_id, lease_ms))
                 pipe.zrange(keys.inbox(worker_id), 0, -1)
@@ -472,7 +472,7 @@ class RedisBroker:
 
     def outcome(self, queue: str, task_id: str) -> tuple[str | None, bytes | None]:
         """The task's state and (once finished) its result envelope, read atomically."""
-        keys = QueueKeys(queue)
+        keys = queue_keys(queue)
         with translate_errors("read result"):
             pipe = self.redis.pipeline(transaction=True)
             pipe.hget(keys.info, f"{task_id}:s")
@@ -483,7 +483,7 @@ class RedisBroker:
     def watch(self, queue: str, task_id: str) -> tuple[str | None, bytes | None]:
         """Like outcome(), and a pending task's finish will wake wait_done() (only watched tasks
         pay for a done list)."""
-        state, envelope = self._run("watch", QueueKeys(queue), [task_id])
+        state, envelope = self._run("watch", queue_keys(queue), [task_id])
         return (_text(state) if state else None), (envelope or None)
 
     def wait_done(self, queue: str, task_id: str, timeout: float) -> bool:
@@ -492,7 +492,7 @@ class RedisBroker:
         BLMOVE from the task's done list back onto itself returns to every waiter in turn
         and leaves the element in place, so any number of waiters wake on one finish.
         """
-        key = QueueKeys(queue).done(task_id)
+        key = queue_keys(queue).done(task_id)
         timeout = max(0.001, min(timeout, self.max_block))
         with translate_errors("BLMOVE"):
             return self.blocking_redis.blmove(key, key, timeout, "RIGHT", "LEFT") is not None  # type: ignore[arg-type]
@@ -501,7 +501,7 @@ class RedisBroker:
 
     def depths(self, queue: str) -> dict[str, int]:
         """How many tasks are in each state, in one round trip (cheap enough for every scrape)."""
-        keys = QueueKeys(queue)
+        keys = queue_keys(queue)
         with translate_errors("queue depths"):
             pipe = self.redis.pipeline(transaction=False)
             pipe.llen(keys.ready)
@@ -522,7 +522,7 @@ class RedisBroker:
 
     def queue_report(self, queue: str, lease_seconds: float, dead_shown: int = 20) -> dict[str, Any]:
         """Depths, next due time, live workers and the latest dead letters of one queue."""
-        keys = QueueKeys(queue)
+        keys = queue_keys(queue)
         depths = self.depths(queue)
         with translate_errors("inspect"):
             server_time = self.redis.time()
@@ -572,7 +572,7 @@ class RedisBroker:
         """Delete every key of a queue; returns how many keys went."""
         deleted = 0
         with translate_errors("purge"):
-            for key in self.redis.scan_iter(match=QueueKeys(queue).all_keys_pattern(), count=500):
+            for key in self.redis.scan_iter(match=queue_keys(queue).all_keys_pattern(), count=500):
                 deleted += int(self.redis.delete(key))
         return deleted
 

@@ -9,6 +9,7 @@ worker registered, which is in the queue's slot too.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -99,7 +100,11 @@ class QueueKeys:
 
     def as_list(self) -> list[str]:
         """KEYS[1..13] of every script, in the order scripts/_common.lua names them."""
-        return [
+        return list(self._listed)
+
+    @functools.cached_property
+    def _listed(self) -> tuple[str, ...]:
+        return (
             self.ready,
             self.scheduled,
             self.running,
@@ -113,11 +118,17 @@ class QueueKeys:
             self.workers,
             self.dedup,
             self.idle,
-        ]
+        )
 
     def all_keys_pattern(self) -> str:
         """A SCAN pattern that matches every key of this queue (for purge and tests)."""
         return f"{ROOT}:{{{self.queue}}}:*"
+
+
+@functools.lru_cache(maxsize=1024)
+def queue_keys(queue: str) -> QueueKeys:
+    """A queue's keys, built (and the name checked) once: every script call needs them."""
+    return QueueKeys(queue)
 
 
 def worker_wake_key(worker_id: str) -> str:

@@ -205,22 +205,23 @@ local function hand_off(id, now, fresh_payload)
 end
 
 -- Put a task whose parents are all done where it belongs: handed to an idle worker, ready
--- now, or scheduled. (`fresh_payload`: see hand_off.)
+-- now, or scheduled; returns its state. (`fresh_payload`: see hand_off.)
 local function make_due(id, due, now, fresh_payload)
   if due <= now then
     if hand_off(id, now, fresh_payload) then
-      return
+      return 'running'
     end
     redis.call('LPUSH', K_READY, id)
     setf(id, 's', 'ready')
     setf(id, 'd', now)
     wake_now(now)
-  else
-    wake_at(due)
-    redis.call('ZADD', K_SCHEDULED, due, id)
-    setf(id, 's', 'scheduled')
-    setf(id, 'd', due)
+    return 'ready'
   end
+  wake_at(due)
+  redis.call('ZADD', K_SCHEDULED, due, id)
+  setf(id, 's', 'scheduled')
+  setf(id, 'd', due)
+  return 'scheduled'
 end
 
 -- Give each waiting child (`children`: the parent's "c" field) this parent's envelope;

@@ -42,8 +42,7 @@ if dedup_key ~= '' then
   setf(id, 'k', dedup_key)
 end
 
-redis.call('HSET', K_PAYLOAD, id, payload)
-setf(id, 'a', 0)
+redis.call('HSET', K_PAYLOAD, id, payload) -- (no attempts field yet: absent means 0)
 
 local pending = 0
 if parents ~= '' then
@@ -68,5 +67,4 @@ if pending > 0 then
   redis.call('HINCRBY', K_INFO, '#waiting', 1)
   return { 'ok', 'waiting' }
 end
-make_due(id, math.max(now, not_before), now, parents == '' and payload or nil)
-return { 'ok', getf(id, 's') }
+return { 'ok', make_due(id, math.max(now, not_before), now, parents == '' and payload or nil) }
