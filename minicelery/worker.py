@@ -197,6 +197,7 @@ class Worker:
 
     def _claimed(self, queue: str, claims: list[Claim]) -> None:
         self._idle_in.discard(queue)  # the claim script took this worker out of the idle set
+        self._leave_other_idle_sets()
         clock = self.clocks[queue]
         clock.next_check = math.inf
         clock.offset_ms = claims[0].now_ms - time.time() * 1000
@@ -257,6 +258,7 @@ class Worker:
         again), and the hand-off saves that round trip."""
         self._idle_in.discard(queue)
         self._local.append(claim)
+        self._leave_other_idle_sets()
         if self._usually_brief(claim):
             return
         for name, clock in self.clocks.items():
@@ -373,6 +375,21 @@ class Worker:
             self._log_outcome(claim, outcome, status)
         if self.settings.metrics.enabled:  # per-task histograms are the costly part; skip when unserved
             self._observe(claim, outcome, status)
+
+    def _leave_other_idle_sets(self) -> None:
+        """A worker on several queues, busy on one, leaves the idle sets of the others: a task
+        handed to it there would wait for this one while another worker may be idle. What was
+        handed to it meanwhile is leased to it already: it runs that too. (One round trip, only
+        for a worker on several queues that was waiting on them.)"""
+        if not self._idle_in:
+            return
+        try:
+            handed = self.broker.leave(sorted(self._idle_in), self.id, self.lease_ms)
+        except BrokerError as exc:  # (the claim in hand must still run: try again next time)
+            log.warning("could not leave the idle sets of %s: %s", ", ".join(sorted(self._idle_in)), exc)
+            return
+        self._idle_in.clear()
+        self._local.extend(handed)
 
     def _leave_idle_sets(self) -> None:
         """Take this worker out of every idle set and give back what was handed to it since.

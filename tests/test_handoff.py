@@ -178,3 +178,24 @@ def test_a_task_handed_to_a_worker_killed_while_idle_runs_on_another_after_the_l
     workers.start()
     assert handle.result(timeout=30) == "kept"
     assert r.hget(QueueKeys(app.default_queue).info, f"{handle.id}:l") == b"1"  # run after a reclaim
+
+
+def test_a_worker_on_two_queues_busy_on_one_is_handed_nothing_on_the_other(
+    app: Client, workers: Workers, r: redis.Redis
+) -> None:
+    """Its task there would wait behind the one it runs, while a worker of that queue idles."""
+    first, second = app.default_queue, f"{app.default_queue}.b"
+    other_app = Client(app.broker, default_queue=second)
+    Client.instances.remove(other_app)
+    import worktasks
+
+    worktasks.register(other_app)
+    idle_one = workers.start(MINICELERY_WORKER__QUEUES=f'["{second}"]')
+    idle_in(r, second, 1)
+    both = workers.start(MINICELERY_WORKER__QUEUES=f'["{first}", "{second}"]')  # the newest on `second`
+    idle_in(r, second, 2)
+    idle_in(r, first, 1)
+    busy = app.tasks["pid_after"](3).start()  # handed to `both`
+    idle_in(r, second, 1)
+    assert other_app.tasks["pid_after"](0).start().result(timeout=20) == idle_one.pid
+    assert busy.result(timeout=20) == both.pid
