@@ -314,9 +314,9 @@ class RedisBroker:
         next_claim: tuple[str, str, int, str, int, int] | None = None,
     ) -> tuple[list[str], list[Claim] | Idle | None]:
         """Several finishes (queue, id, token, succeeded, envelope, retry), then optionally a
-        claim (queue, token, lease_ms, worker, batch, held_due_ms), in one pipelined round trip: one finish
-        script per queue, each atomic. Returns each finish's status, then the claim's reply.
-        The claim is a worker's, as claim(handoffs=True) makes it."""
+        worker's claim (queue, token, lease_ms, worker, batch, held_due_ms; as with
+        claim(handoffs=True)), in one pipelined round trip: one finish script per queue, each
+        atomic. Returns each finish's status, then the claim's reply."""
         by_queue: dict[str, list[int]] = {}
         for index, item in enumerate(finishes):
             by_queue.setdefault(item[0], []).append(index)
@@ -599,17 +599,20 @@ def _decode_handed(queue: str, member: bytes) -> Claim:
     b"<length>:<bytes>", or b"-:" for false (encode_handed in scripts/_common.lua)."""
     fields: list[bytes | None] = []
     at = 0
-    while at < len(member):
-        colon = member.index(b":", at)
-        head = member[at:colon]
-        if head == b"-":
-            fields.append(None)
-            at = colon + 1
-        else:
-            end = colon + 1 + int(head)
-            fields.append(member[colon + 1 : end])
-            at = end
-    token = fields[0]
-    if token is None:
-        raise BrokerError(f"a task handed to queue {queue!r} has no lease token: {member[:200]!r}")
-    return _claim_of(queue, _text(token), fields[1:])
+    try:
+        while at < len(member):
+            colon = member.index(b":", at)
+            head = member[at:colon]
+            if head == b"-":
+                fields.append(None)
+                at = colon + 1
+            else:
+                end = colon + 1 + int(head)
+                fields.append(member[colon + 1 : end])
+                at = end
+        token = fields[0]
+        if token is None:
+            raise ValueError("no lease token")
+        return _claim_of(queue, _text(token), fields[1:])
+    except (ValueError, IndexError) as exc:  # not written by hand_off; its lease, if any, expires
+        raise BrokerError(f"unreadable task handed to queue {queue!r} ({exc}): {member[:200]!r}") from exc

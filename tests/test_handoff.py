@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 import redis
 from conftest import Workers, wait_until
 
 from minicelery import Client, JSONTransport, RedisBroker
 from minicelery.broker import Claim, RetryPlan, idle_registration
+from minicelery.errors import BrokerError
 from minicelery.keys import QueueKeys
 
 LEASE_MS = 5000
@@ -199,3 +201,15 @@ def test_a_worker_on_two_queues_busy_on_one_is_handed_nothing_on_the_other(
     idle_in(r, second, 1)
     assert other_app.tasks["pid_after"](0).start().result(timeout=20) == idle_one.pid
     assert busy.result(timeout=20) == both.pid
+
+
+def test_junk_in_an_inbox_is_a_clear_broker_error_and_the_next_wait_goes_on(
+    redis_url: str, queue: str, r: redis.Redis
+) -> None:
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    r.zadd(QueueKeys(queue).inbox("w1"), {"not a task": 0})
+    with pytest.raises(BrokerError, match="unreadable task handed to queue"):
+        broker.wait_for_work([queue], "w1", 1, handoffs_lease_ms=LEASE_MS)
+    broker.enqueue(queue, "t1", b"{}")
+    wake = broker.wait_for_work([queue], "w1", 1, handoffs_lease_ms=LEASE_MS)
+    assert wake is not None and wake.queue == queue and wake.handed is None  # the marker, as before
