@@ -90,8 +90,9 @@ class Wake:
 
 
 def idle_registration(queue: str, worker_id: str, lease_ms: int) -> str:
-    """A worker's member in a queue's idle set: the lease a hand-off gives, and its inbox."""
-    return f"{lease_ms}|{queue_keys(queue).inbox(worker_id)}"
+    """A worker's member in a queue's idle set: the lease a hand-off gives, who it is (the
+    hand-off skips a worker its claims have not shown alive lately), and its inbox."""
+    return f"{lease_ms}|{worker_id}|{queue_keys(queue).inbox(worker_id)}"
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,16 @@ from minicelery.keys import QueueKeys
 LEASE_MS = 5000
 
 
+def seen(broker: RedisBroker, queue: str, worker: str, ago_ms: int = 0) -> None:
+    """Record the worker as its claims do (a live idle worker claims once per lease)."""
+    seconds, micros = broker.redis.time()
+    broker.redis.zadd(QueueKeys(queue).workers, {worker: seconds * 1000 + micros // 1000 - ago_ms})
+
+
 def go_idle(broker: RedisBroker, queue: str, worker: str, lease_ms: int = LEASE_MS) -> None:
     """What an idle worker does before it blocks: join the queue's idle set (here the block
     itself times out at once)."""
+    seen(broker, queue, worker)
     assert broker.wait_for_work([queue], worker, 0.001, handoffs_lease_ms=lease_ms, register=[queue]) is None
 
 
@@ -74,6 +81,7 @@ def test_a_claim_takes_what_was_handed_to_the_worker_and_takes_it_out_of_the_idl
     none waits in the inbox of a busy worker."""
     broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
     keys = QueueKeys(queue)
+    seen(broker, queue, "w1")
     r.zadd(keys.idle, {idle_registration(queue, "w1", LEASE_MS): 1})  # joined; not reading yet
     broker.enqueue(queue, "t1", b"{}")
     broker.enqueue(queue, "t2", b"{}")  # no idle worker left: to the ready list
@@ -104,6 +112,20 @@ def test_a_task_handed_to_a_worker_that_died_idle_is_reclaimed_after_its_lease(
     (claim,) = wait_until(reclaimed, 10, "the lease to expire")  # type: ignore[misc]
     assert (claim.id, claim.attempts, claim.leases_lost) == ("t1", 2, 1)
     assert r.pttl(QueueKeys(queue).inbox("dead")) > 0  # the dead worker's inbox goes by itself
+
+
+def test_nothing_is_handed_to_a_worker_whose_claims_stopped_two_leases_ago(
+    redis_url: str, queue: str, r: redis.Redis
+) -> None:
+    """An idle worker claims once per lease; one silent for longer died idle (SIGKILL, a lost
+    node). Its entry is dropped, so no task waits out a lease for it."""
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    go_idle(broker, queue, "alive")
+    go_idle(broker, queue, "ghost")  # the newest ...
+    seen(broker, queue, "ghost", ago_ms=2 * LEASE_MS + 11_000)  # ... but silent too long
+    broker.enqueue(queue, "t1", b"{}")
+    assert take_handed(broker, queue, "alive").id == "t1"
+    assert r.zcard(QueueKeys(queue).idle) == 0 and not r.exists(QueueKeys(queue).inbox("ghost"))
 
 
 def test_a_stopping_worker_gives_back_what_was_handed_to_it(redis_url: str, queue: str, r: redis.Redis) -> None:

@@ -24,8 +24,9 @@
 --   KEYS[10] dead       zset  id -> time (ms) the task was dead-lettered
 --   KEYS[11] workers    zset  worker id -> last time it claimed (ms)
 --   KEYS[12] dedup      hash  idempotency key -> id of the pending task that holds it
---   KEYS[13] idle       zset  "<lease_ms>|<inbox key>" -> time (ms) a worker, idle and blocked
---                             on that inbox, registered; a ready task is handed to the newest
+--   KEYS[13] idle       zset  "<lease_ms>|<worker id>|<inbox key>" -> time (ms) a worker, idle
+--                             and blocked on that inbox, registered; a ready task is handed to
+--                             the newest
 --   inbox (one per idle worker, named in `idle`)
 --                       zset  tasks handed to that worker, already leased to it, each member
 --                             encoded by encode_handed; score: the time handed (ms)
@@ -47,6 +48,9 @@ local PROMOTE_BATCH = 100
 local RECLAIM_BATCH = 20
 -- Workers not seen for a day are dropped from the workers set.
 local WORKER_FORGET_MS = 86400000
+-- An idle worker claims once per lease (its sweep), at most an idle block late: one not seen
+-- by a claim for two leases and this long is dead, and nothing is handed to it.
+local IDLE_SILENCE_MS = 10000
 
 local INFO_FIELDS = { 's', 'a', 'l', 'r', 't', 'd', 'n', 'p', 'P', 'c', 'k', 'w' }
 
@@ -179,16 +183,22 @@ end
 -- Give a ready task straight to the idle worker that registered last (it blocks on its inbox,
 -- so it starts the task without claiming it: one wake-up, no second round trip). The task is
 -- leased to it at once, as a claim would; if that worker died idle, the lease expires and any
--- worker's claim reclaims the task. `fresh_payload` is given for a task just enqueued with no
+-- worker's claim reclaims the task (only for a worker dead less than two leases: see
+-- IDLE_SILENCE_MS). `fresh_payload` is given for a task just enqueued with no
 -- parents: nothing about it needs reading back (the idle path's latency is mostly Redis
 -- calls). False if no worker is registered idle.
 local function hand_off(id, now, fresh_payload)
-  local newest = redis.call('ZPOPMAX', K_IDLE)
-  if newest[1] == nil then
-    return false
-  end
-  local lease_ms, inbox = string.match(newest[1], '^(%d+)|(.+)$')
-  lease_ms = tonumber(lease_ms)
+  local lease_ms, inbox
+  repeat
+    local newest = redis.call('ZPOPMAX', K_IDLE)
+    if newest[1] == nil then
+      return false
+    end
+    local worker
+    lease_ms, worker, inbox = string.match(newest[1], '^(%d+)|([^|]+)|(.+)$')
+    lease_ms = tonumber(lease_ms)
+    local seen = tonumber(redis.call('ZSCORE', K_WORKERS, worker) or 0)
+  until now - seen <= 2 * lease_ms + IDLE_SILENCE_MS -- else it died idle: its entry is dropped
   local token = 'h' .. redis.call('HINCRBY', K_INFO, '#handoffs', 1)
   local task
   if fresh_payload then -- lease_tasks' writes, for a first attempt

@@ -12,7 +12,7 @@
 -- ARGV[4] held_due   future due time this worker was waiting for (ms), or 0
 -- ARGV[5] batch      most tasks to claim (each gets its own lease and token ARGV[1]/i)
 -- ARGV[6] woken      1 if this claim follows a wake-up from the marker, else 0
--- ARGV[7] idle       the worker's registration in the idle set ("<lease_ms>|<inbox>"), or ""
+-- ARGV[7] idle       the worker's registration in the idle set (see _common.lua), or ""
 --
 -- Returns what claim_next returns, {'ok', {task}, ...} or {'none', next_due_delay_ms, now_ms},
 -- with the tasks handed to this worker's inbox (encoded strings) added to an 'ok': a claim
