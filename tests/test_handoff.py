@@ -123,6 +123,7 @@ def test_nothing_is_handed_to_a_worker_whose_claims_stopped_two_leases_ago(
     go_idle(broker, queue, "alive")
     go_idle(broker, queue, "ghost")  # the newest ...
     seen(broker, queue, "ghost", ago_ms=2 * LEASE_MS + 11_000)  # ... but silent too long
+    r.zadd(QueueKeys(queue).idle, {"junk": 9e15})  # not an entry a worker makes: dropped too
     broker.enqueue(queue, "t1", b"{}")
     assert take_handed(broker, queue, "alive").id == "t1"
     assert r.zcard(QueueKeys(queue).idle) == 0 and not r.exists(QueueKeys(queue).inbox("ghost"))

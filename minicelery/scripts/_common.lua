@@ -197,8 +197,9 @@ local function hand_off(id, now, fresh_payload)
     local worker
     lease_ms, worker, inbox = string.match(newest[1], '^(%d+)|([^|]+)|(.+)$')
     lease_ms = tonumber(lease_ms)
-    local seen = tonumber(redis.call('ZSCORE', K_WORKERS, worker) or 0)
-  until now - seen <= 2 * lease_ms + IDLE_SILENCE_MS -- else it died idle: its entry is dropped
+    local seen = worker and tonumber(redis.call('ZSCORE', K_WORKERS, worker) or 0) -- nil: junk
+    -- A worker not seen alive lately died idle, and a malformed entry is no worker: dropped.
+  until seen and now - seen <= 2 * lease_ms + IDLE_SILENCE_MS
   local token = 'h' .. redis.call('HINCRBY', K_INFO, '#handoffs', 1)
   local task
   if fresh_payload then -- lease_tasks' writes, for a first attempt
