@@ -282,13 +282,8 @@ class RedisBroker:
         `handoffs`: this worker takes tasks handed to it while idle (see wait_for_work); the
         claim takes those waiting in its inbox too, and a worker that gets tasks leaves the
         idle set."""
-        keys = queue_keys(queue)
-        args: list[Any] = [token, lease_ms, worker_id, held_due_ms, batch, 1 if woken else 0]
-        extra_keys: list[str] = []
-        if handoffs:
-            args.append(idle_registration(queue, worker_id, lease_ms))
-            extra_keys.append(keys.inbox(worker_id))
-        reply = self._run("claim", keys, args, extra_keys)
+        extra_keys, args = _claim_call(queue, token, lease_ms, worker_id, held_due_ms, batch, woken, handoffs)
+        reply = self._run("claim", queue_keys(queue), args, extra_keys)
         return self._parse_claim(queue, token, reply)
 
     def finish(
@@ -332,10 +327,8 @@ class RedisBroker:
             calls.append(("finish", script_keys, args))
         if next_claim is not None:
             queue, token, lease_ms, worker, batch, held_due_ms = next_claim
-            keys = queue_keys(queue)
-            registration = idle_registration(queue, worker, lease_ms)
-            claim_args = [token, lease_ms, worker, held_due_ms, batch, 0, registration]
-            calls.append(("claim", [*keys.as_list(), keys.inbox(worker)], claim_args))
+            extra_keys, claim_args = _claim_call(queue, token, lease_ms, worker, held_due_ms, batch, False, True)
+            calls.append(("claim", [*queue_keys(queue).as_list(), *extra_keys], claim_args))
         replies = self._pipelined("finish", calls)
         statuses = [""] * len(finishes)
         for indexes, reply in zip(by_queue.values(), replies, strict=False):
@@ -576,6 +569,23 @@ class RedisBroker:
             for key in self.redis.scan_iter(match=queue_keys(queue).all_keys_pattern(), count=500):
                 deleted += int(self.redis.delete(key))
         return deleted
+
+
+def _claim_call(
+    queue: str,
+    token: str,
+    lease_ms: int,
+    worker_id: str,
+    held_due_ms: int,
+    batch: int,
+    woken: bool,
+    handoffs: bool,
+) -> tuple[list[str], list[Any]]:
+    """claim.lua's keys after the queue's own, and its ARGV (see the script's header)."""
+    args: list[Any] = [token, lease_ms, worker_id, held_due_ms, batch, 1 if woken else 0]
+    if not handoffs:
+        return [], args
+    return [queue_keys(queue).inbox(worker_id)], [*args, idle_registration(queue, worker_id, lease_ms)]
 
 
 def _claim_of(queue: str, token: str, task: Sequence[Any]) -> Claim:

@@ -186,7 +186,6 @@ class Worker:
         )
         clock.last_claim = time.monotonic()
         if isinstance(reply, list):
-            clock.held_due_ms = 0  # handed on by the claim script
             self._claimed(queue, reply)
             return reply
         self._learn(queue, reply)
@@ -199,6 +198,7 @@ class Worker:
         self._idle_in.discard(queue)  # the claim script took this worker out of the idle set
         self._leave_other_idle_sets()
         clock = self.clocks[queue]
+        clock.held_due_ms = 0  # handed on by the claim script
         clock.next_check = math.inf
         clock.offset_ms = claims[0].now_ms - time.time() * 1000
 
@@ -354,7 +354,6 @@ class Worker:
             self._count(claim, outcome, status)
         clock.last_claim = time.monotonic()
         if isinstance(following, list):
-            clock.held_due_ms = 0  # handed on by the claim script
             self._claimed(queue, following)
             self._local.extend(following)
         elif isinstance(following, Idle):
@@ -381,27 +380,26 @@ class Worker:
         handed to it there would wait for this one while another worker may be idle. What was
         handed to it meanwhile is leased to it already: it runs that too. (One round trip, only
         for a worker on several queues that was waiting on them.)"""
-        if not self._idle_in:
-            return
-        try:
-            handed = self.broker.leave(sorted(self._idle_in), self.id, self.lease_ms)
-        except BrokerError as exc:  # (the claim in hand must still run: try again next time)
-            log.warning("could not leave the idle sets of %s: %s", ", ".join(sorted(self._idle_in)), exc)
-            return
-        self._idle_in.clear()
-        self._local.extend(handed)
+        if self._idle_in:
+            self._local.extend(self._leave(sorted(self._idle_in)))
 
     def _leave_idle_sets(self) -> None:
         """Take this worker out of every idle set and give back what was handed to it since.
         (Even when it thinks it is in none: Redis may have kept it across a lost connection.)"""
-        try:
-            handed = self.broker.leave(self.queues, self.id, self.lease_ms)
-        except BrokerError as exc:
-            log.warning("could not leave the idle sets (%s); a task handed to this worker runs after its lease", exc)
-            return
-        self._idle_in.clear()
-        for claim in handed:
+        for claim in self._leave(self.queues):
             self._hand_back(claim, interrupted=False)
+
+    def _leave(self, queues: list[str]) -> list[Claim]:
+        """Leave these queues' idle sets; returns the tasks handed to this worker meanwhile
+        (leased to it). If Redis fails, the worker stays in them and nothing is returned: it
+        tries again next time, and a task handed to it runs after its lease at worst."""
+        try:
+            handed = self.broker.leave(queues, self.id, self.lease_ms)
+        except BrokerError as exc:
+            log.warning("could not leave the idle sets of %s: %s", ", ".join(queues), exc)
+            return []
+        self._idle_in.difference_update(queues)
+        return handed
 
     def _hand_back_local(self) -> None:
         """Give back every task claimed but not started (not counted as interrupted)."""
