@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+import hiredis
 import redis
 import redis.exceptions as redis_errors
 from redis.commands.core import Script
@@ -211,26 +212,52 @@ class RedisBroker:
     # --- scripts -------------------------------------------------------------------------------
 
     def _pipelined(self, what: str, calls: Sequence[tuple[str, list[str], list[Any]]]) -> list[Any]:
-        """Several scripts in one round trip, by SHA. (redis-py's Script objects in a pipeline
-        first ask SCRIPT EXISTS: a second round trip, 13% of a busy worker's time.) Scripts
-        missing after a Redis restart are loaded and the whole pipeline is sent again: a
-        NOSCRIPT reply means that script did not run."""
+        """Several scripts in one round trip, by SHA. Scripts missing after a Redis restart are
+        loaded and the whole lot is sent again: a NOSCRIPT reply means that script did not run.
+        An error reply from any script raises, after every reply has been read."""
+        commands = [("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args) for name, keys, args in calls]
         for attempt in (1, 2):
             with translate_errors(what):
-                pipe = self.redis.pipeline(transaction=False)
-                for name, keys, args in calls:
-                    pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
-                try:
-                    return pipe.execute()
-                except redis_errors.NoScriptError:
-                    if attempt == 2:
-                        raise
-                    self.load_scripts()
+                replies = self._exchange(commands)
+                error = next((r for r in replies if isinstance(r, redis_errors.ResponseError)), None)
+                if error is None:
+                    return replies
+                if not isinstance(error, redis_errors.NoScriptError) or attempt == 2:
+                    raise error
+                self.load_scripts()
         raise AssertionError("unreachable")
 
+    def _exchange(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Send commands on one pooled connection and read every reply; an error reply comes
+        back as its ResponseError. Connection errors are retried as redis-py retries them.
+
+        Not redis-py's Pipeline: its bookkeeping (and packing argument by argument in Python)
+        cost a busy worker 19 µs of CPU per task, a quarter of all it spends on a no-op task;
+        this is the same wire exchange with hiredis packing each command in C."""
+        pool = self.redis.connection_pool
+        connection: Any = pool.get_connection()  # (redis-py leaves its connection API untyped)
+
+        def send_and_read() -> list[Any]:
+            connection.send_packed_command([b"".join([hiredis.pack_command(c) for c in commands])])
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(connection.read_response())
+                except redis_errors.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+
+        try:
+            replies: list[Any] = connection.retry.call_with_retry(send_and_read, lambda _error: connection.disconnect())
+            return replies
+        except BaseException:
+            connection.disconnect()  # replies may be left unread: never reuse this socket
+            raise
+        finally:
+            pool.release(connection)
+
     def _run(self, name: str, keys: QueueKeys, args: Sequence[Any], extra_keys: Sequence[str] = ()) -> Any:
-        with translate_errors(name):
-            return self._scripts[name](keys=[*keys.as_list(), *extra_keys], args=list(args))
+        return self._pipelined(name, [(name, [*keys.as_list(), *extra_keys], list(args))])[0]
 
     @staticmethod
     def _enqueue_args(

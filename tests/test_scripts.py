@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from importlib import resources
 
+import pytest
 import redis
 
 from minicelery import JSONTransport, RedisBroker
 from minicelery.broker import SCRIPT_NAMES, Claim, Idle
+from minicelery.errors import BrokerError
 from minicelery.keys import QueueKeys
 
 
@@ -119,6 +121,37 @@ def test_pipelined_scripts_survive_a_script_cache_flush(redis_url: str, queue: s
     r.script_flush()
     statuses, _ = broker.finish_many([(queue, c.id, c.token, True, b"{}", None) for c in claims])
     assert statuses == ["ok"]  # one claimed (half of two): its finish went through after reloading
+
+
+def test_a_script_error_in_a_pipeline_leaves_the_connection_in_step(redis_url: str, queue: str, r: redis.Redis) -> None:
+    """One queue's finish fails (its info key is not a hash) while another's runs in the same
+    round trip: the error is raised, and every reply was read, so the next call gets its own."""
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    broken = f"{queue}-broken"
+    r.set(QueueKeys(broken).info, "not a hash")
+    try:
+        broker.enqueue(queue, "t1", b"{}")
+        (claim,) = broker.claim(queue, "tok", 1000, "w1")  # type: ignore[misc]
+        with pytest.raises(BrokerError, match="WRONGTYPE"):
+            broker.finish_many(
+                [(broken, "x", "tok/1", True, b"{}", None), (queue, "t1", claim.token, True, b"{}", None)]
+            )
+        assert r.hget(QueueKeys(queue).result, "t1") == b"{}"  # the other queue's finish ran
+        assert broker.enqueue(queue, "t2", b"{}").status == "ok"  # not a reply left over from before
+        assert isinstance(broker.claim(queue, "tok2", 1000, "w1"), list)
+    finally:
+        r.delete(QueueKeys(broken).info)
+
+
+def test_a_connection_redis_closed_is_replaced_without_an_error(redis_url: str, queue: str, r: redis.Redis) -> None:
+    """Redis closing an idle client's connection (its `timeout`, a restart) costs the next
+    call a reconnect, not an error."""
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    assert broker.enqueue(queue, "t1", b"{}").status == "ok"  # the pool now holds a connection
+    killed = r.client_kill_filter(_type="normal", skipme=True)
+    assert killed >= 1
+    assert [reply.status for reply in broker.enqueue_many(queue, [("t2", b"{}")])] == ["ok"]
+    assert broker.enqueue(queue, "t3", b"{}").status == "ok"
 
 
 def test_a_task_promised_to_a_woken_worker_is_left_for_it(redis_url: str, queue: str, r: redis.Redis) -> None:
