@@ -71,6 +71,9 @@ REDIS_TIMEOUT_GRAIN = 0.1
 # Longest a finished result may be held back to be stored together with the next ones.
 FINISH_HOLD_MAX = 0.005
 
+# A busy worker tells systemd which task it runs at most this often (seconds).
+PER_TASK_STATUS_EVERY = 1.0
+
 
 @dataclass
 class Counters:
@@ -118,6 +121,8 @@ class Worker:
         # Queues whose idle set holds this worker (tasks may be handed to it). A claim that
         # gets tasks, or a hand-off, takes it out; the next idle wait puts it back.
         self._idle_in: set[str] = set()
+        self._status_per_task = False  # the last status sent named the running task
+        self._status_sent_at = -math.inf
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -287,7 +292,7 @@ class Worker:
             if time_limit != default_limit:  # the task's own limit: the heartbeat must know it
                 self.running = Running(claim.queue, claim.id, claim.token, time.monotonic(), time_limit)
 
-        self._update_status(f"running task {claim.id}")
+        self._update_status(f"running task {claim.id}", per_task=True)
         try:
             outcome = self.runner.run(claim, on_start=started)
         except HandBack:
@@ -520,9 +525,17 @@ class Worker:
             time.sleep(min(0.1, left))
             self.loop_alive_at = time.monotonic()
 
-    def _update_status(self, state: str = "idle") -> None:
+    def _update_status(self, state: str = "idle", *, per_task: bool = False) -> None:
+        """Tell systemd what the worker does (`systemctl status`). Naming each running task is
+        throttled while the worker stays busy: every status is a datagram to PID 1, and one per
+        task cost the worker 34 µs of CPU per task, more than a no-op task's own 56 µs. Any
+        other status (idle, waiting for Redis) goes out at once."""
         if not self.notifier.enabled:
             return
+        now = time.monotonic()
+        if per_task and self._status_per_task and now - self._status_sent_at < PER_TASK_STATUS_EVERY:
+            return
+        self._status_per_task, self._status_sent_at = per_task, now
         self.notifier.status(f"{state}, {self.counters.done} done, {self.counters.failed} failed")
 
     def _shutdown(self) -> int:

@@ -16,6 +16,7 @@ from minicelery import Client, JSONTransport, RedisBroker, TaskTimeout
 from minicelery.errors import WorkerLost
 from minicelery.keys import QueueKeys
 from minicelery.redis_server import RedisServer, free_port
+from minicelery.worker import PER_TASK_STATUS_EVERY
 
 
 @pytest.fixture
@@ -46,6 +47,24 @@ def test_ready_only_after_redis_answers_then_watchdog_status_and_stopping(
             assert notify.seen("STOPPING=1") == [proc.pid]
     finally:
         pool.stop_all()
+
+
+def test_a_busy_worker_names_its_running_task_at_most_once_a_second(
+    app: Client, workers: Workers, notify: NotifySocket
+) -> None:
+    """`systemctl status` says which task runs, but a busy worker does not send systemd a
+    datagram per task; once idle, its status says so with the count at once."""
+    proc = workers.start(NOTIFY_SOCKET=notify.path)
+    wait_until(lambda: notify.seen("READY=1"), 20, "READY=1")
+    handles = app.start_many([app.tasks["echo"](i) for i in range(400)])
+    started = time.monotonic()
+    wait_until(lambda: all(h.state == "succeeded" for h in handles), 60, "every task to run")
+    busy_seconds = time.monotonic() - started
+    wait_until(lambda: any("idle, 400 done" in line for _, line in notify.drain()), 10, "the idle status")
+    per_task = [line for _, line in notify.messages if line.startswith("STATUS=running task")]
+    assert 1 <= len(per_task) <= 1 + busy_seconds / PER_TASK_STATUS_EVERY
+    proc.terminate()
+    assert proc.wait(timeout=10) == 0
 
 
 def test_watchdog_goes_hungry_when_a_task_is_stuck_past_its_limit(
