@@ -90,6 +90,11 @@ class WorkerMetrics:
             "Wake-ups that found nothing to claim (kind=wakeup) and late finishes rejected by token (kind=late_finish)",
             ["kind"], registry=r,
         )  # fmt: skip
+        self.handoffs = Counter(
+            "minicelery_handoffs",
+            "Tasks handed straight to this worker while it waited idle: started with no claim",
+            ["queue"], registry=r,
+        )  # fmt: skip
         self.in_progress = Gauge("minicelery_tasks_in_progress", "Tasks running in this worker now", registry=r)
         self._series: dict[tuple[str, str], TaskSeries] = {}
         self.redis_errors = Counter("minicelery_redis_errors", "Redis calls that failed", registry=r)
@@ -122,7 +127,10 @@ class WorkerMetrics:
                 self.outcomes.labels(name, outcome)
 
     def watch_queues(self, depths: Callable[[str], dict[str, int]], queues: Iterable[str]) -> None:
+        queues = list(queues)
         self.registry.register(QueueDepthCollector(depths, queues))
+        for queue in queues:
+            self.handoffs.labels(queue)  # at 0 from the start, like the outcomes
 
 
 class _QuietHandler(WSGIRequestHandler):

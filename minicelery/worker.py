@@ -263,6 +263,7 @@ class Worker:
         again), and the hand-off saves that round trip."""
         self._idle_in.discard(queue)
         self._local.append(claim)
+        self.metrics.handoffs.labels(queue).inc()
         self._leave_other_idle_sets()
         if self._usually_brief(claim):
             return

@@ -13,6 +13,7 @@ import urllib.request
 from conftest import Workers, wait_until
 
 from minicelery import Client
+from minicelery.keys import QueueKeys
 from minicelery.redis_server import free_port
 
 
@@ -68,6 +69,26 @@ def test_worker_serves_metrics_that_count_the_tasks_it_ran(app: Client, workers:
     assert _sample(text, "minicelery_tasks_in_progress") == 0
     assert _sample(text, "minicelery_worker_info", queues=app.default_queue) == 1
     assert "task_id" not in text and handles[0].id not in text
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+
+
+def test_a_task_handed_to_the_idle_worker_is_counted_as_a_hand_off(app: Client, workers: Workers) -> None:
+    """The hand-off (an idle worker given its task with no claim) is visible to operators."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = workers.start(MINICELERY_METRICS__ENABLED="true", MINICELERY_METRICS__PORT=str(port))
+    wait_until(lambda: _get(base + "/readyz")[0] == 200, 20, "/readyz to turn 200")
+    assert _sample(_get(base + "/metrics")[1], "minicelery_handoffs_total", queue=app.default_queue) == 0
+    idle_set = QueueKeys(app.default_queue).idle
+    for value in range(3):  # each sent only once the worker waits in the queue's idle set
+        wait_until(lambda: app.broker.redis.zcard(idle_set) == 1, 20, "the worker to wait idle")
+        assert app.tasks["echo"](value).start().result(timeout=30) == value
+    wait_until(
+        lambda: _sample(_get(base + "/metrics")[1], "minicelery_handoffs_total", queue=app.default_queue) == 3,
+        20,
+        "three hand-offs counted",
+    )
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
 

@@ -172,13 +172,19 @@ def dashboard() -> dict[str, Any]:
             description="Read from Redis at scrape time; every worker reports the same value, hence max.",
         ),
         panel(
-            "Claim contention",
-            [target(f"sum by (kind) (rate(minicelery_claim_contention_total[{RATE}]))", "{{kind}}")],
+            "Hand-offs and claim contention",
+            [
+                target(f"sum by (kind) (rate(minicelery_claim_contention_total[{RATE}]))", "{{kind}}"),
+                target(
+                    f"sum by (queue) (rate(minicelery_handoffs_total{{{QUEUE}}}[{RATE}]))", "handed off {{queue}}", "B"
+                ),
+            ],
             "ops",
             12,
             20,
-            description="wakeup: a worker woke and found the task gone; late_finish: a result "
-            "rejected because the lease had been reclaimed.",
+            description="handed off: tasks given straight to an idle worker (no claim); wakeup: a "
+            "worker woke and found the task gone; late_finish: a result rejected because the lease "
+            "had been reclaimed.",
         ),
         panel(
             "Redis errors and reconnects",
