@@ -183,8 +183,13 @@ def test_promtool_accepts_a_real_scrape(app: Client, workers: Workers) -> None:
     app.tasks["echo"](1).start().result(timeout=30)
     with pytest.raises(ValueError):
         app.tasks["boom"]("x").start().result(timeout=30)
-    status, scrape = _get(f"http://127.0.0.1:{port}/metrics")
-    assert status == 200 and re.search(r'minicelery_task_outcomes_total\{.*outcome="failed".*\} 1\.0', scrape)
+
+    def failure_recorded() -> str | None:  # the worker records a run just after storing its result
+        status, scrape = _get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200
+        return scrape if re.search(r'minicelery_task_outcomes_total\{.*outcome="failed".*\} 1\.0', scrape) else None
+
+    scrape = str(wait_until(failure_recorded, 20, "the failed run in the scrape"))
     lint = subprocess.run([promtool, "check", "metrics"], input=scrape, capture_output=True, text=True)
     assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), lint.stdout + lint.stderr
     worker.send_signal(signal.SIGTERM)
