@@ -56,8 +56,8 @@ def test_a_busy_worker_names_its_running_task_at_most_once_a_second(
     datagram per task; once idle, its status says so with the count at once."""
     proc = workers.start(NOTIFY_SOCKET=notify.path)
     wait_until(lambda: notify.seen("READY=1"), 20, "READY=1")
+    started = time.monotonic()  # (before the first task can be handed to the worker)
     handles = app.start_many([app.tasks["echo"](i) for i in range(400)])
-    started = time.monotonic()
     wait_until(lambda: all(h.state == "succeeded" for h in handles), 60, "every task to run")
     busy_seconds = time.monotonic() - started
     wait_until(lambda: any("idle, 400 done" in line for _, line in notify.drain()), 10, "the idle status")
