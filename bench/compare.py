@@ -1,13 +1,14 @@
 """minicelery and its peers side by side: same machine, same run, same Redis, same task bodies.
 
-    .venv/bin/python bench/compare.py [--tasks 20000] [--runs 3] [--only minicelery,huey] [--quick]
+    .venv/bin/python bench/compare.py [--tasks 20000] [--runs 3] [--only minicelery,huey]
+                                      [--scenarios drain,latency] [--quick]
 
 Each peer gets its own virtualenv under bench/.venvs/ with its latest release (their redis-py
 pins clash), made on first use; each is configured as written at the top of its
 bench/peers/*_peer.py. Every scenario runs as bench/peers/scenario.py inside the peer's venv;
 runs are interleaved (run 1 of every peer, then run 2...) so drift hits everyone. Prints every
 figure's median over the runs, the best peer's, and minicelery's ratio to it, and writes the
-whole table as JSON to bench/results/compare.json.
+whole table as JSON to bench/results/compare.json (compare-<kinds>.json for a --scenarios run).
 """
 
 from __future__ import annotations
@@ -122,13 +123,24 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", help="comma-separated contenders (default: minicelery and every peer)")
+    parser.add_argument(
+        "--scenarios", help="comma-separated kinds: drain, latency, scheduled, dependencies, idle (default: all)"
+    )
     parser.add_argument("--quick", action="store_true", help="a tenth of the sizes, one run: a smoke test")
     args = parser.parse_args()
     scale = 10 if args.quick else 1
     runs = 1 if args.quick else args.runs
     names = args.only.split(",") if args.only else ["minicelery", *PEERS]
-    pythons = {name: Path(sys.executable) if name == "minicelery" else peer_python(name) for name in names}
     plan = scenarios(args.tasks // scale, scale)
+    if args.scenarios:
+        kinds = set(args.scenarios.split(","))
+        unknown = kinds - {kind for kind, _sizes, _repeated in plan.values()}
+        if unknown:
+            parser.error(f"unknown scenario kind(s): {', '.join(sorted(unknown))}")
+        plan = {title: spec for title, spec in plan.items() if spec[0] in kinds}
+    # A partial run keeps its own files: it must not overwrite the last full table.
+    stem = "compare" + ("-" + "-".join(sorted(kinds)) if args.scenarios else "")
+    pythons = {name: Path(sys.executable) if name == "minicelery" else peer_python(name) for name in names}
     samples: dict[str, dict[str, dict[str, list[float]]]] = {s: {n: {} for n in names} for s in plan}
     with RedisServer() as server:
         for run in range(runs):
@@ -146,8 +158,8 @@ def main() -> None:
         for scenario, by_name in samples.items()
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "compare.json").write_text(json.dumps(table, indent=2))
-    (RESULTS / "compare.md").write_text(markdown(table, names))
+    (RESULTS / f"{stem}.json").write_text(json.dumps(table, indent=2))
+    (RESULTS / f"{stem}.md").write_text(markdown(table, names))
     print(f"\nmedians of {runs} run(s); ratio = minicelery / best peer (for 'lower is better' figures < 1 wins)")
     for scenario, by_name in table.items():
         print(f"\n{scenario}")
