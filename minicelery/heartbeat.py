@@ -1,5 +1,6 @@
 """The worker's one helper thread: renews the running task's lease, pings the systemd watchdog,
-and wakes the idle wait when a stop signal arrives.
+wakes the idle wait when a stop signal arrives, and stores results a busy worker held back
+behind a task that runs long (Worker.store_held_results, every HELD_RESULTS_CHECK_EVERY).
 
 A task within its time limit (plus one lease of margin) is healthy: its lease is renewed and the
 watchdog is fed. A task stuck beyond that is not: renewals stop, so another worker reclaims it
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,11 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 log = logging.getLogger(__name__)
+
+# How often to look for results held back behind a task that usually runs briefly but runs
+# long this time (Worker.store_held_results stores them). A busy worker's results then wait at
+# most about this long for a task they do not depend on.
+HELD_RESULTS_CHECK_EVERY = 0.25
 
 
 @dataclass(frozen=True)
@@ -51,17 +58,21 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         signals = self.worker.signals
+        next_beat = time.monotonic() + self.interval
         while not self._finished.is_set():
-            signals.event.wait(self.interval)
+            pause = max(0.0, min(HELD_RESULTS_CHECK_EVERY, next_beat - time.monotonic()))
+            # Once a stop is seen its event stays set: pace the loop on the other event instead.
+            (self._finished if self._stop_seen else signals.event).wait(pause)
             if self._finished.is_set():
                 return
             if signals.event.is_set() and not self._stop_seen:
                 self._stop_seen = True
                 self._on_stop()
-            self.beat()
-            if self._stop_seen:
-                # The event stays set: pace the loop by sleeping on the other event instead.
-                self._finished.wait(self.interval)
+                next_beat = 0.0  # at once
+            self.worker.store_held_results()
+            if time.monotonic() >= next_beat:
+                self.beat()
+                next_beat = time.monotonic() + self.interval
 
     def beat(self) -> None:
         healthy = self.worker.healthy()

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from collections import deque
@@ -115,6 +116,9 @@ class Worker:
         self._local: deque[Claim] = deque()
         self._unflushed: list[tuple[Claim, Outcome]] = []
         self._unflushed_since = 0.0
+        # The heartbeat thread may store the run-but-unstored results too (store_held_results):
+        # this lock guards that list and the counters its finishes update.
+        self._results_lock = threading.Lock()
         self.batch = settings.worker.batch_size
         self._typical_run: dict[str, float] = {}  # task name -> smoothed run time (s)
         self._claims = 0
@@ -305,14 +309,16 @@ class Worker:
             self.running = None
         typical = self._typical_run.get(outcome.name, outcome.duration)
         self._typical_run[outcome.name] = 0.8 * typical + 0.2 * outcome.duration
-        if not self._unflushed:
-            self._unflushed_since = time.monotonic()
-        self._unflushed.append((claim, outcome))
+        with self._results_lock:
+            if not self._unflushed:
+                self._unflushed_since = time.monotonic()
+            self._unflushed.append((claim, outcome))
 
     def _may_defer_finish(self) -> bool:
         """Hold finished results back, to store several in one round trip, only while the batch
-        is young and the next task is one that usually runs briefly: a result is never kept
-        waiting by a long task."""
+        is young and the next task is one that usually runs briefly: a result is not kept
+        waiting by a long task. (If that task runs long this time, the heartbeat thread stores
+        the held results: see store_held_results.)"""
         if not self._local or len(self._unflushed) >= self.batch:
             return False
         if time.monotonic() - self._unflushed_since >= FINISH_HOLD_MAX:
@@ -332,10 +338,35 @@ class Worker:
         waiting = tuple(self._local) + tuple(c for c, _ in self._unflushed)  # atomic copies under the GIL
         return [(c.queue, c.id, c.token) for c in waiting]
 
+    def store_held_results(self) -> None:
+        """Called by the heartbeat thread: store the results held back for a batch while the
+        task after them, one that usually runs briefly, has run longer than FINISH_HOLD_MAX.
+        They would otherwise wait for it to end, however long it runs. If Redis fails, they
+        stay held, and the main thread stores them (retrying) once the task ends."""
+        with self._results_lock:
+            # Under the lock: the main thread adds the running task's own result under it,
+            # after it clears self.running, so that result is never taken here.
+            running = self.running
+            if running is None or not self._unflushed or time.monotonic() - running.started < FINISH_HOLD_MAX:
+                return
+            held, self._unflushed = self._unflushed, []
+        try:
+            statuses, _ = self.broker.finish_many(
+                [(c.queue, c.id, c.token, o.succeeded, o.envelope, o.retry) for c, o in held]
+            )
+        except BrokerError as exc:
+            log.warning("could not store %d held results yet: %s", len(held), exc)
+            with self._results_lock:
+                self._unflushed[:0] = held
+            return
+        for (claim, outcome), status in zip(held, statuses, strict=True):
+            self._count(claim, outcome, status)
+
     def _flush(self, *, claim_next: bool) -> None:
         """Store every run-but-unstored outcome (retrying while Redis is away) and, with
         claim_next, claim the next batch in the same round trip."""
-        finished, self._unflushed = self._unflushed, []
+        with self._results_lock:
+            finished, self._unflushed = self._unflushed, []
         if not finished:
             return
         queue = finished[-1][0].queue
@@ -366,14 +397,16 @@ class Worker:
             self._learn(queue, following)
 
     def _count(self, claim: Claim, outcome: Outcome, status: str) -> None:
-        if outcome.succeeded:
-            self.counters.done += 1
-        elif status == "retry":
-            self.counters.retried += 1
-        else:
-            self.counters.failed += 1
+        with self._results_lock:  # (the heartbeat thread counts the results it stores)
+            if outcome.succeeded:
+                self.counters.done += 1
+            elif status == "retry":
+                self.counters.retried += 1
+            else:
+                self.counters.failed += 1
+            if status == "late":
+                self.counters.late_finishes += 1
         if status == "late":
-            self.counters.late_finishes += 1
             self.metrics.contention.labels("late_finish").inc()
             log.warning("task %s: late finish rejected (its lease was reclaimed; another run owns it)", claim.id)
         if log.isEnabledFor(logging.INFO):  # (building the line costs more than the check)

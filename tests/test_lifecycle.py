@@ -67,6 +67,27 @@ def test_a_busy_worker_names_its_running_task_at_most_once_a_second(
     assert proc.wait(timeout=10) == 0
 
 
+def test_results_held_for_a_batch_are_stored_while_a_usually_brief_task_runs_long(
+    app: Client, workers: Workers, r: redis.Redis
+) -> None:
+    """A busy worker holds a result back a few ms, to store it with the next ones, only while
+    the next task usually runs briefly. When that task runs long this time, the held result
+    does not wait for it to end."""
+    gate, echo = app.tasks["gate"], app.tasks["echo"]
+    workers.start()
+    r.rpush("test:gate:open", *["go"] * 3)
+    for _ in range(3):  # the worker learns that the gate runs briefly
+        assert gate("open").start().result(timeout=20) == "open"
+    # One batch claim takes "first", the gate and more (a claim takes half the ready backlog;
+    # "a" may be handed to the idle worker on its own first).
+    a, first, shut, *rest = app.start_many([echo("a"), echo("first"), gate("shut"), *[echo(i) for i in range(4)]])
+    assert first.result(timeout=10) == "first"
+    assert shut.state == "running"  # the gate is still shut: the result did not wait for it
+    r.rpush("test:gate:shut", "go")
+    assert shut.result(timeout=10) == "shut"
+    assert [h.result(timeout=10) for h in (a, *rest)] == ["a", *range(4)]
+
+
 def test_watchdog_goes_hungry_when_a_task_is_stuck_past_its_limit(
     app: Client, workers: Workers, notify: NotifySocket
 ) -> None:

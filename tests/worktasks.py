@@ -145,6 +145,16 @@ def register(app: Client) -> None:
         return "finally"
 
     @app.task
+    def gate(tag: str) -> str:
+        """Waits until the test opens it: each RPUSH to test:gate:<tag> lets one run through
+        (at most 30 s, in 1 s blocking calls: below the client's socket timeout)."""
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            if _r().blpop([f"test:gate:{tag}"], timeout=1):
+                return tag
+        raise TimeoutError(f"gate {tag} was never opened")
+
+    @app.task
     def marked_sleep(tag: str, seconds: float) -> str:
         """Records that it started, then sleeps: lets a test signal a worker mid-task."""
         _r().hincrby("test:started", tag, 1)
