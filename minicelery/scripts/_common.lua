@@ -84,12 +84,16 @@ end
 -- PROMISE_TTL_MS (a claim normally follows its wake-up within milliseconds) count as none.
 local PROMISE_TTL_MS = 1000
 
+-- (Read once per script call: a claim asks up to three times.)
+local promised_count, promised_read_at = 0, nil
+
 local function promised(now)
-  local at = tonumber(redis.call('HGET', K_INFO, '#promised_at') or 0)
-  if now - at > PROMISE_TTL_MS then
-    return 0
+  if promised_read_at ~= now then
+    local held = redis.call('HMGET', K_INFO, '#promised_at', '#promised')
+    promised_count = now - tonumber(held[1] or 0) > PROMISE_TTL_MS and 0 or tonumber(held[2] or 0)
+    promised_read_at = now
   end
-  return tonumber(redis.call('HGET', K_INFO, '#promised') or 0)
+  return promised_count
 end
 
 local function add_promised(delta, now)
@@ -99,15 +103,23 @@ local function add_promised(delta, now)
   else
     redis.call('HSET', K_INFO, '#promised', count, '#promised_at', now)
   end
+  promised_count, promised_read_at = count, now
 end
+
+-- What this script call already knows, so a batch that releases many children does not ask
+-- Redis again for each: a marker at 0 stays at 0 until unwake() takes it back (the other
+-- writes, ZADD LT, only lower it), and an idle set found empty stays empty (only workers add
+-- themselves, between script calls).
+local marker_at_zero, idle_set_empty = false, false
 
 -- Wake one idle worker now (ZADD of the single member: many pushes still wake one worker;
 -- the claim that takes a task re-arms the marker while work remains, waking the next).
 local function wake_now(now)
-  if redis.call('ZSCORE', K_MARKER, 'm') ~= '0' then
+  if not marker_at_zero and redis.call('ZSCORE', K_MARKER, 'm') ~= '0' then
     redis.call('ZADD', K_MARKER, 0, 'm')
     add_promised(1, now)
   end
+  marker_at_zero = true
 end
 
 -- Take back a wake-up no worker has popped yet (nothing is ready for it any more).
@@ -116,6 +128,7 @@ local function unwake(now)
     redis.call('ZREM', K_MARKER, 'm')
     add_promised(-1, now)
   end
+  marker_at_zero = false
 end
 
 -- Tell idle workers about a due time that is earlier than any scheduled before it.
@@ -188,10 +201,14 @@ end
 -- parents: nothing about it needs reading back (the idle path's latency is mostly Redis
 -- calls). False if no worker is registered idle.
 local function hand_off(id, now, fresh_payload)
+  if idle_set_empty then
+    return false
+  end
   local lease_ms, inbox
   repeat
     local newest = redis.call('ZPOPMAX', K_IDLE)
     if newest[1] == nil then
+      idle_set_empty = true
       return false
     end
     local worker
@@ -223,31 +240,32 @@ local function make_due(id, due, now, fresh_payload)
       return 'running'
     end
     redis.call('LPUSH', K_READY, id)
-    setf(id, 's', 'ready')
-    setf(id, 'd', now)
+    redis.call('HSET', K_INFO, id .. ':s', 'ready', id .. ':d', now)
     wake_now(now)
     return 'ready'
   end
   wake_at(due)
   redis.call('ZADD', K_SCHEDULED, due, id)
-  setf(id, 's', 'scheduled')
-  setf(id, 'd', due)
+  redis.call('HSET', K_INFO, id .. ':s', 'scheduled', id .. ':d', due)
   return 'scheduled'
 end
 
 -- Give each waiting child (`children`: the parent's "c" field) this parent's envelope;
--- release those with no parent left.
+-- release those with no parent left. Returns how many it released: the caller takes them
+-- off the "#waiting" count, once for a whole batch.
 local function release_children(id, children, envelope, now)
+  local released = 0
   for _, child in ipairs(split(children)) do
     redis.call('HSET', K_INPUTS, child .. '|' .. id, envelope)
     local left = redis.call('HINCRBY', K_INFO, child .. ':p', -1)
-    if left <= 0 and getf(child, 's') == 'waiting' then
+    local held = left <= 0 and redis.call('HMGET', K_INFO, child .. ':s', child .. ':n')
+    if held and held[1] == 'waiting' then
       redis.call('HDEL', K_INFO, child .. ':p')
-      redis.call('HINCRBY', K_INFO, '#waiting', -1)
-      local due = math.max(now, tonumber(getf(child, 'n') or 0))
-      make_due(child, due, now)
+      released = released + 1
+      make_due(child, math.max(now, tonumber(held[2] or 0)), now)
     end
   end
+  return released
 end
 
 -- Delete everything stored for finished tasks whose result TTL has passed.
@@ -277,8 +295,7 @@ local function promote_due(now)
     local id = ids[i]
     redis.call('ZREM', K_SCHEDULED, id)
     redis.call('LPUSH', K_READY, id)
-    setf(id, 's', 'ready')
-    setf(id, 'd', ids[i + 1])
+    redis.call('HSET', K_INFO, id .. ':s', 'ready', id .. ':d', ids[i + 1])
   end
 end
 
@@ -290,8 +307,7 @@ local function reclaim_expired(now)
     redis.call('HDEL', K_INFO, id .. ':t')
     redis.call('HINCRBY', K_INFO, id .. ':l', 1)
     redis.call('RPUSH', K_READY, id)
-    setf(id, 's', 'ready')
-    setf(id, 'd', now)
+    redis.call('HSET', K_INFO, id .. ':s', 'ready', id .. ':d', now)
   end
   return #ids
 end

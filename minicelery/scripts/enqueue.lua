@@ -46,25 +46,24 @@ redis.call('HSET', K_PAYLOAD, id, payload) -- (no attempts field yet: absent mea
 
 local pending = 0
 if parents ~= '' then
-  setf(id, 'P', parents)
   for _, parent in ipairs(split(parents)) do
-    local parent_state = getf(parent, 's')
-    if parent_state == 'succeeded' or parent_state == 'failed' then
+    local held = redis.call('HMGET', K_INFO, parent .. ':s', parent .. ':c') -- state, children
+    if held[1] == 'succeeded' or held[1] == 'failed' then
       redis.call('HSET', K_INPUTS, id .. '|' .. parent, redis.call('HGET', K_RESULT, parent))
     else
       -- Unfinished, or not sent yet: it lists this child and releases it when it finishes.
       pending = pending + 1
-      local children = getf(parent, 'c')
-      setf(parent, 'c', children and (children .. ',' .. id) or id)
+      setf(parent, 'c', held[2] and (held[2] .. ',' .. id) or id)
     end
   end
 end
 
 if pending > 0 then
-  setf(id, 'p', pending)
-  setf(id, 'n', not_before)
-  setf(id, 's', 'waiting')
+  redis.call('HSET', K_INFO, id .. ':P', parents, id .. ':p', pending, id .. ':n', not_before, id .. ':s', 'waiting')
   redis.call('HINCRBY', K_INFO, '#waiting', 1)
   return { 'ok', 'waiting' }
+end
+if parents ~= '' then
+  setf(id, 'P', parents)
 end
 return { 'ok', make_due(id, math.max(now, not_before), now, parents == '' and payload or nil) }

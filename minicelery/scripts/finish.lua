@@ -42,6 +42,7 @@ local function retry_delay(base, retries)
 end
 
 local statuses, seen = {}, {}
+local released = 0 -- children released: one "#waiting" update for the batch
 for i = 1, (#ARGV - 2) / FIELDS do
   local base = 2 + (i - 1) * FIELDS
   local id, token, outcome, envelope = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
@@ -78,7 +79,7 @@ for i = 1, (#ARGV - 2) / FIELDS do
         redis.call('HDEL', K_DEDUP, key)
       end
       if held[4] then
-        release_children(id, held[4], envelope, now)
+        released = released + release_children(id, held[4], envelope, now)
         -- Released once for good: a dead letter put back and finished again must not do it twice.
         info_deleted[#info_deleted + 1] = id .. ':c'
       end
@@ -93,6 +94,9 @@ end
 if #running_done > 0 then
   redis.call('ZREM', K_RUNNING, unpack(running_done))
   redis.call('HDEL', K_INFO, unpack(info_deleted))
+end
+if released > 0 then
+  redis.call('HINCRBY', K_INFO, '#waiting', -released)
 end
 if #states > 0 then
   redis.call('HSET', K_INFO, unpack(states))
