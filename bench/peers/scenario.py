@@ -60,7 +60,10 @@ class Scenario:
 
     @contextmanager
     def workers(self, count: int, command: list[str] | None = None) -> Iterator[list[subprocess.Popen[bytes]]]:
-        env = {**os.environ, "PATH": self.venv_bin + os.pathsep + os.environ["PATH"], "PYTHONPATH": str(HERE)}
+        # An outer PYTHONPATH stays, after this folder: an A/B run can put another tree's
+        # minicelery in front of the installed one, for the workers too.
+        path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PATH": self.venv_bin + os.pathsep + os.environ["PATH"], "PYTHONPATH": path}
         procs = [
             subprocess.Popen(
                 command or self.peer.WORKER, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
