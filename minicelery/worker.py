@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .broker import BLOCKING_SOCKET_SLACK, Claim, Idle, Wake
+from .broker import BLOCKING_SOCKET_SLACK, Claim, Idle, RetryPlan, Wake
 from .errors import BrokerError, BrokerUnavailable, ConfigError, MiniceleryError
 from .heartbeat import Heartbeat, Running
 from .interrupts import HandBack, StopSignals, TaskAlarm
@@ -351,16 +351,13 @@ class Worker:
                 return
             held, self._unflushed = self._unflushed, []
         try:
-            statuses, _ = self.broker.finish_many(
-                [(c.queue, c.id, c.token, o.succeeded, o.envelope, o.retry) for c, o in held]
-            )
+            statuses, _ = self.broker.finish_many(_finishes(held))
         except BrokerError as exc:
             log.warning("could not store %d held results yet: %s", len(held), exc)
             with self._results_lock:
                 self._unflushed[:0] = held
             return
-        for (claim, outcome), status in zip(held, statuses, strict=True):
-            self._count(claim, outcome, status)
+        self._count_all(held, statuses)
 
     def _flush(self, *, claim_next: bool) -> None:
         """Store every run-but-unstored outcome (retrying while Redis is away) and, with
@@ -372,7 +369,7 @@ class Worker:
         queue = finished[-1][0].queue
         clock = self.clocks[queue]
         follow = (queue, self._token(), self.lease_ms, self.id, self.batch, clock.held_due_ms) if claim_next else None
-        items = [(c.queue, c.id, c.token, o.succeeded, o.envelope, o.retry) for c, o in finished]
+        items = _finishes(finished)
         delay = 0.1
         while True:
             try:
@@ -387,14 +384,17 @@ class Worker:
                 self._sleep(delay)
                 delay = min(delay * 2, self.settings.worker.reconnect_max_delay)
                 follow = None  # claim nothing new on the way back from an outage
-        for (claim, outcome), status in zip(finished, statuses, strict=True):
-            self._count(claim, outcome, status)
+        self._count_all(finished, statuses)
         clock.last_claim = time.monotonic()
         if isinstance(following, list):
             self._claimed(queue, following)
             self._local.extend(following)
         elif isinstance(following, Idle):
             self._learn(queue, following)
+
+    def _count_all(self, finished: list[tuple[Claim, Outcome]], statuses: list[str]) -> None:
+        for (claim, outcome), status in zip(finished, statuses, strict=True):
+            self._count(claim, outcome, status)
 
     def _count(self, claim: Claim, outcome: Outcome, status: str) -> None:
         with self._results_lock:  # (the heartbeat thread counts the results it stores)
@@ -593,6 +593,11 @@ class Worker:
             code,
         )
         return code
+
+
+def _finishes(finished: list[tuple[Claim, Outcome]]) -> list[tuple[str, str, str, bool, bytes, RetryPlan | None]]:
+    """The broker's finish_many items for run tasks and their outcomes."""
+    return [(c.queue, c.id, c.token, o.succeeded, o.envelope, o.retry) for c, o in finished]
 
 
 def _outcome_kind(outcome: Outcome, status: str) -> str:

@@ -67,6 +67,11 @@ local function setf(id, f, v)
   redis.call('HSET', K_INFO, id .. ':' .. f, v)
 end
 
+-- A task's state and the time it became (or becomes) due, which change together.
+local function set_state_due(id, state, due)
+  redis.call('HSET', K_INFO, id .. ':s', state, id .. ':d', due)
+end
+
 local function split(csv)
   local out = {}
   if csv then
@@ -240,13 +245,13 @@ local function make_due(id, due, now, fresh_payload)
       return 'running'
     end
     redis.call('LPUSH', K_READY, id)
-    redis.call('HSET', K_INFO, id .. ':s', 'ready', id .. ':d', now)
+    set_state_due(id, 'ready', now)
     wake_now(now)
     return 'ready'
   end
   wake_at(due)
   redis.call('ZADD', K_SCHEDULED, due, id)
-  redis.call('HSET', K_INFO, id .. ':s', 'scheduled', id .. ':d', due)
+  set_state_due(id, 'scheduled', due)
   return 'scheduled'
 end
 
@@ -295,7 +300,7 @@ local function promote_due(now)
     local id = ids[i]
     redis.call('ZREM', K_SCHEDULED, id)
     redis.call('LPUSH', K_READY, id)
-    redis.call('HSET', K_INFO, id .. ':s', 'ready', id .. ':d', ids[i + 1])
+    set_state_due(id, 'ready', ids[i + 1])
   end
 end
 
@@ -307,7 +312,7 @@ local function reclaim_expired(now)
     redis.call('HDEL', K_INFO, id .. ':t')
     redis.call('HINCRBY', K_INFO, id .. ':l', 1)
     redis.call('RPUSH', K_READY, id)
-    redis.call('HSET', K_INFO, id .. ':s', 'ready', id .. ':d', now)
+    set_state_due(id, 'ready', now)
   end
   return #ids
 end

@@ -18,6 +18,6 @@ redis.call('HDEL', K_INFO, id .. ':t')
 redis.call('HINCRBY', K_INFO, id .. ':a', -1)
 redis.call('RPUSH', K_READY, id)
 local now = now_ms()
-redis.call('HSET', K_INFO, id .. ':s', 'ready', id .. ':d', now)
+set_state_due(id, 'ready', now)
 wake_now(now)
 return 'ok'
