@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCRIPT_NAMES = ("enqueue", "claim", "finish", "release", "renew", "rearm", "revive", "watch")
+SCRIPT_NAMES = ("enqueue", "claim", "finish", "release", "defer", "renew", "rearm", "revive", "watch")
 DEFAULT_URL = "redis://localhost:6379/0"
 DEFAULT_RESULT_TTL = 24 * 3600.0
 DEFAULT_MAX_BLOCK = 5.0
@@ -329,8 +329,8 @@ class RedisBroker:
     ) -> str:
         """Record the outcome, or schedule a retry (failed, with `retry` and retries left).
 
-        Returns "ok" (recorded), "retry" (scheduled to run again) or "late" (the lease was
-        lost: nothing written).
+        Returns "ok" (recorded), "retry" (scheduled to run again), "late" (the lease was
+        lost: nothing written) or "gone" (the task no longer exists: nothing written).
         """
         statuses, _ = self.finish_many([(queue, task_id, token, succeeded, envelope, retry)])
         return statuses[0]
@@ -396,6 +396,21 @@ class RedisBroker:
 
     def release(self, queue: str, task_id: str, token: str) -> bool:
         return _text(self._run("release", queue_keys(queue), [task_id, token])) == "ok"
+
+    def defer(self, queue: str, task_id: str, token: str, delay_ms: int, grace_ms: int) -> tuple[str, int]:
+        """Give a claimed task back to run after `delay_ms`, for a worker that has its task
+        (see defer.lua). Returns ("deferred" | "expired" | "late", first deferral time in ms)."""
+        status, first = self._run("defer", queue_keys(queue), [task_id, token, delay_ms, grace_ms])
+        return _text(status), int(first)
+
+    def forget_worker(self, queues: Sequence[str], worker_id: str) -> None:
+        """Drop a stopping worker from the queues' workers sets, so `inspect` stops listing it
+        as live at once (otherwise it is listed until two leases after its last claim)."""
+        with translate_errors("forget worker"):
+            pipe = self.redis.pipeline(transaction=False)
+            for queue in queues:
+                pipe.zrem(queue_keys(queue).workers, worker_id)
+            pipe.execute()
 
     def renew(self, queue: str, task_id: str, token: str, lease_ms: int) -> bool:
         return _text(self._run("renew", queue_keys(queue), [task_id, token, lease_ms])) == "ok"

@@ -86,7 +86,13 @@ class Retry(TaskError):
 
 
 class TaskTimeout(TaskError):
-    """A task ran past its time limit."""
+    """A task ran past its time limit (what its result and its children get)."""
+
+
+class TaskAborted(TaskError):
+    """A task raised SystemExit, KeyboardInterrupt or another BaseException that is not an
+    Exception (e.g. it called sys.exit()). The worker records it as the task's failure, with
+    the original type and message, and keeps running."""
 
 
 class WorkerLost(TaskError):
@@ -95,6 +101,15 @@ class WorkerLost(TaskError):
 
 class TaskNotFound(TaskError):
     """No task with this id is stored (never sent, or its result expired)."""
+
+
+class TimeLimitExceeded(BaseException):
+    """Raised inside a task that passed its time limit, and again every second while it goes on.
+
+    Not an Exception, so `except Exception:` in task code does not swallow it (asyncio made
+    CancelledError a BaseException for the same reason); `finally:` blocks still run. The task's
+    result is then TaskTimeout, whatever the task did with this one.
+    """
 
 
 class RemoteError(TaskError):

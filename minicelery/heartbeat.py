@@ -79,13 +79,15 @@ class Heartbeat(threading.Thread):
         if healthy:
             self.worker.notifier.watchdog()
             self._reported_unhealthy = False
-        elif not self._reported_unhealthy:
-            self._reported_unhealthy = True
-            log.error(
-                "task %s is stuck past its time limit: stopped pinging the watchdog and renewing its lease",
-                self.worker.running.task_id if self.worker.running else "?",
-            )
-        if not healthy:
+        else:
+            if self.worker.running is not None:
+                self.worker.end_stuck_task()  # exits the process where time limits are enforced
+            if not self._reported_unhealthy:
+                self._reported_unhealthy = True
+                log.error(
+                    "task %s is stuck past its time limit: stopped pinging the watchdog and renewing its lease",
+                    self.worker.running.task_id if self.worker.running else "?",
+                )
             return  # a stuck worker lets go of everything it holds: other workers reclaim it
         running = self.worker.running
         # The running task first, then those claimed in its batch but not run (or not stored) yet.
@@ -103,7 +105,7 @@ class Heartbeat(threading.Thread):
             log.warning("task %s lost its lease: another worker may run it again", running.task_id)
 
     def _on_stop(self) -> None:
-        log.warning(
+        log.info(
             "stop requested: claiming nothing new; a running task gets %.1f s to finish "
             "(a second signal hands it back at once)",
             self.worker.settings.worker.shutdown_grace,

@@ -1,9 +1,10 @@
 """Signals for a single-threaded worker: SIGTERM/SIGINT to stop, SIGALRM to interrupt a task.
 
 The stop handlers only count signals and set an event; the worker loop acts on them. The one
-place that interrupts user code is the SIGALRM handler of TaskAlarm: it raises TaskTimeout when
-a task passes its time limit and HandBack when the worker must stop now (shutdown grace over,
-or a second stop signal). A single-threaded worker has no other way to stop Python code.
+place that interrupts user code is the SIGALRM handler of TaskAlarm: it raises
+TimeLimitExceeded when a task passes its time limit and HandBack when the worker must stop now
+(shutdown grace over, or a second stop signal). Neither is an Exception, so task code's
+`except Exception:` cannot swallow them. A single-threaded worker has no other way to stop Python code.
 """
 
 from __future__ import annotations
@@ -11,33 +12,51 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
-from .errors import TaskTimeout
+from .errors import TimeLimitExceeded
 
 
 class HandBack(BaseException):
     """Raised inside a running task when the worker must stop at once and return the task."""
 
 
+# A task that swallows its interruption gets it again this often, until it stops (or the
+# heartbeat ends the worker: see Worker.abandon_stuck_task).
+INTERRUPT_REPEAT = 1.0
+
+
 class TaskAlarm:
-    """Arms SIGALRM for the earlier of a task's time limit and the shutdown deadline."""
+    """Arms SIGALRM for the earlier of a task's time limit and the shutdown deadline.
+
+    At the limit the task gets TimeLimitExceeded (an async task is cancelled first, so its
+    `finally` blocks and context managers run at an await); at the shutdown deadline HandBack.
+    Either is raised again every INTERRUPT_REPEAT seconds while the task goes on, and
+    `timed_out` / `handing_back` stay set, so a task that catches everything and returns is
+    still recorded as timed out (or handed back), never as succeeded.
+    """
 
     def __init__(self) -> None:
         self._limit_at: float | None = None
         self._limit: float | None = None
         self._stop_at: float | None = None
         self._active = False
-        self._installed = False  # without the handler an alarm would kill the process: arm none
+        self.installed = False  # without the handler an alarm would kill the process: arm none
         self._armed = False  # a timer may be pending (most tasks have no limit: no syscall to end them)
+        self.timed_out = False  # the running task passed its time limit
+        self.handing_back = False  # the running task must be handed back (stopping now)
+        # Set while an async task runs: asks its event loop to cancel it; True if it will.
+        self.cancel_task: Callable[[], bool] | None = None
 
     def install(self) -> None:
         signal.signal(signal.SIGALRM, self._on_alarm)
-        self._installed = True
+        self.installed = True
 
     def task_started(self, time_limit: float | None) -> None:
         self._limit = time_limit
         self._limit_at = None if time_limit is None else time.monotonic() + time_limit
+        self.timed_out = self.handing_back = False
         self._active = True
         self._arm()
 
@@ -59,7 +78,7 @@ class TaskAlarm:
         return self._active
 
     def _arm(self) -> None:
-        if not (self._active and self._installed):
+        if not (self._active and self.installed):
             return
         deadlines = [d for d in (self._limit_at, self._stop_at) if d is not None]
         if deadlines:
@@ -71,11 +90,18 @@ class TaskAlarm:
             return
         now = time.monotonic()
         if self._stop_at is not None and now >= self._stop_at:
-            self._active = False
+            self.handing_back = True
+            self._stop_at = now + INTERRUPT_REPEAT  # again, should the task swallow this one
+            self._arm()
             raise HandBack()
         if self._limit_at is not None and now >= self._limit_at:
-            self._active = False
-            raise TaskTimeout(f"task ran past its time limit of {self._limit:g} s")
+            first = not self.timed_out
+            self.timed_out = True
+            self._limit_at = now + INTERRUPT_REPEAT
+            self._arm()
+            if first and self.cancel_task is not None and self.cancel_task():
+                return  # an async task: cancelled at its next await; raised into it if it never gets there
+            raise TimeLimitExceeded(f"task ran past its time limit of {self._limit:g} s")
         self._arm()  # woke early (the other deadline moved): wait for the rest
 
 

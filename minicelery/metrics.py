@@ -80,7 +80,10 @@ class WorkerMetrics:
             registry=r,
         )
         self.outcomes = Counter(
-            "minicelery_task_outcomes", "Finished task runs by outcome", ["task", "outcome"], registry=r
+            "minicelery_task_outcomes",
+            "Finished task runs by outcome; dead_lettered counts tasks put in the dead letters",
+            ["task", "outcome"],
+            registry=r,
         )
         self.failures = Counter(
             "minicelery_task_failures", "Failed task runs by exception type", ["task", "exception"], registry=r
@@ -93,6 +96,11 @@ class WorkerMetrics:
         self.handoffs = Counter(
             "minicelery_handoffs",
             "Tasks handed straight to this worker while it waited idle: started with no claim",
+            ["queue"], registry=r,
+        )  # fmt: skip
+        self.unknown_tasks = Counter(
+            "minicelery_unknown_tasks",
+            "Tasks whose name no task module of this worker registers, given back for a worker that has it",
             ["queue"], registry=r,
         )  # fmt: skip
         self.in_progress = Gauge("minicelery_tasks_in_progress", "Tasks running in this worker now", registry=r)
@@ -131,6 +139,7 @@ class WorkerMetrics:
         self.registry.register(QueueDepthCollector(depths, queues))
         for queue in queues:
             self.handoffs.labels(queue)  # at 0 from the start, like the outcomes
+            self.unknown_tasks.labels(queue)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -16,8 +16,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .broker import Claim, RetryPlan
-from .errors import BadArguments, Retry, SerializationError, TaskError, TaskTimeout, UnknownTask, WorkerLost
-from .interrupts import TaskAlarm
+from .errors import (
+    BadArguments,
+    Retry,
+    SerializationError,
+    TaskAborted,
+    TaskError,
+    TaskTimeout,
+    TimeLimitExceeded,
+    UnknownTask,
+    WorkerLost,
+)
+from .event_loop import TaskEventLoop
+from .interrupts import HandBack, TaskAlarm
 from .task import TaskDefinition
 from .transport import TaskMessage
 
@@ -40,9 +51,9 @@ class Outcome:
     envelope: bytes
     duration: float
     error_type: str | None = None
-    dead: bool = False
     timed_out: bool = False
     retry: RetryPlan | None = None
+    error: Exception | None = None  # what the task failed with, for the log line and the worker's choices
 
 
 class TaskRunner:
@@ -53,6 +64,7 @@ class TaskRunner:
         self.default_time_limit = default_time_limit
         self.max_lost_leases = max_lost_leases
         self._peeked: tuple[str, TaskMessage] | None = None  # (lease token, its decoded payload)
+        self.event_loop = TaskEventLoop()  # for async def tasks; made on first use
 
     def peek(self, claim: Claim) -> TaskMessage:
         """Decode a claim's payload ahead of its run (the worker wants the next task's name);
@@ -64,6 +76,14 @@ class TaskRunner:
     def run(self, claim: Claim, on_start: Callable[[float | None], None] | None = None) -> Outcome:
         """Run the claimed task; `on_start` hears the time limit just before the function runs."""
         started = time.monotonic()
+        try:
+            return self._run(claim, on_start, started)
+        except TimeLimitExceeded:
+            # Raised again (INTERRUPT_REPEAT) just as the task ended, while its outcome was being
+            # built: the task timed out all the same.
+            return self._failure(self._peek_name(claim), self._timeout(None), started)
+
+    def _run(self, claim: Claim, on_start: Callable[[float | None], None] | None, started: float) -> Outcome:
         name = "?"
         message: TaskMessage | None = None
         definition: TaskDefinition | None = None
@@ -89,15 +109,50 @@ class TaskRunner:
             time_limit = message.time_limit or definition.time_limit or self.default_time_limit
             if on_start is not None:
                 on_start(time_limit)
-            self.alarm.task_started(time_limit)
-            try:
-                value = definition.fn(*args, **kwargs)
-            finally:
-                self.alarm.task_ended()
+            value = self._call(definition.fn, args, kwargs, time_limit)
             envelope = self.transport.dumps_value(value)
             return Outcome(name, True, envelope, time.monotonic() - started)
         except Exception as exc:
             return self._failure(name, exc, started, self._retry_plan(definition, message, exc))
+
+    def _call(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], time_limit: float | None) -> Any:
+        """Call the task function under its time limit; an async one runs on this worker's event loop.
+
+        Whatever the task raises comes out as an Exception: a time limit it swallowed or not as
+        TaskTimeout, SystemExit / KeyboardInterrupt / other BaseExceptions as TaskAborted (a task
+        must not stop its worker). Only HandBack, the worker's own stop, passes through."""
+        error: BaseException | None = None
+        self.alarm.task_started(time_limit)
+        try:
+            value = fn(*args, **kwargs)
+            if inspect.iscoroutine(value):  # an async def task (or a function that returns one)
+                value = self.event_loop.run(value, self.alarm)
+        except HandBack:
+            raise
+        except BaseException as exc:
+            error = exc
+        finally:
+            self.alarm.task_ended()
+        if self.alarm.handing_back:
+            raise HandBack()  # the task swallowed it and ended: hand it back all the same
+        if self.alarm.timed_out:
+            raise self._timeout(time_limit) from error
+        if error is None:
+            return value
+        if isinstance(error, Exception):
+            raise error
+        raise TaskAborted(f"task raised {type(error).__name__}{_args_of(error)}; the worker kept running") from error
+
+    @staticmethod
+    def _timeout(time_limit: float | None) -> TaskTimeout:
+        limit = "" if time_limit is None else f" of {time_limit:g} s"
+        return TaskTimeout(f"task ran past its time limit{limit}")
+
+    def _peek_name(self, claim: Claim) -> str:
+        try:
+            return self.transport.loads_message(claim.payload).name
+        except SerializationError:
+            return "?"
 
     def _arguments(self, message: TaskMessage, claim: Claim) -> tuple[list[Any], dict[str, Any]]:
         """Put each parent's result (or its exception) where the parent handle was passed."""
@@ -123,7 +178,9 @@ class TaskRunner:
     def _retry_plan(definition: TaskDefinition | None, message: TaskMessage | None, exc: Exception) -> RetryPlan | None:
         if definition is None or message is None or message.retries <= 0 or isinstance(exc, NEVER_RETRIED):
             return None
-        if not isinstance(exc, Retry) and not isinstance(exc, definition.retry_on):
+        # A TaskAborted is retried only if the user asked for what it wraps (e.g. SystemExit).
+        cause = exc.__cause__ if isinstance(exc, TaskAborted) else exc
+        if not isinstance(exc, Retry) and not isinstance(cause, definition.retry_on):
             return None
         return RetryPlan(
             max_retries=message.retries,
@@ -143,10 +200,17 @@ class TaskRunner:
             envelope=envelope,
             duration=time.monotonic() - started,
             error_type=type(exc).__name__,
-            dead=isinstance(exc, WorkerLost),
             timed_out=isinstance(exc, TaskTimeout),
             retry=retry,
+            error=exc,
         )
+
+
+def _args_of(error: BaseException) -> str:
+    """`(3)` for SystemExit(3), `('bye',)`-style for more, "" for none: the message a log shows."""
+    if not error.args:
+        return ""
+    return f"({error.args[0]!r})" if len(error.args) == 1 else repr(error.args)
 
 
 @functools.cache

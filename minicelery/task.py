@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -10,11 +12,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .broker import FINISHED_STATES
-from .errors import DependencyError, TaskError, TaskNotFound
+from .errors import BrokerUnavailable, DependencyError, TaskError, TaskNotFound
 from .transport import TaskMessage
 
 if TYPE_CHECKING:
     from .app import Client
+
+log = logging.getLogger(__name__)
 
 # What `.state` says for a handle that has not been sent to Redis.
 CREATED = "created"
@@ -197,14 +201,21 @@ class Task:
     def result(self, timeout: float | None = None) -> Any:
         """Block until the task finishes; return its value or raise its error.
 
-        Waits on Redis (no polling). Raises TimeoutError when `timeout` seconds pass first.
-        """
+        Waits on Redis (no polling). Raises TimeoutError when `timeout` seconds pass first. A
+        lost Redis connection is retried with backoff within the timeout (BrokerUnavailable
+        once it has run out)."""
         if not self._sent:
             raise TaskError(f"{self!r} was never started: call .start(), .wait() or .start_at()")
         broker = self.definition.app.broker
         deadline = None if timeout is None else time.monotonic() + timeout
+        backoff = _RECONNECT_FIRST
         while True:
-            state, envelope = broker.watch(self.queue, self.id)
+            try:
+                state, envelope = broker.watch(self.queue, self.id)
+            except BrokerUnavailable as exc:
+                backoff = self._wait_for_redis(exc, deadline, backoff)
+                continue
+            backoff = _RECONNECT_FIRST
             if state in FINISHED_STATES and envelope is not None:
                 ok, value = broker.transport.loads_outcome(envelope)
                 if ok:
@@ -215,7 +226,26 @@ class Task:
             remaining = broker.max_block if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"{self!r} did not finish within {timeout} s (state: {state})")
-            broker.wait_done(self.queue, self.id, remaining)
+            try:
+                broker.wait_done(self.queue, self.id, remaining)
+            except BrokerUnavailable as exc:
+                backoff = self._wait_for_redis(exc, deadline, backoff)
+
+    def _wait_for_redis(self, exc: BrokerUnavailable, deadline: float | None, backoff: float) -> float:
+        """Redis went away while .result() waited: wait for it to come back (a restart, a
+        failover), within the caller's timeout; re-raise once that has run out. Returns the
+        next backoff."""
+        left = math.inf if deadline is None else deadline - time.monotonic()
+        if left <= 0:
+            raise exc
+        log.warning("waiting for the result of %r: %s (retrying in %.1f s)", self, exc, min(backoff, left))
+        time.sleep(min(backoff, left))
+        return min(backoff * 2, _RECONNECT_MAX)
+
+
+# .result() retries a lost Redis connection after this long, doubling up to the max (seconds).
+_RECONNECT_FIRST = 0.1
+_RECONNECT_MAX = 5.0
 
 
 def _reject_nested(value: Any, where: str, task_name: str) -> None:

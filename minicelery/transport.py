@@ -25,6 +25,7 @@ _OWN_ERRORS: dict[str, type[BaseException]] = {
     cls.__name__: cls
     for cls in (
         errors.TaskTimeout,
+        errors.TaskAborted,
         errors.UnknownTask,
         errors.BadArguments,
         errors.WorkerLost,

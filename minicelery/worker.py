@@ -17,13 +17,14 @@ import random
 import socket
 import threading
 import time
+import traceback
 import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .broker import BLOCKING_SOCKET_SLACK, Claim, Idle, RetryPlan, Wake
-from .errors import BrokerError, BrokerUnavailable, ConfigError, MiniceleryError
+from .errors import BrokerError, BrokerUnavailable, ConfigError, MiniceleryError, TaskTimeout, UnknownTask
 from .heartbeat import Heartbeat, Running
 from .interrupts import HandBack, StopSignals, TaskAlarm
 from .metrics import MetricsServer, WorkerMetrics
@@ -38,7 +39,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
+EXIT_TASK_STUCK = 70  # EX_SOFTWARE: a task did not stop after its time limit; the worker exits to end it
 EXIT_HANDED_BACK = 75  # EX_TEMPFAIL: stopped before the running task could finish
+
+# The task label for a name no task module registered: a client can send any name, and each
+# would otherwise become a new metrics series.
+UNKNOWN_TASK_LABEL = "(unknown)"
+
+# A task whose name this worker lacks is given back to run this much later (or sooner: never
+# later than the grace allows), for a worker that has it.
+UNKNOWN_TASK_RETRY_MS = 5000
 
 
 def _version() -> str:
@@ -307,12 +317,45 @@ class Worker:
             return
         finally:
             self.running = None
+        if isinstance(outcome.error, UnknownTask) and self._defer_unknown(claim, outcome):
+            return
         typical = self._typical_run.get(outcome.name, outcome.duration)
         self._typical_run[outcome.name] = 0.8 * typical + 0.2 * outcome.duration
         with self._results_lock:
             if not self._unflushed:
                 self._unflushed_since = time.monotonic()
             self._unflushed.append((claim, outcome))
+
+    def _defer_unknown(self, claim: Claim, outcome: Outcome) -> bool:
+        """A task named for no task this worker has: give it back for a worker that has it (a
+        rolling deploy sends new tasks before every worker runs the new code), until
+        unknown_task_grace has passed since the first worker did so; then it is dead-lettered
+        like any failure. True if it was given back (or is no longer ours)."""
+        grace_ms = int(self.settings.worker.unknown_task_grace * 1000)
+        if grace_ms <= 0:
+            return False
+        try:
+            status, first_ms = self.broker.defer(
+                claim.queue, claim.id, claim.token, min(UNKNOWN_TASK_RETRY_MS, grace_ms), grace_ms
+            )
+        except BrokerError as exc:
+            log.warning("task %s: could not give back the unknown task %r: %s", claim.id, outcome.name, exc)
+            return True  # its lease expires and it is claimed again
+        if status == "expired":
+            log.warning(
+                "task %s: no worker ran task %r within unknown_task_grace (%g s): dead-lettered",
+                claim.id, outcome.name, self.settings.worker.unknown_task_grace,
+            )  # fmt: skip
+            return False
+        if status == "deferred":
+            self.metrics.unknown_tasks.labels(claim.queue).inc()
+            waited = max(0.0, (claim.now_ms - first_ms) / 1000)
+            log.warning(
+                "task %s: task %r is not registered in this worker; given back for a worker that has it "
+                "(first given back %.0f s ago; dead-lettered after unknown_task_grace, %g s)",
+                claim.id, outcome.name, waited, self.settings.worker.unknown_task_grace,
+            )  # fmt: skip
+        return True
 
     def _may_defer_finish(self) -> bool:
         """Hold finished results back, to store several in one round trip, only while the batch
@@ -409,6 +452,12 @@ class Worker:
         if status == "late":
             self.metrics.contention.labels("late_finish").inc()
             log.warning("task %s: late finish rejected (its lease was reclaimed; another run owns it)", claim.id)
+        elif status == "gone":
+            log.warning(
+                "task %s: finished, but Redis no longer has the task (purged, or Redis lost its data: "
+                "a restart without persistence or a flush); its result is dropped",
+                claim.id,
+            )
         if log.isEnabledFor(logging.INFO):  # (building the line costs more than the check)
             self._log_outcome(claim, outcome, status)
         if self.settings.metrics.enabled:  # per-task histograms are the costly part; skip when unserved
@@ -453,17 +502,63 @@ class Worker:
             released = False
         if interrupted:
             self.counters.handed_back += 1
-            self.metrics.outcomes.labels(_name_of(claim, self.broker.transport), "handed_back").inc()
+            self.metrics.outcomes.labels(self._label(_name_of(claim, self.broker.transport)), "handed_back").inc()
         log.warning("task %s handed back to queue %s%s", claim.id, claim.queue, "" if released else " (lease lost)")
+
+    def _label(self, name: str) -> str:
+        """A task name as a metrics label: only registered names (see UNKNOWN_TASK_LABEL)."""
+        return name if name in self.app.tasks else UNKNOWN_TASK_LABEL
 
     def _observe(self, claim: Claim, outcome: Outcome, status: str) -> None:
         m = self.metrics
-        series = m.series(claim.queue, outcome.name)
+        task = self._label(outcome.name)
+        series = m.series(claim.queue, task)
         series.latency.observe(max(0, claim.now_ms - claim.due_ms) / 1000)
         series.run_time.observe(outcome.duration)
         series.outcomes[_outcome_kind(outcome, status)].inc()
         if not outcome.succeeded:
-            m.failures.labels(outcome.name, outcome.error_type or "?").inc()
+            m.failures.labels(task, outcome.error_type or "?").inc()
+            if status == "ok":  # failed for good: finish.lua put it in the dead-letter set
+                series.outcomes["dead_lettered"].inc()
+
+    def end_stuck_task(self) -> None:
+        """Called by the heartbeat thread when the running task is still running a lease past
+        its time limit although TimeLimitExceeded was raised into it every second: it catches
+        everything, or it is stuck in code that never returns to Python. Nothing inside the
+        process can stop it, so the worker records it as timed out (not retried: it would only
+        do the same again), stores the results it holds, gives back the tasks it claimed, and
+        exits EXIT_TASK_STUCK; systemd, Kubernetes or the pool restarts it. (A task stuck in C
+        code that holds the GIL starves this thread too: the watchdog and /healthz, which then
+        stop answering, are what end that one.) Without the worker's signal handlers (an
+        in-process worker run with install_signals=False) time limits are not enforced, and
+        this does nothing."""
+        running = self.running
+        if not self.alarm.installed:
+            return
+        if running is not None:
+            log.error(
+                "task %s did not stop within %g s after its time limit of %g s (it catches the "
+                "interruption, or is stuck outside Python): recorded as timed out; the worker exits %d "
+                "to end it",
+                running.task_id, self.settings.worker.lease_seconds, running.time_limit or 0, EXIT_TASK_STUCK,
+            )  # fmt: skip
+            error = TaskTimeout(
+                f"task did not stop after its time limit of {running.time_limit or 0:g} s; its worker exited"
+            )
+            envelope = self.broker.transport.dumps_error(error)
+            with self._results_lock:
+                held, self._unflushed = self._unflushed, []
+            try:
+                self.broker.finish_many(
+                    [*_finishes(held), (running.queue, running.task_id, running.token, False, envelope, None)]
+                )
+            except BrokerError as exc:
+                log.error("could not record it (%s): its lease expires and it is reclaimed", exc)
+            self._hand_back_local()
+            self._leave_idle_sets()
+        self.notifier.status("exiting: a task did not stop after its time limit")
+        logging.shutdown()  # flush the log before the hard exit
+        os._exit(EXIT_TASK_STUCK)
 
     def healthy(self) -> bool:
         """Alive: a running task within its limit (plus a lease), or the loop turned recently."""
@@ -489,9 +584,11 @@ class Worker:
 
     def _log_outcome(self, claim: Claim, outcome: Outcome, status: str) -> None:
         kind = _outcome_kind(outcome, status)
-        result = kind if outcome.succeeded else f"{kind} ({outcome.error_type})"
+        result = kind if outcome.succeeded else f"{kind} ({_one_line(outcome)})"
         if status == "late":
             result += ", rejected: lease lost"
+        elif status == "ok" and not outcome.succeeded:
+            result += ", dead-lettered"
         log.info(
             "task %s name=%s queue=%s attempt=%d outcome=%s duration=%.3fs",
             claim.id,
@@ -501,8 +598,12 @@ class Worker:
             result,
             outcome.duration,
         )
-        if not outcome.succeeded:
-            log.debug("task %s error envelope: %s", claim.id, outcome.envelope[:2000])
+        if outcome.error is not None:
+            # The traceback: a warning when the task failed for good, detail when it runs again.
+            level = logging.WARNING if status == "ok" else logging.DEBUG
+            if log.isEnabledFor(level):
+                trace = "".join(traceback.format_exception(outcome.error)).rstrip()
+                log.log(level, "task %s name=%s failed:\n%s", claim.id, outcome.name, trace)
 
     # --- connection, status, shutdown --------------------------------------------------------------
 
@@ -582,8 +683,14 @@ class Worker:
                     self.broker.rearm(queue, clock.held_due_ms)
                 except BrokerError as exc:
                     log.warning("could not pass on the next due time of queue %s: %s", queue, exc)
+        try:
+            self.broker.forget_worker(self.queues, self.id)
+        except BrokerError as exc:
+            log.warning("could not remove this worker from the live list: %s", exc)
+        self.runner.event_loop.close()
         code = EXIT_HANDED_BACK if self.counters.handed_back else EXIT_OK
-        log.warning(
+        log.log(
+            logging.WARNING if code else logging.INFO,
             "worker %s stopped: %d done, %d failed, %d wasted wake-ups, %d late finishes, exit %d",
             self.id,
             self.counters.done,
@@ -601,10 +708,19 @@ def _finishes(finished: list[tuple[Claim, Outcome]]) -> list[tuple[str, str, str
 
 
 def _outcome_kind(outcome: Outcome, status: str) -> str:
-    """The outcome label of one run: every failed, timed_out or dead_lettered run has left its
-    task in the dead-letter set; a retried one is scheduled to run again."""
+    """The outcome label of one run. A failed or timed_out run whose finish was recorded left its
+    task in the dead-letter set, which `dead_lettered` counts besides; a retried run is
+    scheduled to run again."""
     if outcome.succeeded:
         return "succeeded"
     if status == "retry":
         return "retried"
-    return "dead_lettered" if outcome.dead else "timed_out" if outcome.timed_out else "failed"
+    return "timed_out" if outcome.timed_out else "failed"
+
+
+def _one_line(outcome: Outcome) -> str:
+    """`ValueError: boom` for the outcome log line (the message cut to one short line)."""
+    if outcome.error is None:
+        return outcome.error_type or "?"
+    message = str(outcome.error).strip().splitlines()[0][:300] if str(outcome.error).strip() else ""
+    return f"{outcome.error_type}: {message}" if message else str(outcome.error_type)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -88,35 +89,6 @@ def test_results_held_for_a_batch_are_stored_while_a_usually_brief_task_runs_lon
     r.rpush("test:gate:shut", "go")
     assert shut.result(timeout=10) == "shut"
     assert [h.result(timeout=10) for h in (a, *rest)] == ["a", *range(4)]
-
-
-def test_watchdog_goes_hungry_when_a_task_is_stuck_past_its_limit(
-    app: Client, workers: Workers, notify: NotifySocket
-) -> None:
-    producer = Client(app.broker, default_queue=app.default_queue)
-    Client.instances.remove(producer)
-
-    @producer.task(name="stubborn", time_limit=0.3)
-    def stubborn(seconds: float) -> str:
-        return "unused"
-
-    proc = workers.start(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="400000", MINICELERY_WORKER__LEASE_SECONDS="1")
-    wait_until(lambda: notify.seen("READY=1"), 20, "READY=1")
-    wait_until(lambda: len(notify.seen("WATCHDOG=1")) >= 2, 10, "watchdog while idle")
-    handle = stubborn(30).start()
-    # Past limit (0.3 s) + margin (one 1 s lease) the worker is unhealthy: pings stop.
-    wait_until(lambda: "stopped pinging the watchdog" in workers.log(proc), 20, "unhealthy")
-    before = len(notify.seen("WATCHDOG=1"))
-    running = f"minicelery:{{{app.default_queue}}}:running"
-
-    def lease_expired() -> bool:
-        seconds, micros = app.broker.redis.time()
-        deadline = app.broker.redis.zscore(running, handle.id)
-        return deadline is not None and deadline < seconds * 1000 + micros / 1000
-
-    wait_until(lease_expired, 10, "the stuck task's lease to lapse (no more renewals)")
-    assert len(notify.seen("WATCHDOG=1")) == before  # pings every 0.2 s would have come meanwhile
-    proc.kill()
 
 
 def test_sigterm_while_idle_exits_at_once_without_waiting_out_the_block(workers: Workers) -> None:
@@ -295,3 +267,72 @@ def test_a_task_that_keeps_killing_its_worker_is_dead_lettered_not_looped(
     assert r.zscore(QueueKeys(app.default_queue).dead, poison.id) is not None
     assert child.result(timeout=30).startswith("error:WorkerLost:")  # its child got the error
     assert worker.poll() is None  # the last worker lives on
+
+
+def test_a_cleanly_stopped_worker_is_no_longer_listed_as_live(app: Client, workers: Workers) -> None:
+    proc = workers.start()
+    workers.wait_ready(proc)
+    live = wait_until(lambda: app.broker.queue_report(app.default_queue, 5)["workers"], 20, "the worker listed")
+    assert len(live) == 1  # type: ignore[arg-type]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    assert app.broker.queue_report(app.default_queue, 5)["workers"] == []
+
+
+def test_a_finish_after_redis_lost_its_data_says_so_instead_of_blaming_a_lease(tmp_path: Path, queue: str) -> None:
+    import worktasks
+
+    server = RedisServer().start()  # a private server: the test flushes it
+    pool = Workers(server.url, queue, tmp_path)
+    app = Client(RedisBroker(JSONTransport(), url=server.url, max_block=1), default_queue=queue)
+    worktasks.register(app)
+    Client.instances.remove(app)
+    try:
+        proc = pool.start()
+        handle = app.tasks["gate"]("lost").start()
+        wait_until(lambda: handle.state == "running", 20, "the task to start")
+        app.broker.redis.flushall()  # what a Redis restart without persistence leaves
+        app.broker.redis.rpush("test:gate:lost", "go")
+        wait_until(lambda: "Redis no longer has the task" in pool.log(proc), 20, "the finish to be refused")
+        assert "late finish" not in pool.log(proc)
+        assert app.tasks["echo"]("on").start().result(timeout=20) == "on"  # and the worker goes on
+    finally:
+        pool.stop_all()
+        app.broker.close()
+        server.cleanup()
+
+
+def test_a_result_waiter_rides_out_a_redis_restart_within_its_timeout(tmp_path: Path, queue: str) -> None:
+    import worktasks
+
+    port = free_port()
+    data = tmp_path / "redis-data"
+    data.mkdir()
+    persist = ("--appendonly", "yes", "--appendfsync", "always")
+    server = RedisServer(port=port, directory=data, extra_args=persist).start()
+    app = Client(RedisBroker(JSONTransport(), url=server.url, max_block=1), default_queue=queue)
+    worktasks.register(app)
+    Client.instances.remove(app)
+    pool = Workers(server.url, queue, tmp_path)
+    outcome: list[object] = []
+    try:
+        handle = app.tasks["echo"]("survived").start()  # no worker yet: it waits in Redis
+        waiter = threading.Thread(target=lambda: outcome.append(_result_or_error(handle, 60)))
+        waiter.start()
+        wait_until(lambda: app.broker.redis.hget(QueueKeys(queue).info, f"{handle.id}:w"), 10, "the waiter to watch")
+        server.stop(kill=True)
+        server = RedisServer(port=port, directory=data, extra_args=persist).start()
+        pool.start()
+        waiter.join(timeout=60)
+        assert outcome == ["survived"]
+    finally:
+        pool.stop_all()
+        app.broker.close()
+        server.cleanup()
+
+
+def _result_or_error(handle: object, timeout: float) -> object:
+    try:
+        return handle.result(timeout=timeout)  # type: ignore[attr-defined]
+    except Exception as exc:
+        return exc

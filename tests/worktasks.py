@@ -6,7 +6,11 @@ Executions are recorded in Redis (the worker's own connection) so tests can coun
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import os
+import signal
+import sys
 import time
 import uuid
 from typing import Any
@@ -56,6 +60,10 @@ class CustomError(Exception):
     pass
 
 
+class _CustomBase(BaseException):
+    pass
+
+
 def register(app: Client) -> None:
     @app.task
     def echo(value: Any) -> Any:
@@ -94,8 +102,11 @@ def register(app: Client) -> None:
         return os.getpid()
 
     @app.task
-    def kill_my_worker() -> None:
-        """A task that crashes the process running it, every time (a segfaulting C extension)."""
+    def kill_my_worker(how: str = "sigkill") -> None:
+        """A task that ends the process running it, every time: SIGKILL (a segfaulting C
+        extension) or os._exit (no cleanup, nothing catchable)."""
+        if how == "os_exit":
+            os._exit(3)
         os.kill(os.getpid(), 9)
 
     @app.task
@@ -143,6 +154,60 @@ def register(app: Client) -> None:
             except Exception:
                 continue
         return "finally"
+
+    @app.task
+    def swallow_all(seconds: float) -> str:
+        """Catches everything, its time limit included, and keeps going: only ending the
+        process stops it."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                time.sleep(end - time.monotonic())
+            except BaseException:
+                continue
+        return "finally"
+
+    @app.task
+    def hold_gil(seconds: int) -> str:
+        """Stuck in C code that never returns to Python and holds the GIL (a C extension in a
+        tight loop): neither a signal handler nor the heartbeat thread can run meanwhile."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        ctypes.PyDLL(None).sleep(seconds)  # PyDLL: the call keeps the GIL
+        return "done"
+
+    @app.task
+    def exit_now(code: Any) -> None:
+        sys.exit(code)
+
+    @app.task
+    def raise_base(kind: str) -> None:
+        """Raises a BaseException that is not an Exception, as task code might."""
+        errors: dict[str, BaseException] = {
+            "KeyboardInterrupt": KeyboardInterrupt(),
+            "GeneratorExit": GeneratorExit(),
+            "custom": _CustomBase("custom base"),
+        }
+        raise errors[kind]
+
+    @app.task
+    async def async_add(a: int, b: int) -> int:
+        await asyncio.sleep(0.01)
+        return a + b
+
+    @app.task
+    async def async_sleep(seconds: float, tag: str) -> str:
+        """Sleeps at an await; records that its `finally` ran when cancelled."""
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            _r().incr(f"test:async_finally:{tag}")
+        return "slept"
+
+    @app.task
+    async def async_block(seconds: float) -> str:
+        """Never awaits: blocks the event loop in plain Python (time.sleep)."""
+        time.sleep(seconds)
+        return "blocked"
 
     @app.task
     def gate(tag: str) -> str:

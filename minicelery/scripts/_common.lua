@@ -18,6 +18,7 @@
 --                             n not-before time (ms)   p count of unfinished parents
 --                             P parent ids, "," list   c child ids, "," list
 --                             k idempotency key       w someone waits for the result
+--                             u first time a worker that lacked its task deferred it (ms)
 --                             and one queue-wide field: "#waiting", how many tasks wait for parents
 --   KEYS[8]  inputs     hash  "<child>|<parent>" -> the parent's result envelope, kept for the child
 --   KEYS[9]  expiry     zset  id -> time (ms) after which a finished task's data is deleted
@@ -52,7 +53,7 @@ local WORKER_FORGET_MS = 86400000
 -- by a claim for two leases and this long is dead, and nothing is handed to it.
 local IDLE_SILENCE_MS = 10000
 
-local INFO_FIELDS = { 's', 'a', 'l', 'r', 't', 'd', 'n', 'p', 'P', 'c', 'k', 'w' }
+local INFO_FIELDS = { 's', 'a', 'l', 'r', 't', 'd', 'n', 'p', 'P', 'c', 'k', 'w', 'u' }
 
 local function now_ms()
   local t = redis.call('TIME')

@@ -21,7 +21,8 @@
 --   base_ms, cap_ms, jitter (0.5-1), fixed_ms (-1: backoff): the delay before retry r
 --   (0-based) is fixed_ms, else min(cap_ms, base_ms * 2^r) * jitter
 --
--- Returns one finish status per task: 'ok', 'retry' or 'late'.
+-- Returns one finish status per task: 'ok', 'retry', 'late', or 'gone' (the task no longer
+-- exists: nothing written).
 
 local FIELDS = 9
 local result_ttl, dead_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -46,8 +47,11 @@ local released = 0 -- children released: one "#waiting" update for the batch
 for i = 1, (#ARGV - 2) / FIELDS do
   local base = 2 + (i - 1) * FIELDS
   local id, token, outcome, envelope = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
-  local held = redis.call('HMGET', K_INFO, id .. ':t', id .. ':r', id .. ':k', id .. ':c', id .. ':w')
-  if token == '' or held[1] ~= token or seen[id] then
+  local held = redis.call('HMGET', K_INFO, id .. ':t', id .. ':r', id .. ':k', id .. ':c', id .. ':w', id .. ':s')
+  if not held[6] then
+    statuses[i] = 'gone' -- no trace of the task: purged, or Redis lost its data (a restart
+    -- without persistence, a flush); writing a result now would leave an orphan
+  elseif token == '' or held[1] ~= token or seen[id] then
     statuses[i] = 'late' -- (a repeat in this batch: its token is deleted only at the end)
   else
     seen[id] = true

@@ -1,5 +1,6 @@
 -- revive.lua: put dead letters back in the queue (`minicelery retry-dead`). Each runs again
--- as if just enqueued: result cleared, attempt, lease-loss and retry counts reset. Its children
+-- as if just enqueued: result cleared, attempt, lease-loss and retry counts and the unknown-task
+-- deferral time reset. Its children
 -- got its error when it died and were released then; they are not run again.
 --
 -- KEYS: the queue key set (see _common.lua), then
@@ -15,7 +16,7 @@ for i, id in ipairs(ARGV) do
     redis.call('ZREM', K_DEAD, id)
     redis.call('ZREM', K_EXPIRY, id)
     redis.call('HDEL', K_RESULT, id)
-    redis.call('HDEL', K_INFO, id .. ':a', id .. ':l', id .. ':r')
+    redis.call('HDEL', K_INFO, id .. ':a', id .. ':l', id .. ':r', id .. ':u')
     redis.call('DEL', KEYS[13 + i])
     make_due(id, now, now)
     revived[#revived + 1] = id

@@ -144,8 +144,9 @@ def test_start_waits_for_redis_runs_tasks_reports_status_and_stop_drains(machine
 def test_a_hung_worker_is_killed_by_the_watchdog_and_restarted(machine: Machine) -> None:
     unit, queue = "minicelery@hang.service", f"q-{uuid.uuid4().hex[:8]}"
     with RedisServer(password=PASSWORD) as server:
-        # A task that swallows its time-limit error: after limit (1 s) + one lease (2 s) the
-        # worker stops pinging; WatchdogSec=3 s later systemd kills it.
+        # A task stuck in C code that holds the GIL: nothing in the worker runs, so it stops
+        # pinging at once; WatchdogSec=3 s later systemd kills it. (A task that merely swallows
+        # its time limit is ended by the worker itself: tests/test_misbehaving_tasks.py.)
         install_instance(machine, "hang", server.port, queue, lease_seconds=2.0, idle_block_max=1.0,
                          default_time_limit=1.0, shutdown_grace=1.0)  # fmt: skip
         machine.write(f"/etc/systemd/system/{unit}.d/watchdog.conf", "[Service]\nWatchdogSec=3\n")
@@ -153,13 +154,13 @@ def test_a_hung_worker_is_killed_by_the_watchdog_and_restarted(machine: Machine)
         assert machine.run("systemctl", "start", unit).returncode == 0
         first_pid = machine.show(unit, "MainPID")["MainPID"]
         app = client_for(server, queue)
-        app.tasks["stubborn"](600).start()
+        app.tasks["hold_gil"](600).start()
         wait_until(lambda: "Failed with result 'watchdog'" in machine.journal(unit), 60, "the watchdog to fire")
         assert "Watchdog timeout" in machine.journal(unit)
         wait_until(lambda: machine.show(unit, "NRestarts")["NRestarts"] != "0", 30, "a restart")
         wait_until(lambda: machine.show(unit, "ActiveState")["ActiveState"] == "active", 30, "the new worker")
         assert machine.show(unit, "MainPID")["MainPID"] != first_pid
-        app.broker.purge(queue)  # or the stubborn task hangs the next worker too (until dead-lettered)
+        app.broker.purge(queue)  # or the stuck task hangs the next worker too (until dead-lettered)
         machine.run("systemctl", "stop", unit)
         app.broker.close()
 
