@@ -9,9 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from .app import Client
-from .broker import RedisBroker
+from .broker import FINISHED_STATES, RedisBroker
 from .errors import TaskNotFound
 from .settings import Settings
+
+EXIT_FAILED = 1  # the task failed, or there is no such task
+EXIT_NOT_FINISHED = 75  # EX_TEMPFAIL: the task has not finished yet; ask again later
 
 
 class Admin:
@@ -45,9 +48,9 @@ class Admin:
         state = handle.state
         if state == "unknown":
             raise TaskNotFound(f"task {task_id} is not stored on queue {handle.queue!r}")
-        if state not in ("succeeded", "failed") and timeout <= 0:
-            print(f"task {task_id} is {state}", file=sys.stderr)
-            return 1
+        if state not in FINISHED_STATES and timeout <= 0:
+            print(f"minicelery: task {task_id} is {state}, not finished (--timeout S waits for it)", file=sys.stderr)
+            return EXIT_NOT_FINISHED
         return self._print_result(handle.result, timeout)
 
     @staticmethod
@@ -56,13 +59,13 @@ class Admin:
             value = get(timeout=timeout)
         except TimeoutError as exc:
             print(f"minicelery: {exc}", file=sys.stderr)
-            return 1
+            return EXIT_NOT_FINISHED
         except Exception as exc:
             print(f"task failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             remote = getattr(exc, "remote_traceback", None) or getattr(exc, "traceback", None)
             if remote:
                 print(remote, file=sys.stderr, end="")
-            return 1
+            return EXIT_FAILED
         print(json.dumps(value))
         return 0
 
@@ -100,10 +103,14 @@ class Admin:
 
     def purge(self, queues: Sequence[str], *, assume_yes: bool) -> int:
         if not assume_yes:
-            answer = input(f"Delete every task, result and dead letter of {', '.join(queues)}? [y/N] ")
+            try:
+                answer = input(f"Delete every task, result and dead letter of {', '.join(queues)}? [y/N] ")
+            except EOFError:  # stdin empty or closed (a script, < /dev/null): no answer is a no
+                print("\nminicelery: no answer on stdin; nothing deleted (--yes skips the question)", file=sys.stderr)
+                return EXIT_FAILED
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing deleted")
-                return 1
+                return EXIT_FAILED
         for queue in queues:
             deleted = self.broker.purge(queue)
             print(f"queue {queue}: {deleted} keys deleted")

@@ -2,11 +2,17 @@
 
 Exit codes:
   0   success
-  1   the task failed (enqueue --wait-result, result) or an unexpected error
-  2   bad command-line usage
-  69  Redis is unreachable (EX_UNAVAILABLE)
-  75  the worker stopped before its running task finished; the task was handed back (EX_TEMPFAIL)
+  1   the task failed (enqueue --wait-result, result), no such task, purge declined,
+      or an unexpected error
+  2   bad command-line usage: an unknown option, or ARGS, --kwargs, --delay, --at, --timeout
+      that do not parse
+  69  Redis is unreachable, or its host name does not resolve (EX_UNAVAILABLE)
+  75  not finished yet, ask again later (EX_TEMPFAIL): `result` of an unfinished task, or
+      --wait-result / --timeout ran out; `worker`: it stopped before its running task
+      finished and handed the task back
   78  bad configuration or a task module that fails to import (EX_CONFIG)
+  141 stdout was closed early (e.g. `minicelery inspect | head -1`), as for a tool killed
+      by SIGPIPE
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import datetime as dt
 import importlib
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -27,6 +34,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_UNAVAILABLE = 69
 EXIT_CONFIG = 78
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a tool killed by SIGPIPE
 
 EPILOG = __doc__.split("Exit codes:", 1)[1] if __doc__ else ""
 
@@ -64,24 +72,24 @@ def _parser() -> argparse.ArgumentParser:
 
     enqueue = command("enqueue", "Send a task by name.")
     enqueue.add_argument("task", help="task name")
-    enqueue.add_argument("args", nargs="?", default="[]", help="positional arguments as a JSON list")
-    enqueue.add_argument("--kwargs", default="{}", help="keyword arguments as a JSON object")
+    enqueue.add_argument("args", nargs="?", default="[]", type=_json_list, help="positional arguments as a JSON list")
+    enqueue.add_argument("--kwargs", default="{}", type=_json_object, help="keyword arguments as a JSON object")
     enqueue.add_argument("--queue", "-q", help="queue (default: the first of worker.queues)")
     when = enqueue.add_mutually_exclusive_group()
-    when.add_argument("--delay", type=float, help="run after this many seconds")
-    when.add_argument("--at", help="run at this ISO 8601 time (naive = local time)")
+    when.add_argument("--delay", type=_seconds, help="run after this many seconds")
+    when.add_argument("--at", type=_iso_time, help="run at this ISO 8601 time (naive = local time)")
     enqueue.add_argument("--key", help="idempotency key: no second task while one with it is pending")
     enqueue.add_argument("--wait-result", action="store_true", help="wait and print the result")
-    enqueue.add_argument("--timeout", type=float, help="with --wait-result: give up after seconds")
+    enqueue.add_argument("--timeout", type=_seconds, help="with --wait-result: give up after seconds (exit 75)")
 
     inspect = command("inspect", "Show queue depths, next due time, live workers, dead letters.")
     inspect.add_argument("--queue", "-q", action="append", help="queue (repeatable; default: worker.queues)")
     inspect.add_argument("--json", action="store_true", help="print JSON")
 
-    result = command("result", "Print a task's result (waits while it is unfinished).")
+    result = command("result", "Print a task's result; exit 75 if it has not finished (within --timeout).")
     result.add_argument("id")
     result.add_argument("--queue", "-q")
-    result.add_argument("--timeout", type=float, default=0.0, help="seconds to wait (default: do not wait)")
+    result.add_argument("--timeout", type=_seconds, default=0.0, help="seconds to wait (default: do not wait)")
 
     retry_dead = command("retry-dead", "Put dead letters back in their queue to run again.")
     retry_dead.add_argument("ids", nargs="*", metavar="ID", help="task ids (default: every dead letter)")
@@ -93,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
     health = command("health", "Ask the local worker's /healthz (or /readyz); exit 0 if it answers 200.")
     health.add_argument("--ready", action="store_true", help="ask /readyz: Redis reachable and tasks loaded")
-    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    health.add_argument("--timeout", type=_seconds, default=3.0, help="seconds to wait for the answer")
 
     demo = command("demo", "Run the original README's demo on a private Redis.")
     demo.add_argument("--workers", type=int, default=3)
@@ -103,7 +111,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return int(_dispatch(args))
+        code = int(_dispatch(args))
+        sys.stdout.flush()  # here, so a closed pipe is caught below and not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): stop quietly, as Unix tools do. Point stdout at
+        # /dev/null so the interpreter's own flush at exit does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except ConfigError as exc:
         print(f"minicelery: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -136,11 +151,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "enqueue":
         return admin.enqueue(
             args.task,
-            _json_arg(args.args, list, "ARGS"),
-            _json_arg(args.kwargs, dict, "--kwargs"),
+            args.args,
+            args.kwargs,
             queue=args.queue,
             delay=args.delay,
-            at=_iso_time(args.at) if args.at else None,
+            at=args.at,
             key=args.key,
             wait=args.wait_result,
             timeout=args.timeout,
@@ -233,13 +248,38 @@ def build_worker_app(settings: Settings) -> Any:
     return app
 
 
-def _json_arg(text: str, kind: type, what: str) -> Any:
+# Argument types: argparse turns their ArgumentTypeError into a usage error (exit 2) naming
+# the argument, so a mistyped command line is never blamed on the configuration.
+
+
+def _json_list(text: str) -> list[Any]:
+    value = _json(text)
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"must be a JSON list, e.g. '[1, 2]'; got {text!r}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    value = _json(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"""must be a JSON object, e.g. '{{"x": 1}}'; got {text!r}""")
+    return value
+
+
+def _json(text: str) -> Any:
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except ValueError as exc:
-        raise ConfigError(f"{what} is not valid JSON: {exc}") from exc
-    if not isinstance(value, kind):
-        raise ConfigError(f"{what} must be a JSON {'list' if kind is list else 'object'}")
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}); got {text!r}") from exc
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0; got {text!r}")
     return value
 
 
@@ -247,7 +287,7 @@ def _iso_time(text: str) -> dt.datetime:
     try:
         return dt.datetime.fromisoformat(text)
     except ValueError as exc:
-        raise ConfigError(f"--at {text!r} is not an ISO 8601 time") from exc
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time (e.g. 2030-01-27T13:00); got {text!r}") from exc
 
 
 if __name__ == "__main__":
