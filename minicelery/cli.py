@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib
 import json
 import math
 import os
@@ -35,6 +34,14 @@ EXIT_FAILED = 1
 EXIT_UNAVAILABLE = 69
 EXIT_CONFIG = 78
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a tool killed by SIGPIPE
+
+# The worker's flags that set a setting, named in messages about a bad value.
+WORKER_FLAGS = {
+    "worker.queues": "flag -Q/--queues",
+    "tasks": "flag -t/--tasks",
+    "logging.level": "flag -l/--log-level",
+    "logging.format": "flag --log-format",
+}
 
 EPILOG = __doc__.split("Exit codes:", 1)[1] if __doc__ else ""
 
@@ -120,16 +127,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except ConfigError as exc:
-        print(f"minicelery: {exc}", file=sys.stderr)
+        _print_error(exc)
         return EXIT_CONFIG
     except BrokerUnavailable as exc:
-        print(f"minicelery: {exc}", file=sys.stderr)
+        _print_error(exc)
         return EXIT_UNAVAILABLE
     except MiniceleryError as exc:
-        print(f"minicelery: {exc}", file=sys.stderr)
+        _print_error(exc)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def _print_error(exc: Exception) -> None:
+    for line in str(exc).splitlines():  # settings report every problem, one per line
+        print(f"minicelery: {line}", file=sys.stderr)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -141,8 +153,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _worker(args)
     settings = load_settings(args.config)
     if args.command == "check-config":
-        print(json.dumps(settings.masked(), indent=2))
-        return EXIT_OK
+        return _check_config(settings)
     if args.command == "health":
         return _health(settings, "/readyz" if args.ready else "/healthz", args.timeout)
     from .admin import Admin
@@ -173,6 +184,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "purge":
         return admin.purge(args.queue or settings.worker.queues, assume_yes=args.yes)
     raise AssertionError(args.command)
+
+
+def _check_config(settings: Settings) -> int:
+    """Print the effective settings; import the task modules, as a worker would, so a module
+    that fails to import fails here too (exit 78)."""
+    from .loader import NO_TASKS_HINT, load_task_modules
+
+    tasks = load_task_modules(settings.tasks) if settings.tasks else {}
+    print(json.dumps(settings.masked(), indent=2))
+    if tasks:
+        print(f"tasks: {', '.join(sorted(tasks))}", file=sys.stderr)
+    else:
+        print(f"no task modules configured (a worker needs them: {NO_TASKS_HINT})", file=sys.stderr)
+    return EXIT_OK
 
 
 def _health(settings: Settings, path: str, timeout: float) -> int:
@@ -214,37 +239,22 @@ def _worker(args: argparse.Namespace) -> int:
     logging_overrides = {k: v for k, v in (("level", args.log_level), ("format", args.log_format)) if v}
     if logging_overrides:
         overrides["logging"] = logging_overrides
-    settings = load_settings(args.config, **overrides)
+    settings = load_settings(args.config, flag_names=WORKER_FLAGS, **overrides)
     configure_logging(settings.logging.level, settings.logging.format)
     app = build_worker_app(settings)
     return Worker(app, settings).run(burst=args.burst)
 
 
 def build_worker_app(settings: Settings) -> Any:
-    """Import the task modules and gather every task they registered into one Client."""
+    """A Client on the configured broker holding every task the task modules registered."""
     from .app import Client
     from .broker import RedisBroker
+    from .loader import load_task_modules
 
-    if not settings.tasks:
-        raise ConfigError("invalid setting tasks: no task modules configured; got []")
-    sys.path.insert(0, os.getcwd())
-    for module in settings.tasks:
-        try:
-            importlib.import_module(module)
-        except Exception as exc:
-            raise ConfigError(f"task module {module!r} failed to import: {type(exc).__name__}: {exc}") from exc
-    broker = RedisBroker.from_settings(settings)
-    app = Client(broker, default_queue=settings.worker.queues[0])
-    for other in Client.instances:
-        if other is app:
-            continue
-        for name, definition in other.tasks.items():
-            if name in app.tasks and app.tasks[name].fn is not definition.fn:
-                raise ConfigError(f"task name {name!r} is registered twice by the task modules")
-            app.tasks[name] = definition
+    tasks = load_task_modules(settings.tasks)
+    app = Client(RedisBroker.from_settings(settings), default_queue=settings.worker.queues[0])
     Client.instances.remove(app)
-    if not app.tasks:
-        raise ConfigError(f"task modules {settings.tasks} registered no tasks (no @app.task found)")
+    app.tasks.update(tasks)
     return app
 
 
