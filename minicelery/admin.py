@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .app import Client
+from .app import DEFAULT_QUEUE, Client
 from .broker import FINISHED_STATES, RedisBroker
 from .errors import TaskNotFound
+from .loader import load_task_modules
 from .settings import Settings
 
 EXIT_FAILED = 1  # the task failed, or there is no such task
@@ -37,11 +39,35 @@ class Admin:
         wait: bool,
         timeout: float | None,
     ) -> int:
+        why_guessed = self._use_definition(name)
         handle = self.app.send_task(name, args, kwargs, queue=queue, delay=delay, at=at, key=key)
         print(handle.id)
+        if why_guessed and queue is None:  # say where it went, and how to choose
+            print(
+                f"minicelery: sent to queue {handle.queue!r}, the first of worker.queues ({why_guessed}); "
+                "-q QUEUE chooses the queue",
+                file=sys.stderr,
+            )
         if not wait:
             return 0
         return self._print_result(handle.result, timeout)
+
+    def _use_definition(self, name: str) -> str:
+        """With the task modules configured, send `name` with its definition's retries= and
+        time_limit=, and its queue if it has one of its own, as calling it in code would.
+        Returns why the queue is the first of worker.queues instead, or "" if it is not."""
+        if not self.settings.tasks:
+            return "no task modules are configured to tell the task's own queue"
+        definition = load_task_modules(self.settings.tasks).get(name)
+        if definition is None:
+            return f"task {name!r} is not registered by the task modules {self.settings.tasks}"
+        # A task on the built-in queue named none of its own (neither queue= nor its Client's
+        # default_queue): keep sending it where workers are configured to look.
+        own = definition.queue != DEFAULT_QUEUE
+        queue = definition.queue if own else self.app.default_queue
+        # Rebound to this client, so it is sent through the broker these settings configure.
+        self.app.tasks[name] = dataclasses.replace(definition, app=self.app, queue=queue)
+        return "" if own else f"task {name!r} names no queue of its own"
 
     def result(self, task_id: str, queue: str | None, timeout: float) -> int:
         handle = self.app.handle(task_id, queue=queue)

@@ -75,13 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--log-format", choices=["text", "json"])
     worker.add_argument("--burst", action="store_true", help="exit once no task is ready")
 
-    command("check-config", "Validate the settings and print them, secrets masked.")
+    command("check-config", "Validate the settings, import the task modules, print the settings (secrets masked).")
 
-    enqueue = command("enqueue", "Send a task by name.")
+    enqueue = command("enqueue", "Send a task by name, with its own queue= and options when tasks are configured.")
     enqueue.add_argument("task", help="task name")
     enqueue.add_argument("args", nargs="?", default="[]", type=_json_list, help="positional arguments as a JSON list")
     enqueue.add_argument("--kwargs", default="{}", type=_json_object, help="keyword arguments as a JSON object")
-    enqueue.add_argument("--queue", "-q", help="queue (default: the first of worker.queues)")
+    enqueue.add_argument("--queue", "-q", help="queue (default: the task's own, else the first of worker.queues)")
     when = enqueue.add_mutually_exclusive_group()
     when.add_argument("--delay", type=_seconds, help="run after this many seconds")
     when.add_argument("--at", type=_iso_time, help="run at this ISO 8601 time (naive = local time)")
@@ -145,6 +145,10 @@ def _print_error(exc: Exception) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.config:
+        # Task modules (imported by worker, enqueue and check-config) that build RedisBroker()
+        # themselves read the same file.
+        os.environ[CONFIG_ENV] = args.config
     if args.command == "demo":
         from .demo import run_demo
 
@@ -228,9 +232,6 @@ def _worker(args: argparse.Namespace) -> int:
     from .logs import configure_logging
     from .worker import Worker
 
-    if args.config:
-        # Task modules that build RedisBroker() themselves read the same file.
-        os.environ[CONFIG_ENV] = args.config
     overrides: dict[str, Any] = {}
     if args.queues:
         overrides["worker"] = {"queues": [q.strip() for q in args.queues.split(",") if q.strip()]}

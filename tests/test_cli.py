@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import redis
 from conftest import Workers
+
+from minicelery.keys import ROOT, queue_keys
 
 
 def run_cli(*args: str, env: dict[str, str], stdin: int = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
@@ -76,3 +82,61 @@ def test_inspect_into_a_closed_pipe_exits_quietly(workers: Workers) -> None:
         os.close(write_end)
     assert proc.returncode == 141
     assert proc.stderr == ""
+
+
+MAIL_TASKS = """
+from minicelery import Client, RedisBroker
+
+app = Client(RedisBroker())
+
+
+@app.task(queue={queue!r}, retries=2, time_limit=7)
+def send_mail(to):
+    return to
+"""
+
+
+@pytest.fixture
+def other_queue(queue: str, r: redis.Redis) -> Iterator[str]:
+    """A second queue for the test (the conftest cleans only `queue`)."""
+    name = f"{queue}-other"
+    yield name
+    for key in r.scan_iter(match=f"{ROOT}:{{{name}}}:*", count=1000):
+        r.delete(key)
+
+
+def _payload(r: redis.Redis, queue: str, task_id: str) -> dict[str, object] | None:
+    data = r.hget(queue_keys(queue).payload, task_id)
+    return json.loads(data) if data is not None else None
+
+
+def test_enqueue_by_name_sends_to_the_tasks_own_queue_with_its_options(
+    workers: Workers, tmp_path: Path, queue: str, other_queue: str, r: redis.Redis
+) -> None:
+    (tmp_path / "mail_tasks.py").write_text(MAIL_TASKS.format(queue=queue))
+    env = {
+        **workers.env(),
+        "MINICELERY_TASKS": '["mail_tasks"]',
+        "MINICELERY_WORKER__QUEUES": f'["{other_queue}"]',  # what enqueue used for every task
+        "PYTHONPATH": str(tmp_path),
+    }
+    sent = run_cli("enqueue", "send_mail", '["ann@example.com"]', env=env)
+    assert sent.returncode == 0, sent.stderr
+    payload = _payload(r, queue, sent.stdout.strip())
+    assert payload is not None and payload["retries"] == 2 and payload["time_limit"] == 7
+    assert sent.stderr == ""  # nothing was guessed
+    chosen = run_cli("enqueue", "send_mail", '["bob@example.com"]', "-q", other_queue, env=env)
+    assert chosen.returncode == 0, chosen.stderr
+    payload = _payload(r, other_queue, chosen.stdout.strip())  # an explicit -q still wins
+    assert payload is not None and payload["retries"] == 2
+
+
+def test_enqueue_without_task_modules_says_which_queue_and_how_to_choose(workers: Workers, queue: str) -> None:
+    env = workers.env()
+    del env["MINICELERY_TASKS"]
+    sent = run_cli("enqueue", "add", "[1, 2]", env=env)
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stderr.splitlines() == [
+        f"minicelery: sent to queue {queue!r}, the first of worker.queues (no task modules are configured "
+        "to tell the task's own queue); -q QUEUE chooses the queue"
+    ]
