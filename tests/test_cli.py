@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import Workers
+from conftest import Workers, wait_until
 
 from minicelery.keys import ROOT, queue_keys
 
@@ -140,3 +140,24 @@ def test_enqueue_without_task_modules_says_which_queue_and_how_to_choose(workers
         f"minicelery: sent to queue {queue!r}, the first of worker.queues (no task modules are configured "
         "to tell the task's own queue); -q QUEUE chooses the queue"
     ]
+
+
+NO_SUCH_HOST = "redis://no-such-host.invalid:6379/0"  # .invalid never resolves (RFC 2606)
+
+
+def test_a_redis_host_that_does_not_resolve_is_named_as_such_exit_69(workers: Workers) -> None:
+    result = run_cli("inspect", env={**workers.env(), "MINICELERY_REDIS__URL": NO_SUCH_HOST})
+    assert result.returncode == 69
+    assert result.stderr.startswith("minicelery: Redis unavailable during ") and result.stderr.count("\n") == 1
+    assert "cannot resolve host: " in result.stderr and "no-such-host.invalid" in result.stderr
+
+
+def test_a_worker_keeps_retrying_a_redis_host_that_does_not_resolve(workers: Workers) -> None:
+    proc = workers.start(MINICELERY_REDIS__URL=NO_SUCH_HOST)
+
+    def waiting_lines() -> list[str]:
+        return [line for line in workers.log(proc).splitlines() if "waiting for Redis" in line]
+
+    wait_until(lambda: len(waiting_lines()) >= 2 or proc.poll() is not None, what="two attempts")
+    assert proc.poll() is None, workers.log(proc)
+    assert all("cannot resolve host: " in line for line in waiting_lines()), workers.log(proc)
