@@ -220,7 +220,7 @@ def load_settings(
 
     `config` (else $MINICELERY_CONFIG) names the TOML file; it must exist when named.
     `overrides` are the highest layer (command-line flags), nested as dicts; `flag_names`
-    maps a dotted setting to the flag that set it ("logging.level": "-l/--log-level"),
+    maps a dotted setting to the flag that set it ("logging.level": "flag -l/--log-level"),
     for messages.
     """
     path = config or os.environ.get(CONFIG_ENV) or None
