@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .app import Client
-from .broker import RedisBroker
+from .app import DEFAULT_QUEUE, Client
+from .broker import FINISHED_STATES, RedisBroker
 from .errors import TaskNotFound
+from .loader import load_task_modules
 from .settings import Settings
+
+EXIT_FAILED = 1  # the task failed, or there is no such task
+EXIT_NOT_FINISHED = 75  # EX_TEMPFAIL: the task has not finished yet; ask again later
 
 
 class Admin:
@@ -34,20 +39,44 @@ class Admin:
         wait: bool,
         timeout: float | None,
     ) -> int:
+        why_guessed = self._use_definition(name)
         handle = self.app.send_task(name, args, kwargs, queue=queue, delay=delay, at=at, key=key)
         print(handle.id)
+        if why_guessed and queue is None:  # say where it went, and how to choose
+            print(
+                f"minicelery: sent to queue {handle.queue!r}, the first of worker.queues ({why_guessed}); "
+                "-q QUEUE chooses the queue",
+                file=sys.stderr,
+            )
         if not wait:
             return 0
         return self._print_result(handle.result, timeout)
+
+    def _use_definition(self, name: str) -> str:
+        """With the task modules configured, send `name` with its definition's retries= and
+        time_limit=, and its queue if it has one of its own, as calling it in code would.
+        Returns why the queue is the first of worker.queues instead, or "" if it is not."""
+        if not self.settings.tasks:
+            return "no task modules are configured to tell the task's own queue"
+        definition = load_task_modules(self.settings.tasks).get(name)
+        if definition is None:
+            return f"task {name!r} is not registered by the task modules {self.settings.tasks}"
+        # A task on the built-in queue named none of its own (neither queue= nor its Client's
+        # default_queue): keep sending it where workers are configured to look.
+        own = definition.queue != DEFAULT_QUEUE
+        queue = definition.queue if own else self.app.default_queue
+        # Rebound to this client, so it is sent through the broker these settings configure.
+        self.app.tasks[name] = dataclasses.replace(definition, app=self.app, queue=queue)
+        return "" if own else f"task {name!r} names no queue of its own"
 
     def result(self, task_id: str, queue: str | None, timeout: float) -> int:
         handle = self.app.handle(task_id, queue=queue)
         state = handle.state
         if state == "unknown":
             raise TaskNotFound(f"task {task_id} is not stored on queue {handle.queue!r}")
-        if state not in ("succeeded", "failed") and timeout <= 0:
-            print(f"task {task_id} is {state}", file=sys.stderr)
-            return 1
+        if state not in FINISHED_STATES and timeout <= 0:
+            print(f"minicelery: task {task_id} is {state}, not finished (--timeout S waits for it)", file=sys.stderr)
+            return EXIT_NOT_FINISHED
         return self._print_result(handle.result, timeout)
 
     @staticmethod
@@ -56,13 +85,13 @@ class Admin:
             value = get(timeout=timeout)
         except TimeoutError as exc:
             print(f"minicelery: {exc}", file=sys.stderr)
-            return 1
+            return EXIT_NOT_FINISHED
         except Exception as exc:
             print(f"task failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             remote = getattr(exc, "remote_traceback", None) or getattr(exc, "traceback", None)
             if remote:
                 print(remote, file=sys.stderr, end="")
-            return 1
+            return EXIT_FAILED
         print(json.dumps(value))
         return 0
 
@@ -100,10 +129,14 @@ class Admin:
 
     def purge(self, queues: Sequence[str], *, assume_yes: bool) -> int:
         if not assume_yes:
-            answer = input(f"Delete every task, result and dead letter of {', '.join(queues)}? [y/N] ")
+            try:
+                answer = input(f"Delete every task, result and dead letter of {', '.join(queues)}? [y/N] ")
+            except EOFError:  # stdin empty or closed (a script, < /dev/null): no answer is a no
+                print("\nminicelery: no answer on stdin; nothing deleted (--yes skips the question)", file=sys.stderr)
+                return EXIT_FAILED
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing deleted")
-                return 1
+                return EXIT_FAILED
         for queue in queues:
             deleted = self.broker.purge(queue)
             print(f"queue {queue}: {deleted} keys deleted")

@@ -5,17 +5,19 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, overload
 
 from .broker import RedisBroker
-from .errors import DuplicateTaskError, Retry
+from .errors import ConfigError, DuplicateTaskError, Retry
 from .keys import check_queue_name
 from .task import Task, TaskDefinition, attach
 
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE = "default"
+EXIT_CONFIG = 78  # EX_CONFIG, as the `minicelery worker` command
 
 
 class Client:
@@ -163,7 +165,8 @@ class Client:
         """Run a worker in this process until SIGTERM or SIGINT.
 
         `queues` defaults to the settings' worker.queues; other keyword arguments override
-        worker settings (e.g. lease_seconds=10).
+        worker settings (e.g. lease_seconds=10). A bad setting ends the process with exit 78
+        and one line per problem on stderr.
         """
         from .logs import configure_logging
         from .settings import load_settings
@@ -172,10 +175,18 @@ class Client:
         worker_overrides: dict[str, Any] = dict(worker_settings)
         if queues is not None:
             worker_overrides["queues"] = list(queues)
-        settings = load_settings(worker=worker_overrides)
-        if not logging.getLogger().handlers:
-            configure_logging(settings.logging.level, settings.logging.format)
-        Worker(self, settings).run()
+        try:
+            settings = load_settings(worker=worker_overrides)
+            if not logging.getLogger().handlers:
+                configure_logging(settings.logging.level, settings.logging.format)
+            Worker(self, settings).run()
+        except ConfigError as exc:
+            # app.start() is the script's main loop, so end it as `minicelery worker` does: the
+            # problem in one line each and exit 78 (EX_CONFIG, which systemd does not restart),
+            # not a traceback.
+            for line in str(exc).splitlines():
+                print(f"minicelery: {line}", file=sys.stderr)
+            raise SystemExit(EXIT_CONFIG) from None
 
 
 def _by_name_only(*args: Any, **kwargs: Any) -> Any:

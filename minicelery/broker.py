@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -112,7 +113,11 @@ def translate_errors(what: str) -> Iterator[None]:
             f"Redis refused {what}: {exc} (check redis.username, the password and the ACL user's permissions)"
         ) from exc
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.BusyLoadingError) as exc:
-        raise BrokerUnavailable(f"Redis unavailable during {what}: {exc}") from exc
+        # A host name that does not resolve is said plainly; it stays "unavailable" (retried),
+        # since DNS can come back.
+        dns = isinstance(exc.__cause__ or exc.__context__, socket.gaierror)
+        reason = f"cannot resolve host: {exc}" if dns else str(exc)
+        raise BrokerUnavailable(f"Redis unavailable during {what}: {reason}") from exc
     except redis_errors.RedisError as exc:
         raise BrokerError(f"Redis error during {what}: {exc}") from exc
 

@@ -2,19 +2,25 @@
 
 Exit codes:
   0   success
-  1   the task failed (enqueue --wait-result, result) or an unexpected error
-  2   bad command-line usage
-  69  Redis is unreachable (EX_UNAVAILABLE)
-  75  the worker stopped before its running task finished; the task was handed back (EX_TEMPFAIL)
+  1   the task failed (enqueue --wait-result, result), no such task, purge declined,
+      or an unexpected error
+  2   bad command-line usage: an unknown option, or ARGS, --kwargs, --delay, --at, --timeout
+      that do not parse
+  69  Redis is unreachable, or its host name does not resolve (EX_UNAVAILABLE)
+  75  not finished yet, ask again later (EX_TEMPFAIL): `result` of an unfinished task, or
+      --wait-result / --timeout ran out; `worker`: it stopped before its running task
+      finished and handed the task back
   78  bad configuration or a task module that fails to import (EX_CONFIG)
+  141 stdout was closed early (e.g. `minicelery inspect | head -1`), as for a tool killed
+      by SIGPIPE
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -27,6 +33,15 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_UNAVAILABLE = 69
 EXIT_CONFIG = 78
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a tool killed by SIGPIPE
+
+# The worker's flags that set a setting, named in messages about a bad value.
+WORKER_FLAGS = {
+    "worker.queues": "flag -Q/--queues",
+    "tasks": "flag -t/--tasks",
+    "logging.level": "flag -l/--log-level",
+    "logging.format": "flag --log-format",
+}
 
 EPILOG = __doc__.split("Exit codes:", 1)[1] if __doc__ else ""
 
@@ -60,28 +75,28 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--log-format", choices=["text", "json"])
     worker.add_argument("--burst", action="store_true", help="exit once no task is ready")
 
-    command("check-config", "Validate the settings and print them, secrets masked.")
+    command("check-config", "Validate the settings, import the task modules, print the settings (secrets masked).")
 
-    enqueue = command("enqueue", "Send a task by name.")
+    enqueue = command("enqueue", "Send a task by name, with its own queue= and options when tasks are configured.")
     enqueue.add_argument("task", help="task name")
-    enqueue.add_argument("args", nargs="?", default="[]", help="positional arguments as a JSON list")
-    enqueue.add_argument("--kwargs", default="{}", help="keyword arguments as a JSON object")
-    enqueue.add_argument("--queue", "-q", help="queue (default: the first of worker.queues)")
+    enqueue.add_argument("args", nargs="?", default="[]", type=_json_list, help="positional arguments as a JSON list")
+    enqueue.add_argument("--kwargs", default="{}", type=_json_object, help="keyword arguments as a JSON object")
+    enqueue.add_argument("--queue", "-q", help="queue (default: the task's own, else the first of worker.queues)")
     when = enqueue.add_mutually_exclusive_group()
-    when.add_argument("--delay", type=float, help="run after this many seconds")
-    when.add_argument("--at", help="run at this ISO 8601 time (naive = local time)")
+    when.add_argument("--delay", type=_seconds, help="run after this many seconds")
+    when.add_argument("--at", type=_iso_time, help="run at this ISO 8601 time (naive = local time)")
     enqueue.add_argument("--key", help="idempotency key: no second task while one with it is pending")
     enqueue.add_argument("--wait-result", action="store_true", help="wait and print the result")
-    enqueue.add_argument("--timeout", type=float, help="with --wait-result: give up after seconds")
+    enqueue.add_argument("--timeout", type=_seconds, help="with --wait-result: give up after seconds (exit 75)")
 
     inspect = command("inspect", "Show queue depths, next due time, live workers, dead letters.")
     inspect.add_argument("--queue", "-q", action="append", help="queue (repeatable; default: worker.queues)")
     inspect.add_argument("--json", action="store_true", help="print JSON")
 
-    result = command("result", "Print a task's result (waits while it is unfinished).")
+    result = command("result", "Print a task's result; exit 75 if it has not finished (within --timeout).")
     result.add_argument("id")
     result.add_argument("--queue", "-q")
-    result.add_argument("--timeout", type=float, default=0.0, help="seconds to wait (default: do not wait)")
+    result.add_argument("--timeout", type=_seconds, default=0.0, help="seconds to wait (default: do not wait)")
 
     retry_dead = command("retry-dead", "Put dead letters back in their queue to run again.")
     retry_dead.add_argument("ids", nargs="*", metavar="ID", help="task ids (default: every dead letter)")
@@ -93,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
 
     health = command("health", "Ask the local worker's /healthz (or /readyz); exit 0 if it answers 200.")
     health.add_argument("--ready", action="store_true", help="ask /readyz: Redis reachable and tasks loaded")
-    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    health.add_argument("--timeout", type=_seconds, default=3.0, help="seconds to wait for the answer")
 
     demo = command("demo", "Run the original README's demo on a private Redis.")
     demo.add_argument("--workers", type=int, default=3)
@@ -103,21 +118,37 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return int(_dispatch(args))
+        code = int(_dispatch(args))
+        sys.stdout.flush()  # here, so a closed pipe is caught below and not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): stop quietly, as Unix tools do. Point stdout at
+        # /dev/null so the interpreter's own flush at exit does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except ConfigError as exc:
-        print(f"minicelery: {exc}", file=sys.stderr)
+        _print_error(exc)
         return EXIT_CONFIG
     except BrokerUnavailable as exc:
-        print(f"minicelery: {exc}", file=sys.stderr)
+        _print_error(exc)
         return EXIT_UNAVAILABLE
     except MiniceleryError as exc:
-        print(f"minicelery: {exc}", file=sys.stderr)
+        _print_error(exc)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
 
 
+def _print_error(exc: Exception) -> None:
+    for line in str(exc).splitlines():  # settings report every problem, one per line
+        print(f"minicelery: {line}", file=sys.stderr)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.config:
+        # Task modules (imported by worker, enqueue and check-config) that build RedisBroker()
+        # themselves read the same file.
+        os.environ[CONFIG_ENV] = args.config
     if args.command == "demo":
         from .demo import run_demo
 
@@ -126,8 +157,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _worker(args)
     settings = load_settings(args.config)
     if args.command == "check-config":
-        print(json.dumps(settings.masked(), indent=2))
-        return EXIT_OK
+        return _check_config(settings)
     if args.command == "health":
         return _health(settings, "/readyz" if args.ready else "/healthz", args.timeout)
     from .admin import Admin
@@ -136,11 +166,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "enqueue":
         return admin.enqueue(
             args.task,
-            _json_arg(args.args, list, "ARGS"),
-            _json_arg(args.kwargs, dict, "--kwargs"),
+            args.args,
+            args.kwargs,
             queue=args.queue,
             delay=args.delay,
-            at=_iso_time(args.at) if args.at else None,
+            at=args.at,
             key=args.key,
             wait=args.wait_result,
             timeout=args.timeout,
@@ -158,6 +188,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "purge":
         return admin.purge(args.queue or settings.worker.queues, assume_yes=args.yes)
     raise AssertionError(args.command)
+
+
+def _check_config(settings: Settings) -> int:
+    """Print the effective settings; import the task modules, as a worker would, so a module
+    that fails to import fails here too (exit 78)."""
+    from .loader import NO_TASKS_HINT, load_task_modules
+
+    tasks = load_task_modules(settings.tasks) if settings.tasks else {}
+    print(json.dumps(settings.masked(), indent=2))
+    if tasks:
+        print(f"tasks: {', '.join(sorted(tasks))}", file=sys.stderr)
+    else:
+        print(f"no task modules configured (a worker needs them: {NO_TASKS_HINT})", file=sys.stderr)
+    return EXIT_OK
 
 
 def _health(settings: Settings, path: str, timeout: float) -> int:
@@ -188,9 +232,6 @@ def _worker(args: argparse.Namespace) -> int:
     from .logs import configure_logging
     from .worker import Worker
 
-    if args.config:
-        # Task modules that build RedisBroker() themselves read the same file.
-        os.environ[CONFIG_ENV] = args.config
     overrides: dict[str, Any] = {}
     if args.queues:
         overrides["worker"] = {"queues": [q.strip() for q in args.queues.split(",") if q.strip()]}
@@ -199,47 +240,57 @@ def _worker(args: argparse.Namespace) -> int:
     logging_overrides = {k: v for k, v in (("level", args.log_level), ("format", args.log_format)) if v}
     if logging_overrides:
         overrides["logging"] = logging_overrides
-    settings = load_settings(args.config, **overrides)
+    settings = load_settings(args.config, flag_names=WORKER_FLAGS, **overrides)
     configure_logging(settings.logging.level, settings.logging.format)
     app = build_worker_app(settings)
     return Worker(app, settings).run(burst=args.burst)
 
 
 def build_worker_app(settings: Settings) -> Any:
-    """Import the task modules and gather every task they registered into one Client."""
+    """A Client on the configured broker holding every task the task modules registered."""
     from .app import Client
     from .broker import RedisBroker
+    from .loader import load_task_modules
 
-    if not settings.tasks:
-        raise ConfigError("invalid setting tasks: no task modules configured; got []")
-    sys.path.insert(0, os.getcwd())
-    for module in settings.tasks:
-        try:
-            importlib.import_module(module)
-        except Exception as exc:
-            raise ConfigError(f"task module {module!r} failed to import: {type(exc).__name__}: {exc}") from exc
-    broker = RedisBroker.from_settings(settings)
-    app = Client(broker, default_queue=settings.worker.queues[0])
-    for other in Client.instances:
-        if other is app:
-            continue
-        for name, definition in other.tasks.items():
-            if name in app.tasks and app.tasks[name].fn is not definition.fn:
-                raise ConfigError(f"task name {name!r} is registered twice by the task modules")
-            app.tasks[name] = definition
+    tasks = load_task_modules(settings.tasks)
+    app = Client(RedisBroker.from_settings(settings), default_queue=settings.worker.queues[0])
     Client.instances.remove(app)
-    if not app.tasks:
-        raise ConfigError(f"task modules {settings.tasks} registered no tasks (no @app.task found)")
+    app.tasks.update(tasks)
     return app
 
 
-def _json_arg(text: str, kind: type, what: str) -> Any:
+# Argument types: argparse turns their ArgumentTypeError into a usage error (exit 2) naming
+# the argument, so a mistyped command line is never blamed on the configuration.
+
+
+def _json_list(text: str) -> list[Any]:
+    value = _json(text)
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"must be a JSON list, e.g. '[1, 2]'; got {text!r}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    value = _json(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"""must be a JSON object, e.g. '{{"x": 1}}'; got {text!r}""")
+    return value
+
+
+def _json(text: str) -> Any:
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except ValueError as exc:
-        raise ConfigError(f"{what} is not valid JSON: {exc}") from exc
-    if not isinstance(value, kind):
-        raise ConfigError(f"{what} must be a JSON {'list' if kind is list else 'object'}")
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}); got {text!r}") from exc
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0; got {text!r}")
     return value
 
 
@@ -247,7 +298,7 @@ def _iso_time(text: str) -> dt.datetime:
     try:
         return dt.datetime.fromisoformat(text)
     except ValueError as exc:
-        raise ConfigError(f"--at {text!r} is not an ISO 8601 time") from exc
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time (e.g. 2030-01-27T13:00); got {text!r}") from exc
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ line. The TOML file is `--config PATH` or $MINICELERY_CONFIG; unknown keys are a
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -20,8 +23,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -30,7 +35,12 @@ from pydantic_settings import (
 from .errors import ConfigError
 from .keys import check_queue_name
 
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "MINICELERY_"
 CONFIG_ENV = "MINICELERY_CONFIG"
+# Variables with our prefix that are not settings, so not warned about as misspelt.
+OTHER_ENV = (CONFIG_ENV, "MINICELERY_REQUIRE_TOOLS", "MINICELERY_ROOTFS", "MINICELERY_TEST_")
 # systemd's LoadCredential=redis-password:/path puts the file here for the service.
 CREDENTIAL_NAME = "redis-password"
 
@@ -140,7 +150,7 @@ class Settings(BaseSettings):
     """Everything a worker or producer can be told. See config/tasks.toml for each key."""
 
     model_config = SettingsConfigDict(
-        env_prefix="MINICELERY_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         extra="forbid",
         validate_default=True,
@@ -170,7 +180,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, _EnvSource(settings_cls)]
         if cls._toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
         return tuple(sources)
@@ -193,36 +203,132 @@ def _mask_url(url: str) -> str:
     return f"{scheme}{sep}{user}:***@{host}"
 
 
-def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
-    """Build the settings; raise ConfigError with one line naming the field on any problem.
+class _EnvSource(EnvSettingsSource):
+    """The environment layer, except that a list or section variable holding text that is not
+    JSON is passed on as text: validation then rejects it along with every other problem,
+    and the message names the variable (pydantic-settings would stop at the first such
+    variable, naming only the section)."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError:
+            return value
+
+
+def load_settings(
+    config: Path | str | None = None, *, flag_names: Mapping[str, str] | None = None, **overrides: Any
+) -> Settings:
+    """Build the settings; raise ConfigError with one line per problem, naming its source.
 
     `config` (else $MINICELERY_CONFIG) names the TOML file; it must exist when named.
-    `overrides` are the highest layer (command-line flags), nested as dicts.
+    `overrides` are the highest layer (command-line flags), nested as dicts; `flag_names`
+    maps a dotted setting to the flag that set it ("logging.level": "flag -l/--log-level"),
+    for messages.
     """
     path = config or os.environ.get(CONFIG_ENV) or None
     toml_file = Path(path) if path else None
     if toml_file is not None and not toml_file.is_file():
         raise ConfigError(f"config file {toml_file} does not exist")
+    _warn_unknown_env()
     loader = type("Settings", (Settings,), {"_toml_file": toml_file})
     try:
         return loader(**overrides)  # type: ignore[no-any-return]
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, toml_file)) from exc
+        lines = [_describe(error, toml_file, overrides, flag_names or {}) for error in exc.errors()]
+        raise ConfigError("\n".join(lines)) from exc
     except ValueError as exc:  # TOML syntax errors
         raise ConfigError(f"config file {toml_file}: {exc}") from exc
 
 
-def describe_validation_error(exc: ValidationError, toml_file: Path | None) -> str:
-    """One line: which field, what value, why (the first problem; the count if more)."""
-    first = exc.errors()[0]
-    field_name = ".".join(str(part) for part in first["loc"]) or "settings"
-    value = first.get("input")
-    shown = "***" if "password" in field_name else repr(value)
-    if isinstance(value, dict):
-        shown = "(section)"
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
-        message = "unknown setting (check the spelling)"
-    where = f" in {toml_file}" if toml_file is not None else ""
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"invalid setting {field_name}{where}: {message}; got {shown}{more}"
+def _describe(error: Any, toml_file: Path | None, overrides: Mapping[str, Any], flag_names: Mapping[str, str]) -> str:
+    """One line: which setting, from where, why, and the value (a password masked)."""
+    loc = [str(part) for part in error["loc"]]
+    message = error["msg"].removeprefix("Value error, ")
+    if not loc:  # a rule between settings (the model validator): no one source to blame
+        return f"invalid settings: {message}"
+    name = ".".join(loc)
+    value = error.get("input")
+    shown = "***" if "password" in name else "(section)" if isinstance(value, dict) else repr(value)
+    variable = _env_name(loc)
+    if _contains(overrides, loc):
+        dotted = ".".join(part for part in loc if not part.isdigit())
+        where = f" from {flag_names.get(dotted, 'the arguments given in code')}"
+    elif variable is not None:
+        where = f" from environment variable {variable}"
+        whole = variable == ENV_PREFIX + "__".join(loc).upper()  # not a part of a JSON section
+        if whole and error["type"] in ("list_type", "dict_type", "model_type") and isinstance(value, str):
+            example = """'["x", "y"]'""" if error["type"] == "list_type" else """'{"key": "value"}'"""
+            kind = "list" if error["type"] == "list_type" else "object"
+            message = f"expected a JSON {kind}, e.g. {variable}={example}"
+    else:
+        where = f" in {toml_file}" if toml_file is not None else ""
+    if error["type"] == "extra_forbidden":
+        known = [".".join([*loc[:-1], key]) for key in _setting_names(loc[:-1])]
+        message = "unknown setting" + _did_you_mean(name, known, "check the spelling")
+    return f"invalid setting {name}{where}: {message}; got {shown}"
+
+
+def _contains(tree: Mapping[str, Any], path: list[str]) -> bool:
+    """Whether nested dicts `tree` hold `path` (a path into a list counts as its list)."""
+    node: Any = tree
+    for part in path:
+        if not isinstance(node, Mapping):
+            return True
+        if part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _env_name(loc: list[str]) -> str | None:
+    """The MINICELERY_ variable that set this setting (or its whole section), if one did."""
+    present = {key.upper() for key in os.environ if key.upper().startswith(ENV_PREFIX)}
+    for end in range(len(loc), 0, -1):
+        name = ENV_PREFIX + "__".join(loc[:end]).upper()
+        if name in present:
+            return name
+    return None
+
+
+def _setting_names(section: list[str]) -> list[str]:
+    """The keys allowed at this place: top-level names for [], a section's for ["worker"]."""
+    model: Any = Settings
+    for part in section:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = field.annotation
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _did_you_mean(name: str, candidates: list[str], otherwise: str) -> str:
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else f" ({otherwise})"
+
+
+_warned: set[str] = set()  # each misspelt variable once per process, however often settings load
+
+
+def _warn_unknown_env() -> None:
+    """pydantic-settings ignores MINICELERY_ variables that match no top-level setting (as
+    MINICELERY_REDIS_URL with one underscore): say so, with the likely intended name."""
+    known = []
+    for top in _setting_names([]):
+        known.append(ENV_PREFIX + top.upper())
+        known.extend(f"{ENV_PREFIX}{top.upper()}__{key.upper()}" for key in _setting_names([top]))
+    for key in os.environ:
+        name = key.upper()
+        section = name.removeprefix(ENV_PREFIX).split("__", 1)[0]
+        if (
+            not name.startswith(ENV_PREFIX)
+            or name.startswith(OTHER_ENV)
+            or section.lower() in Settings.model_fields
+            or name in _warned
+        ):
+            continue  # a nested one with a bad key is a validation error instead
+        _warned.add(name)
+        hint = _did_you_mean(name, known, f"settings are {ENV_PREFIX}SECTION__KEY, e.g. {ENV_PREFIX}REDIS__URL")
+        log.warning("environment variable %s matches no setting and is ignored%s", key, hint)

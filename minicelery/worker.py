@@ -578,7 +578,20 @@ class Worker:
             self.metrics_port = server.start(config.bind, config.port)
         except OSError as exc:
             where = f"{config.bind}:{config.port}"
-            raise ConfigError(f"invalid setting metrics.port: cannot listen on {where}: {exc}") from exc
+            if "port" in config.model_fields_set:  # set in the file, environment or code: honour it
+                raise ConfigError(f"invalid setting metrics.port: cannot listen on {where}: {exc}") from exc
+            # Only the default is taken, most likely by another worker on this host (the original
+            # README runs several): take a free port rather than refuse to start.
+            self.metrics_port = server.start(config.bind, 0)
+            log.warning(
+                "default metrics port %s is taken (%s); metrics on http://%s:%d/metrics instead "
+                "(set metrics.port to choose one)",
+                where,
+                exc.strerror,
+                config.bind,
+                self.metrics_port,
+            )
+            return server
         log.info("metrics on http://%s:%d/metrics", config.bind, self.metrics_port)
         return server
 

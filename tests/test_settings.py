@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,10 +86,18 @@ def test_password_from_file_and_from_systemd_credentials(
     assert masked["redis"]["password"] == "***" and masked["redis"]["url"] == "redis://u:***@h:1/0"
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "minicelery", *args], capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, "-m", "minicelery", *args], capture_output=True, text=True, timeout=60, env=env, cwd=cwd
     )
+
+
+def _env(**variables: str) -> dict[str, str]:
+    """This process's environment without any MINICELERY_ variable, plus `variables`; tests/
+    on PYTHONPATH for worktasks."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MINICELERY_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    return {**env, **variables}
 
 
 def test_worker_with_bad_setting_exits_78_with_one_line(config: Path) -> None:
@@ -108,6 +117,80 @@ def test_worker_with_module_that_fails_to_import_exits_78(config: Path) -> None:
 
 def test_check_config_prints_effective_settings_with_secrets_masked(config: Path) -> None:
     config.write_text(TOML + '\n[redis]\npassword = "hunter2"\n')
-    result = _cli("check-config", "--config", str(config))
+    result = _cli("check-config", "--config", str(config), env=_env())
     assert result.returncode == 0, result.stderr
     assert '"from-toml"' in result.stdout and "hunter2" not in result.stdout and "***" in result.stdout
+
+
+def test_a_bad_environment_variable_is_blamed_on_the_variable_not_the_file(config: Path) -> None:
+    result = _cli("check-config", "-c", str(config), env=_env(MINICELERY_WORKER__QUEUE='["x"]'))
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == [
+        "minicelery: invalid setting worker.queue from environment variable MINICELERY_WORKER__QUEUE: "
+        """unknown setting (did you mean worker.queues?); got '["x"]'"""
+    ]
+
+
+def test_a_bad_flag_is_blamed_on_the_flag_not_the_file(config: Path) -> None:
+    result = _cli("worker", "-c", str(config), "-l", "verbose", env=_env())
+    assert result.returncode == 78
+    assert "invalid setting logging.level from flag -l/--log-level:" in result.stderr
+    assert str(config) not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_list_variable_that_is_not_json_names_the_variable_and_the_form_expected(config: Path) -> None:
+    result = _cli("check-config", "-c", str(config), env=_env(MINICELERY_WORKER__QUEUES="x,y"))
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == [
+        "minicelery: invalid setting worker.queues from environment variable MINICELERY_WORKER__QUEUES: "
+        """expected a JSON list, e.g. MINICELERY_WORKER__QUEUES='["x", "y"]'; got 'x,y'"""
+    ]
+
+
+def test_a_misspelt_variable_is_warned_about_with_the_intended_name(config: Path) -> None:
+    env = _env(
+        MINICELERY_REDIS_URL="redis://elsewhere:6379/0", MINICELERY_TEST_ANYTHING="1", MINICELERY_CONFIG=str(config)
+    )
+    result = _cli("check-config", env=env)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "environment variable" in line]
+    assert warnings == [
+        "environment variable MINICELERY_REDIS_URL matches no setting and is ignored"
+        " (did you mean MINICELERY_REDIS__URL?)"
+    ]
+
+
+def test_every_config_problem_is_reported_at_once_one_line_each(config: Path) -> None:
+    config.write_text(TOML.replace("lease_seconds = 40", "lease_seconds = -2\nbatch_size = 0"))
+    result = _cli("check-config", "-c", str(config), env=_env(MINICELERY_METRICS__PORT="99999"))
+    assert result.returncode == 78
+    lines = result.stderr.splitlines()
+    assert len(lines) == 3 and all(line.startswith("minicelery: invalid setting ") for line in lines)
+    assert f"worker.lease_seconds in {config}" in lines[0] and f"worker.batch_size in {config}" in lines[1]
+    assert "metrics.port from environment variable MINICELERY_METRICS__PORT" in lines[2]
+
+
+def test_check_config_fails_on_a_task_module_that_raises_naming_its_file_and_line(config: Path, tmp_path: Path) -> None:
+    (tmp_path / "raising_tasks.py").write_text("import os\n\nSETTING = os.environ['NO_SUCH_VARIABLE_HERE']\n")
+    config.write_text(TOML.replace('["worktasks"]', '["raising_tasks"]'))
+    result = _cli("check-config", "-c", str(config), env=_env(), cwd=tmp_path)
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == [
+        "minicelery: task module 'raising_tasks' failed to import: KeyError: 'NO_SUCH_VARIABLE_HERE' "
+        f"(at {tmp_path / 'raising_tasks.py'}, line 3: SETTING = os.environ['NO_SUCH_VARIABLE_HERE'])"
+    ]
+
+
+def test_a_task_module_that_is_not_found_points_at_the_working_directory_and_pythonpath(
+    config: Path, tmp_path: Path
+) -> None:
+    config.write_text(TOML.replace('["worktasks"]', '["not_here_tasks"]'))
+    result = _cli("check-config", "-c", str(config), env=_env(), cwd=tmp_path)
+    assert result.returncode == 78
+    assert f"working directory {tmp_path}" in result.stderr and "PYTHONPATH" in result.stderr
+
+
+def test_no_task_modules_configured_says_the_three_ways_to_name_them(tmp_path: Path) -> None:
+    result = _cli("worker", env=_env(), cwd=tmp_path)
+    assert result.returncode == 78
+    assert "tasks = " in result.stderr and "-t" in result.stderr and "MINICELERY_TASKS" in result.stderr
