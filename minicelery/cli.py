@@ -95,9 +95,24 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--ready", action="store_true", help="ask /readyz: Redis reachable and tasks loaded")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
 
-    demo = command("demo", "Run the original README's demo on a private Redis.")
-    demo.add_argument("--workers", type=int, default=3)
+    demo = command(
+        "demo",
+        "Run the original README's demo on a private Redis.\nOn SIGINT, SIGTERM or SIGHUP it stops "
+        "the producer, the workers and Redis, then exits 128 + the signal (130, 143, 129).",
+    )
+    demo.add_argument("--workers", type=_positive_int, default=3, help="worker processes (default: 3)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a bad value is a one-line usage error, exit 2."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
