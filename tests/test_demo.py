@@ -174,9 +174,7 @@ def test_the_demo_refuses_a_worker_count_below_one_with_a_usage_error(workers: s
     assert "Traceback" not in run.stderr
 
 
-def test_an_exception_in_the_demo_stops_the_workers_and_redis_it_had_started(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_exception_in_the_demo_stops_the_workers_and_redis_it_had_started(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any error while the demo runs (here: its second worker cannot start) still stops its children."""
     started: list[subprocess.Popen[bytes]] = []
     real_popen = subprocess.Popen
@@ -188,6 +186,7 @@ def test_an_exception_in_the_demo_stops_the_workers_and_redis_it_had_started(
         started.append(child)
         return child
 
+    handler = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(subprocess, "Popen", popen)
     monkeypatch.chdir(REPO)
     for key in [k for k in os.environ if k.startswith("MINICELERY_")]:
@@ -201,7 +200,7 @@ def test_an_exception_in_the_demo_stops_the_workers_and_redis_it_had_started(
             if child.poll() is None:
                 child.kill()
                 child.wait()
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the demo's handlers are gone again
+    assert signal.getsignal(signal.SIGTERM) == handler  # the demo's handlers are gone again
 
 
 def _pip_installs(target: str, venv: Path) -> list[str]:
