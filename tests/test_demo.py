@@ -203,6 +203,28 @@ def test_an_exception_in_the_demo_stops_the_workers_and_redis_it_had_started(mon
     assert signal.getsignal(signal.SIGTERM) == handler  # the demo's handlers are gone again
 
 
+def test_a_child_that_ignores_sigterm_is_killed_once_the_stop_bound_has_passed() -> None:
+    with (
+        subprocess.Popen([sys.executable, "-c", STUBBORN_CHILD], stdout=subprocess.PIPE, text=True) as stubborn,
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) as polite,
+    ):
+        try:
+            assert stubborn.stdout is not None and stubborn.stdout.readline() == "ignoring SIGTERM\n"
+            assert demo.stop_all([stubborn, polite], bound=0.5) == [-signal.SIGKILL, -signal.SIGTERM]
+        finally:
+            for child in (stubborn, polite):
+                if child.poll() is None:
+                    child.kill()
+
+
+STUBBORN_CHILD = """
+import signal, threading
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ignoring SIGTERM", flush=True)
+threading.Event().wait()
+"""
+
+
 def _pip_installs(target: str, venv: Path) -> list[str]:
     """The `pip install -e` specs `make TARGET` would run in a venv that does not exist yet."""
     make = shutil.which("make")
