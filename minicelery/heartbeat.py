@@ -105,6 +105,7 @@ class Heartbeat(threading.Thread):
             log.warning("task %s lost its lease: another worker may run it again", running.task_id)
 
     def _on_stop(self) -> None:
+        # INFO: a requested stop is normal operation (a deploy, the demo ending), not a problem.
         log.info(
             "stop requested: claiming nothing new; a running task gets %.1f s to finish "
             "(a second signal hands it back at once)",

@@ -45,12 +45,15 @@ class RedisServer:
         directory: Path | None = None,
         password: str | None = None,
         extra_args: tuple[str, ...] = (),
+        own_process_group: bool = False,
     ) -> None:
         self.port = port or free_port()
         self.password = password
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="minicelery-redis-")
         self.directory = directory or Path(self._tmp.name)  # type: ignore[union-attr]
         self.extra_args = extra_args
+        # The demo's server: a terminal's Ctrl-C then reaches only its owner, which stops it last.
+        self.own_process_group = own_process_group
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,28 +79,46 @@ class RedisServer:
             *(("--requirepass", self.password) if self.password else ()),
             *self.extra_args,
         ]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            process_group=0 if self.own_process_group else None,
+        )
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop(kill=True)  # `with` calls __exit__ only after a successful start
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.process is not None
         client = redis.Redis(port=self.port, password=self.password, socket_timeout=1)
         deadline = time.monotonic() + timeout
         while True:
             try:
                 client.ping()
-                break
+                return
             except (redis.ConnectionError, redis.BusyLoadingError):
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"Redis server did not start on port {self.port}") from None
                 time.sleep(0.02)
             finally:
                 client.close()
-        return self
 
-    def stop(self, kill: bool = False) -> None:
+    def stop(self, kill: bool = False, timeout: float = 10.0) -> None:
+        """Stop the server (SIGTERM, or SIGKILL if `kill`); SIGKILL it if it outlives `timeout`."""
         if self.process is not None and self.process.poll() is None:
             if kill:
                 self.process.kill()
             else:
                 self.process.terminate()
-            self.process.wait(timeout=10)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
     def cleanup(self) -> None:
         self.stop()

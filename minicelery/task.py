@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import numbers
 import time
 import uuid
 from collections.abc import Callable
@@ -71,7 +72,7 @@ class Task:
                 arg_deps[str(index)] = self._add_parent(value, f"argument {index}")
                 value = None
             else:
-                _reject_nested(value, f"argument {index}", definition.name)
+                _check_argument(value, f"argument {index}", definition.name)
             plain_args.append(value)
         plain_kwargs: dict[str, Any] = {}
         for key, value in kwargs.items():
@@ -79,7 +80,7 @@ class Task:
                 kwarg_deps[key] = self._add_parent(value, f"keyword argument {key!r}")
                 value = None
             else:
-                _reject_nested(value, f"keyword argument {key!r}", definition.name)
+                _check_argument(value, f"keyword argument {key!r}", definition.name)
             plain_kwargs[key] = value
         self.message = TaskMessage(
             id=self.id,
@@ -140,14 +141,37 @@ class Task:
         return self._start(key=key)
 
     def wait(self, delay: float | dt.timedelta) -> Task:
-        """Send the task to run `delay` seconds from now (measured on the Redis clock)."""
-        seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else float(delay)
-        if seconds < 0:
-            raise ValueError("delay must not be negative")
+        """Send the task to run `delay` seconds from now (measured on the Redis clock).
+
+        `delay` is a number of seconds or a timedelta. A string or bool is a TypeError (float("5")
+        would pass silently); a negative, NaN or infinite delay is a ValueError: it is most likely
+        a mistake, and `.start()` says "now" plainly.
+        """
+        if isinstance(delay, dt.timedelta):
+            seconds = delay.total_seconds()
+        elif isinstance(delay, numbers.Real) and not isinstance(delay, bool):
+            seconds = float(delay)
+        else:
+            raise TypeError(
+                f"wait() takes a number of seconds or a datetime.timedelta, not {type(delay).__name__} {delay!r}"
+                + (f": pass {float(delay):g}" if isinstance(delay, str) and _is_number(delay) else "")
+            )
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"wait() needs a finite delay of 0 seconds or more, not {delay!r}")
         return self._start(delay_ms=int(seconds * 1000))
 
     def start_at(self, when: dt.datetime) -> Task:
         """Send the task to run at `when`; a naive datetime is taken as this machine's local time."""
+        if not isinstance(when, dt.datetime):  # a date has no time of day, and no .timestamp()
+            hint = ""
+            if isinstance(when, dt.date):
+                hint = (
+                    f": pass datetime.datetime({when.year}, {when.month}, {when.day}) for its midnight "
+                    "(local time), or datetime.datetime.combine(the_date, the_time)"
+                )
+            elif isinstance(when, str):
+                hint = f": pass datetime.datetime.fromisoformat({when!r})"
+            raise TypeError(f"start_at() takes a datetime.datetime, not {type(when).__name__} {when!r}{hint}")
         return self._start(at_ms=int(when.timestamp() * 1000))
 
     def _start(self, *, delay_ms: int | None = None, at_ms: int | None = None, key: str | None = None) -> Task:
@@ -248,6 +272,24 @@ _RECONNECT_FIRST = 0.1
 _RECONNECT_MAX = 5.0
 
 
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _check_argument(value: Any, where: str, task_name: str) -> None:
+    """Refuse, at the call, what would only fail later as a puzzling JSON error when sent."""
+    if isinstance(value, TaskDefinition):
+        call = f"{value.fn.__name__}()"
+        raise TypeError(
+            f"{where} of task {task_name!r} is the task function {value.name!r} itself, which is not JSON: "
+            f"pass {call} — call the task — to make it a parent whose result goes in its place"
+        )
+    _reject_nested(value, where, task_name)
+
+
 def _reject_nested(value: Any, where: str, task_name: str) -> None:
     """A Task inside a container cannot be a dependency: say so instead of failing later."""
     stack = [value]
@@ -257,6 +299,11 @@ def _reject_nested(value: Any, where: str, task_name: str) -> None:
             raise DependencyError(
                 f"{where} of task {task_name!r} contains a Task inside a container; only a Task "
                 "passed directly as an argument becomes a dependency"
+            )
+        if isinstance(item, TaskDefinition):
+            raise TypeError(
+                f"{where} of task {task_name!r} contains the task function {item.name!r}, which is not JSON; "
+                "only a Task passed directly as an argument becomes a dependency"
             )
         if isinstance(item, dict):
             stack.extend(item.values())

@@ -90,7 +90,13 @@ class JSONTransport:
             "time_limit": message.time_limit,
             "retries": message.retries,
         }
-        data = self._dumps(body, what=f"arguments of task {message.name!r}")
+        try:
+            data = self._dumps(body, what=f"arguments of task {message.name!r}")
+        except SerializationError as exc:  # the whole body failed: find the argument to blame
+            raise SerializationError(
+                f"{_unencodable(message)} of task {message.name!r} cannot be encoded as JSON: {exc.__cause__} "
+                "(arguments may be str, int, float, bool, None, and lists and dicts of them)"
+            ) from exc
         self._check_size(data, what=f"payload of task {message.name!r}")
         return data
 
@@ -184,6 +190,18 @@ class JSONTransport:
             return json.loads(data)
         except (ValueError, RecursionError) as exc:
             raise SerializationError(f"{what} is not valid JSON: {str(exc)[:200]}") from exc
+
+
+def _unencodable(message: TaskMessage) -> str:
+    """Which argument JSON cannot encode: tried one by one, and only once the whole has failed."""
+    places = [(f"argument {i}", v) for i, v in enumerate(message.args)]
+    places += [(f"keyword argument {k!r}", v) for k, v in message.kwargs.items()]
+    for where, value in places:
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            return where
+    return "the arguments"
 
 
 def rebuild_exception(type_name: str, message: str, args: list[Any] | None, remote_traceback: str) -> BaseException:

@@ -19,7 +19,7 @@ from minicelery import (
     RedisBroker,
     RemoteError,
 )
-from minicelery.errors import TaskError
+from minicelery.errors import SerializationError, TaskError
 
 
 def test_calling_a_task_sends_nothing_until_start(app: Client, r: redis.Redis) -> None:
@@ -152,6 +152,62 @@ def test_nested_task_in_a_list_is_rejected_naming_the_argument(app: Client) -> N
         app.tasks["echo"]([parent])
     with pytest.raises(DependencyError, match="keyword argument 'value'"):
         app.tasks["echo"](value={"x": parent})
+
+
+def test_passing_a_task_function_instead_of_calling_it_is_a_type_error_saying_to_call_it(
+    app: Client, r: redis.Redis
+) -> None:
+    echo, describe = app.tasks["echo"], app.tasks["describe"]
+    with pytest.raises(
+        TypeError, match=r"argument 0 of task 'describe' is the task function 'echo' itself.*pass echo\(\)"
+    ):
+        describe(echo)
+    with pytest.raises(TypeError, match=r"keyword argument 'value' of task 'describe' .*pass echo\(\) — call the task"):
+        describe(value=echo)
+    with pytest.raises(TypeError, match="argument 0 of task 'describe' contains the task function 'echo'"):
+        describe([echo])
+    assert r.keys(f"minicelery:{{{app.default_queue}}}:*") == []  # nothing was sent
+
+
+def test_start_at_with_a_date_or_a_string_is_a_type_error_naming_the_datetime_to_pass(app: Client) -> None:
+    handle = app.tasks["echo"](1)
+    with pytest.raises(TypeError, match=r"not date .*pass datetime\.datetime\(2017, 1, 27\)"):
+        handle.start_at(dt.date(2017, 1, 27))
+    with pytest.raises(TypeError, match=r"pass datetime\.datetime\.fromisoformat\('2017-01-27T13:00'\)"):
+        handle.start_at("2017-01-27T13:00")  # type: ignore[arg-type]
+    assert handle.state == "created"
+
+
+@pytest.mark.parametrize(("delay", "fix"), [("5", ": pass 5$"), ("soon", "not str 'soon'$"), (True, "not bool True$")])
+def test_wait_with_a_string_or_a_bool_is_a_type_error_asking_for_seconds(app: Client, delay: object, fix: str) -> None:
+    handle = app.tasks["echo"](1)
+    with pytest.raises(TypeError, match="wait\\(\\) takes a number of seconds or a datetime.timedelta.*" + fix):
+        handle.wait(delay)  # type: ignore[arg-type]
+    assert handle.state == "created"
+
+
+@pytest.mark.parametrize("delay", [-1, float("nan"), float("inf"), dt.timedelta(seconds=-1)])
+def test_wait_with_a_negative_or_non_finite_delay_is_a_value_error(app: Client, delay: float | dt.timedelta) -> None:
+    handle = app.tasks["echo"](1)
+    with pytest.raises(ValueError, match="finite delay of 0 seconds or more"):
+        handle.wait(delay)
+    assert handle.state == "created"
+
+
+def test_a_child_with_parents_rejects_a_bad_delay_before_rescheduling(app: Client) -> None:
+    child = app.tasks["describe"](app.tasks["echo"](1))  # registered at once, waiting
+    with pytest.raises(TypeError):
+        child.wait("5")  # type: ignore[arg-type]
+    assert child.state == "waiting"
+
+
+def test_an_argument_json_cannot_encode_is_refused_at_send_naming_that_argument(app: Client) -> None:
+    handle = app.tasks["echo"](value={"when": dt.datetime(2017, 1, 27)})
+    with pytest.raises(SerializationError, match=r"keyword argument 'value' of task 'echo' .*type datetime"):
+        handle.start()
+    with pytest.raises(SerializationError, match=r"argument 0 of task 'echo' .*Out of range float"):
+        app.tasks["echo"](float("nan")).start()
+    assert handle.state == "created"
 
 
 def test_parent_on_another_queue_is_rejected(app: Client, redis_url: str) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 
 import pytest
+from conftest import Workers
 
 from minicelery.logs import configure_logging
 
@@ -37,3 +39,12 @@ def test_text_format_drops_timestamps_under_journald(monkeypatch: pytest.MonkeyP
     monkeypatch.delenv("JOURNAL_STREAM")
     configure_logging("INFO", "text")
     assert _format("hello").endswith("INFO minicelery.worker: hello") and _format("hello")[:4].isdigit()
+
+
+def test_a_worker_asked_to_stop_logs_stop_requested_at_info_not_as_a_warning(workers: Workers) -> None:
+    proc = workers.start()
+    workers.wait_ready(proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    lines = [line for line in workers.log(proc).splitlines() if "stop requested" in line]
+    assert len(lines) == 1 and " INFO minicelery.heartbeat: stop requested" in lines[0], lines
