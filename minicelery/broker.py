@@ -531,7 +531,7 @@ class RedisBroker:
             pipe = self.redis.pipeline(transaction=False)
             pipe.llen(keys.ready)
             pipe.zcard(keys.scheduled)
-            pipe.hget(keys.info, "#waiting")
+            pipe.zcard(keys.waiting)
             pipe.zcard(keys.running)
             pipe.zcard(keys.dead)
             pipe.zcard(keys.expiry)
@@ -539,7 +539,7 @@ class RedisBroker:
         return {
             "ready": ready,
             "scheduled": scheduled,
-            "waiting": int(waiting or 0),
+            "waiting": waiting,
             "running": running,
             "dead": dead,
             "finished": finished,

@@ -4,8 +4,8 @@ Random enqueues (with random parents and delays), claims, finishes (succeeded, f
 late finishes, lease expiries, the passing of time and of result TTLs; after every step the
 data model must hold together:
 - every task is in exactly the structure its state names (ready list, schedule, running set),
-- a waiting task's pending count equals its unfinished parents, and the queue's #waiting its
-  waiting tasks,
+- a waiting task's pending count equals its unfinished parents, and the queue's waiting set
+  holds exactly its waiting tasks,
 - nothing is ready before it is due, a failed task is a dead letter,
 - a late finish changes nothing, and nothing of a task is left once its result TTL has passed.
 Time is moved by editing scores (Redis's clock cannot be wound), as a real wait would.
@@ -159,7 +159,8 @@ class BrokerModel(RuleBasedStateMachine):
                 unfinished = sum(1 for p in parents if self.state(p) not in FINISHED and p not in self.expired)
                 assert unfinished > 0
                 assert int(self.r.hget(self.keys.info, f"{task_id}:p") or 0) == unfinished, task_id
-        assert int(self.r.hget(self.keys.info, "#waiting") or 0) == waiting
+        members = self.r.zrange(self.keys.waiting, 0, -1)
+        assert len(members) == waiting and all(self.state(m.decode()) == b"waiting" for m in members)
 
     def teardown(self) -> None:
         for key in self.r.scan_iter(match=self.keys.all_keys_pattern(), count=1000):
