@@ -75,6 +75,10 @@ def test_a_child_of_a_parent_never_started_shows_in_inspect_then_is_dead_lettere
     assert never.result(timeout=5) == 1
     assert child.state == "failed" and app.broker.depths(queue)["waiting"] == 0
 
+    assert app.broker.revive(queue, [child.id]) == [child.id]  # retry-dead: the error in the parent's place
+    drain(app)
+    assert child.result(timeout=5).startswith(f"error:ParentNeverStarted:parent task {never.id}")
+
 
 def test_a_child_whose_parent_was_started_is_never_swept_even_if_the_parent_outlasts_the_ttl(
     app: Client, r: redis.Redis
