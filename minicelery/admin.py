@@ -97,6 +97,8 @@ class Admin:
 
     def inspect(self, queues: Sequence[str], *, as_json: bool) -> int:
         report = {queue: self.broker.queue_report(queue, self.settings.worker.lease_seconds) for queue in queues}
+        for queue in queues:
+            report[queue]["orphans"] = self._orphans(queue)
         if as_json:
             print(json.dumps(report, indent=2))
             return 0
@@ -112,7 +114,16 @@ class Admin:
                 last_line = dead["traceback"].strip().splitlines()[-2:-1]  # the line that raised
                 if last_line:
                     print(f"        {last_line[0].strip()}")
+            _print_orphans(info["orphans"])
         return 0
+
+    def _orphans(self, queue: str) -> dict[str, Any]:
+        """Waiting tasks whose parents were never started, each with when the sweep takes it."""
+        orphans = self.broker.orphans(queue)
+        orphans["orphan_ttl"] = ttl = self.settings.worker.orphan_ttl
+        for orphan in orphans["oldest"]:
+            orphan["swept_in_seconds"] = max(0.0, ttl - orphan["waited_seconds"])
+        return orphans
 
     def retry_dead(self, queues: Sequence[str], task_ids: Sequence[str]) -> int:
         """Put dead letters back: the given ids, or every dead letter of the queues."""
@@ -141,3 +152,30 @@ class Admin:
             deleted = self.broker.purge(queue)
             print(f"queue {queue}: {deleted} keys deleted")
         return 0
+
+
+def _print_orphans(orphans: dict[str, Any]) -> None:
+    if not orphans["count"]:
+        return
+    more = "" if orphans["examined"] >= orphans["waiting"] else f" among the oldest {orphans['examined']} waiting"
+    print(
+        f"  waiting for parents never started: {orphans['count']}{more} "
+        f"(dead-lettered after worker.orphan_ttl, {orphans['orphan_ttl']:g} s)"
+    )
+    for orphan in orphans["oldest"]:
+        print(
+            f"    {orphan['id']} {orphan['name']} waited {_duration(orphan['waited_seconds'])}, "
+            f"{_sweep_due(orphan['swept_in_seconds'])}; never started: {', '.join(orphan['never_started'])}"
+        )
+
+
+def _sweep_due(seconds: float) -> str:
+    return f"swept in {_duration(seconds)}" if seconds > 0 else "swept by the next worker sweep"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -31,7 +31,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCRIPT_NAMES = ("enqueue", "claim", "finish", "release", "defer", "renew", "rearm", "revive", "watch")
+SCRIPT_NAMES = (
+    "enqueue",
+    "claim",
+    "finish",
+    "release",
+    "defer",
+    "renew",
+    "rearm",
+    "revive",
+    "watch",
+    "orphans",
+)
 DEFAULT_URL = "redis://localhost:6379/0"
 DEFAULT_RESULT_TTL = 24 * 3600.0
 DEFAULT_MAX_BLOCK = 5.0
@@ -40,6 +51,9 @@ BLOCKING_SOCKET_SLACK = 5.0
 
 FINISHED_STATES = frozenset({"succeeded", "failed"})
 DEAD_LETTER_TTL = 7 * 24 * 3600.0
+# The orphan sweep looks at this many of the oldest waiting tasks per call; inspect at more.
+ORPHAN_SWEEP_BATCH = 100
+ORPHANS_EXAMINED = 1000
 
 
 @dataclass(frozen=True)
@@ -551,7 +565,7 @@ class RedisBroker:
             pipe = self.redis.pipeline(transaction=False)
             pipe.llen(keys.ready)
             pipe.zcard(keys.scheduled)
-            pipe.hget(keys.info, "#waiting")
+            pipe.zcard(keys.waiting)
             pipe.zcard(keys.running)
             pipe.zcard(keys.dead)
             pipe.zcard(keys.expiry)
@@ -559,7 +573,7 @@ class RedisBroker:
         return {
             "ready": ready,
             "scheduled": scheduled,
-            "waiting": int(waiting or 0),
+            "waiting": waiting,
             "running": running,
             "dead": dead,
             "finished": finished,
@@ -613,6 +627,69 @@ class RedisBroker:
             "traceback": traceback,
         }
 
+    # --- orphans: waiting tasks whose parents were never started ------------------------------
+
+    def sweep_orphans(self, queue: str, orphan_ttl: float, batch: int = ORPHAN_SWEEP_BATCH) -> list[str]:
+        """Dead-letter waiting tasks whose parents were never started within `orphan_ttl`
+        seconds (see scripts/orphans.lua), among the `batch` oldest; returns their ids. One
+        round trip (the Redis clock and the oldest waiting tasks), and the script only if one
+        of them has waited that long."""
+        keys = queue_keys(queue)
+        ttl_ms = int(orphan_ttl * 1000)
+        with translate_errors("sweep orphans"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.time()
+            pipe.zrange(keys.waiting, 0, batch - 1, withscores=True)
+            (seconds, micros), oldest = pipe.execute()
+        now_ms = seconds * 1000 + micros // 1000
+        due = [_text(task_id) for task_id, since in oldest if since <= now_ms - ttl_ms]
+        if not due:
+            return []
+        keep_ms = int(max(self.result_ttl, self.dead_letter_ttl) * 1000)
+        args = [ttl_ms, keep_ms, f"{orphan_ttl:g}", *due]
+        return [_text(i) for i in self._run("orphans", keys, args, extra_keys=[keys.done(i) for i in due])]
+
+    def orphans(self, queue: str, shown: int = 10, examined: int = ORPHANS_EXAMINED) -> dict[str, Any]:
+        """Waiting tasks none of whose unfinished parents was ever started: what the orphan
+        sweep dead-letters once they have waited orphan_ttl. Counted among the `examined`
+        oldest waiting tasks; the oldest `shown` are listed with their name, the parents never
+        started and the seconds waited (since registered, or since a parent was last seen in
+        flight). Read-only, a few round trips."""
+        keys = queue_keys(queue)
+        with translate_errors("inspect orphans"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.time()
+            pipe.zcard(keys.waiting)
+            pipe.zrange(keys.waiting, 0, examined - 1, withscores=True)
+            (seconds, micros), waiting, oldest = pipe.execute()
+            ids = [_text(task_id) for task_id, _since in oldest]
+            parents = (
+                [_text(p).split(",") if p else [] for p in self.redis.hmget(keys.info, [f"{i}:P" for i in ids])]
+                if ids
+                else []
+            )
+            pipe = self.redis.pipeline(transaction=False)
+            for task_id, its_parents in zip(ids, parents, strict=True):
+                for parent in its_parents:
+                    pipe.hexists(keys.inputs, f"{task_id}|{parent}")
+                    pipe.hexists(keys.info, f"{parent}:s")
+            facts = iter(pipe.execute())
+            found = []
+            for (task_id, since), its_parents in zip(oldest, parents, strict=True):
+                unsent = _never_started({p: (next(facts), next(facts)) for p in its_parents})
+                if unsent:
+                    found.append((_text(task_id), since, unsent))
+            payloads = self.redis.hmget(keys.payload, [task_id for task_id, _, _ in found[:shown]]) if found else []
+        now_ms = seconds * 1000 + micros // 1000
+        listed = []
+        for (task_id, since, unsent), payload in zip(found, payloads, strict=False):
+            name = "?"
+            with contextlib.suppress(MiniceleryError):
+                name = self.transport.loads_message(payload).name
+            waited = max(0.0, (now_ms - since) / 1000)
+            listed.append({"id": task_id, "name": name, "waited_seconds": waited, "never_started": unsent})
+        return {"count": len(found), "examined": len(ids), "waiting": waiting, "oldest": listed}
+
     def purge(self, queue: str) -> int:
         """Delete every key of a queue; returns how many keys went."""
         deleted = 0
@@ -620,6 +697,16 @@ class RedisBroker:
             for key in self.redis.scan_iter(match=queue_keys(queue).all_keys_pattern(), count=500):
                 deleted += int(self.redis.delete(key))
         return deleted
+
+
+def _never_started(parents: dict[str, tuple[bool, bool]]) -> list[str]:
+    """The parents a waiting task still waits for, if none of them was ever sent; else [].
+    `parents`: parent id -> (it gave the task its result, it has a state). The same test as
+    never_started in scripts/orphans.lua."""
+    unfinished = {parent: sent for parent, (gave_result, sent) in parents.items() if not gave_result}
+    if any(unfinished.values()):
+        return []
+    return list(unfinished)
 
 
 def _claim_call(

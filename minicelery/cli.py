@@ -91,7 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--wait-result", action="store_true", help="wait and print the result")
     enqueue.add_argument("--timeout", type=_seconds, help="with --wait-result: give up after seconds (exit 75)")
 
-    inspect = command("inspect", "Show queue depths, next due time, live workers, dead letters.")
+    inspect = command(
+        "inspect",
+        "Show queue depths, next due time, live workers, dead letters, and waiting tasks whose parents "
+        "were never started (dead-lettered after worker.orphan_ttl).",
+    )
     inspect.add_argument("--queue", "-q", action="append", help="queue (repeatable; default: worker.queues)")
     inspect.add_argument("--json", action="store_true", help="print JSON")
 

@@ -99,6 +99,11 @@ class WorkerLost(TaskError):
     """The task's worker died (lease expired) more often than allowed."""
 
 
+class ParentNeverStarted(TaskError):
+    """A waiting task's parents were never started within `worker.orphan_ttl`: the orphan sweep
+    dead-lettered it (its children get this error as their argument)."""
+
+
 class TaskNotFound(TaskError):
     """No task with this id is stored (never sent, or its result expired)."""
 

@@ -88,6 +88,10 @@ class QueueKeys:
     def idle(self) -> str:
         return self.prefix + "idle"
 
+    @property
+    def waiting(self) -> str:
+        return self.prefix + "waiting"
+
     def inbox(self, worker_id: str) -> str:
         """Where tasks handed to an idle worker of this queue wait for it (see hand_off in
         scripts/_common.lua); the worker blocks on it."""
@@ -99,7 +103,7 @@ class QueueKeys:
         return f"{self.prefix}done:{task_id}"
 
     def as_list(self) -> list[str]:
-        """KEYS[1..13] of every script, in the order scripts/_common.lua names them."""
+        """KEYS[1..14] of every script, in the order scripts/_common.lua names them."""
         return list(self._listed)
 
     @functools.cached_property
@@ -118,6 +122,7 @@ class QueueKeys:
             self.workers,
             self.dedup,
             self.idle,
+            self.waiting,
         )
 
     def all_keys_pattern(self) -> str:

@@ -117,6 +117,9 @@ class WorkerSettings(_Section):
     dead_letter_ttl: float = Field(604800.0, gt=0, description="seconds a task that failed for good stays listed")
     max_payload_bytes: int = Field(1024 * 1024, gt=0)
     max_lost_leases: int = Field(3, ge=0, description="reclaims before a task is dead-lettered")
+    orphan_ttl: float = Field(
+        86400.0, gt=0, description="seconds a child waits for parents never started before it is dead-lettered"
+    )
     reconnect_max_delay: float = Field(30.0, gt=0)
     unknown_task_grace: float = Field(
         600.0, ge=0, description="seconds a task whose name this worker lacks is given back for another"

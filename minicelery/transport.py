@@ -29,6 +29,7 @@ _OWN_ERRORS: dict[str, type[BaseException]] = {
         errors.UnknownTask,
         errors.BadArguments,
         errors.WorkerLost,
+        errors.ParentNeverStarted,
         errors.SerializationError,
         errors.PayloadTooLarge,
         errors.TaskError,

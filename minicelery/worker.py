@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .broker import BLOCKING_SOCKET_SLACK, Claim, Idle, RetryPlan, Wake
+from .broker import BLOCKING_SOCKET_SLACK, ORPHAN_SWEEP_BATCH, Claim, Idle, RetryPlan, Wake
 from .errors import BrokerError, BrokerUnavailable, ConfigError, MiniceleryError, TaskTimeout, UnknownTask
 from .heartbeat import Heartbeat, Running
 from .interrupts import HandBack, StopSignals, TaskAlarm
@@ -137,6 +137,7 @@ class Worker:
         self._idle_in: set[str] = set()
         self._status_per_task = False  # the last status sent named the running task
         self._status_sent_at = -math.inf
+        self._orphans_due_at = 0.0  # monotonic: the next orphan sweep (at once on start-up)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -178,6 +179,8 @@ class Worker:
             self._flush(claim_next=False)
             self._hand_back_local()  # claimed by a batch or the last finish; we are stopping
             return False
+        if self.loop_alive_at >= self._orphans_due_at:
+            self._sweep_orphans()
         if not self._local:
             self._flush(claim_next=True)  # store what ran, and claim the next batch with it
         if not self._local:
@@ -243,6 +246,26 @@ class Worker:
                 if claims:
                     return claims
         return []
+
+    def _sweep_orphans(self) -> None:
+        """Dead-letter the tasks that have waited worker.orphan_ttl for parents nobody started
+        (scripts/orphans.lua). Once per lease period, like the idle sweep, but busy or idle: one
+        call per queue per period, never one per task. Again at once while a batch came back full."""
+        self._orphans_due_at = time.monotonic() + self.sweep_interval
+        ttl = self.settings.worker.orphan_ttl
+        for queue in self.queues:
+            swept = self.broker.sweep_orphans(queue, ttl)
+            if swept:
+                log.warning(
+                    "dead-lettered %d task(s) on queue %s whose parents were never started within "
+                    "orphan_ttl (%g s): %s",
+                    len(swept),
+                    queue,
+                    ttl,
+                    " ".join(swept),
+                )
+            if len(swept) >= ORPHAN_SWEEP_BATCH:
+                self._orphans_due_at = 0.0
 
     def _wait_idle(self) -> None:
         now = time.monotonic()

@@ -1,13 +1,16 @@
 """A stateful property test of the broker scripts against a real Redis (hypothesis).
 
-Random enqueues (with random parents and delays), claims, finishes (succeeded, failed, retried),
-late finishes, lease expiries, the passing of time and of result TTLs; after every step the
-data model must hold together:
+Random enqueues (with random parents and delays, some parents never started), claims,
+finishes (succeeded, failed, retried), late finishes, lease expiries, the passing of time, of
+result TTLs and of the orphan TTL (the orphan sweep), parents started after their children
+were swept; after every step the data model must hold together:
 - every task is in exactly the structure its state names (ready list, schedule, running set),
-- a waiting task's pending count equals its unfinished parents, and the queue's #waiting its
-  waiting tasks,
+- a waiting task's pending count equals its unfinished parents, and the queue's waiting set
+  holds exactly its waiting tasks,
 - nothing is ready before it is due, a failed task is a dead letter,
-- a late finish changes nothing, and nothing of a task is left once its result TTL has passed.
+- a late finish changes nothing, and nothing of a task is left once its result TTL has passed,
+- the orphan sweep takes exactly the waiting tasks none of whose unfinished parents was sent,
+  and a never-started parent lists only children still waiting.
 Time is moved by editing scores (Redis's clock cannot be wound), as a real wait would.
 """
 
@@ -40,6 +43,7 @@ class BrokerModel(RuleBasedStateMachine):
         self.expiring: dict[str, str] = {}  # task -> our token, lease run out but not yet reclaimed
         self.stale: dict[str, str] = {}  # task -> a token whose lease a later claim took away
         self.expired: set[str] = set()  # finished tasks whose result TTL we let pass
+        self.ghosts: list[str] = []  # parents given to children but never started (not enqueued)
 
     def state(self, task_id: str) -> bytes | None:
         return self.r.hget(self.keys.info, f"{task_id}:s")  # type: ignore[return-value]
@@ -50,10 +54,20 @@ class BrokerModel(RuleBasedStateMachine):
 
     # --- rules ---------------------------------------------------------------------------------
 
-    @rule(delay=st.sampled_from([None, 0, HOUR_MS]), picks=st.lists(st.integers(0, 10**6), max_size=3, unique=True))
-    def enqueue(self, delay: int | None, picks: list[int]) -> None:
+    @rule(
+        delay=st.sampled_from([None, 0, HOUR_MS]),
+        picks=st.lists(st.integers(0, 10**6), max_size=3, unique=True),
+        ghost=st.sampled_from([None, None, "new", "old"]),
+    )
+    def enqueue(self, delay: int | None, picks: list[int], ghost: str | None) -> None:
         candidates = [t for t in self.parents if t not in self.expired]
         parents = sorted({candidates[p % len(candidates)] for p in picks}) if candidates else []
+        if ghost == "new" or (ghost == "old" and self.ghosts):
+            if ghost == "new":
+                self.ghosts.append(f"g{len(self.parents):04d}")  # (t and g ids: len grows with each)
+            parents.append(
+                self.ghosts[-1] if ghost == "new" else self.ghosts[picks[0] % len(self.ghosts) if picks else 0]
+            )
         task_id = f"t{len(self.parents):04d}"  # deterministic, so hypothesis can replay a run
         reply = self.broker.enqueue(self.queue, task_id, b"{}", delay_ms=delay, parents=parents)
         assert reply.status == "ok", reply
@@ -120,6 +134,38 @@ class BrokerModel(RuleBasedStateMachine):
             self.r.zadd(self.keys.scheduled, {task_id: 0 for task_id in due})
 
     @rule()
+    def orphan_ttl_passes(self) -> None:
+        """Every waiting task has waited the orphan TTL; the sweep takes exactly those none of
+        whose unfinished parents was ever sent (the others' clocks restart)."""
+        waiting = [t.decode() for t in self.r.zrange(self.keys.waiting, 0, -1)]
+        if waiting:
+            self.r.zadd(self.keys.waiting, dict.fromkeys(waiting, 0))
+
+        expected: set[str] = set()
+        for task_id in sorted(waiting):  # the sweep's order (equal scores): parents before children
+            unfinished = [
+                p
+                for p in self.parents[task_id]
+                if self.state(p) not in FINISHED and p not in self.expired and p not in expected
+            ]  # (a parent swept just before has given this task its error, maybe released it)
+            if unfinished and all(p in self.ghosts for p in unfinished):
+                expected.add(task_id)
+        swept = self.broker.sweep_orphans(self.queue, 3600)
+        assert set(swept) == expected and len(swept) == len(expected)
+        for task_id in swept:
+            assert self.state(task_id) == b"failed"
+
+    @precondition(lambda self: self.ghosts)
+    @rule(data=st.data())
+    def a_parent_is_started_late(self, data: st.DataObject) -> None:
+        """A parent nobody started is sent after all: its children still waiting run after it;
+        those the sweep took are not released again."""
+        ghost = data.draw(st.sampled_from(self.ghosts))
+        self.ghosts.remove(ghost)
+        assert self.broker.enqueue(self.queue, ghost, b"{}").status == "ok"
+        self.parents[ghost] = []
+
+    @rule()
     def results_expire(self) -> None:
         finished = self.r.zrange(self.keys.expiry, 0, -1)
         if finished:
@@ -159,7 +205,11 @@ class BrokerModel(RuleBasedStateMachine):
                 unfinished = sum(1 for p in parents if self.state(p) not in FINISHED and p not in self.expired)
                 assert unfinished > 0
                 assert int(self.r.hget(self.keys.info, f"{task_id}:p") or 0) == unfinished, task_id
-        assert int(self.r.hget(self.keys.info, "#waiting") or 0) == waiting
+        members = self.r.zrange(self.keys.waiting, 0, -1)
+        assert len(members) == waiting and all(self.state(m.decode()) == b"waiting" for m in members)
+        for ghost in self.ghosts:
+            children = (self.r.hget(self.keys.info, f"{ghost}:c") or b"").decode().split(",")
+            assert all(self.state(child) == b"waiting" for child in children if child), ghost
 
     def teardown(self) -> None:
         for key in self.r.scan_iter(match=self.keys.all_keys_pattern(), count=1000):

@@ -9,7 +9,7 @@ import redis
 
 from minicelery import JSONTransport, RedisBroker
 from minicelery.broker import SCRIPT_NAMES, Claim, Idle
-from minicelery.errors import BrokerError
+from minicelery.errors import BrokerError, ParentNeverStarted
 from minicelery.keys import QueueKeys
 
 
@@ -195,3 +195,41 @@ def test_only_a_watched_task_gets_a_done_list_and_its_waiter_wakes(redis_url: st
     assert not r.exists(keys.done("unwatched"))
     assert broker.wait_done(queue, "watched", 1)
     assert broker.watch(queue, "watched") == ("succeeded", b'{"ok": 1}')
+
+
+def test_the_orphan_sweep_dead_letters_only_a_child_whose_unfinished_parents_were_never_sent(
+    redis_url: str, queue: str, r: redis.Redis
+) -> None:
+    """orphans.lua on its own: the waiting tasks in ARGV, the ids it dead-lettered out. A child
+    that waited orphan_ttl for a parent nobody sent fails with ParentNeverStarted, its result
+    waiter wakes, its own child gets the error, and the parent forgets it; a child with a
+    parent in flight is kept (its clock restarts), and one not waiting that long is left."""
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    broker.load_scripts()
+    keys = QueueKeys(queue)
+    broker.enqueue(queue, "sent", b"{}")  # started: ready, in flight
+    broker.enqueue(queue, "orphan", b"{}", parents=["ghost"])  # "ghost" is never sent
+    broker.enqueue(queue, "kept", b"{}", parents=["ghost", "sent"])
+    broker.enqueue(queue, "grandchild", b"{}", parents=["orphan"])
+    broker.enqueue(queue, "young", b"{}", parents=["ghost"])
+    r.zadd(keys.waiting, {"orphan": 1, "kept": 1, "grandchild": 1})  # registered long ago
+    assert broker.watch(queue, "orphan") == ("waiting", None)
+    ids = ["orphan", "kept", "grandchild", "young", "sent"]
+    sweep = broker._scripts["orphans"]
+
+    swept = sweep(keys=[*keys.as_list(), *(keys.done(i) for i in ids)], args=[60_000, 600_000, "60", *ids])
+
+    assert swept == [b"orphan"]
+    assert r.hget(keys.info, "orphan:s") == b"failed" and r.zscore(keys.dead, "orphan") is not None
+    ok, error = broker.transport.loads_outcome(r.hget(keys.result, "orphan"))  # type: ignore[arg-type]
+    assert not ok and isinstance(error, ParentNeverStarted)
+    assert "parent task ghost was never started within orphan_ttl (60 s)" in str(error)
+    assert r.llen(keys.done("orphan")) == 1  # the waiter on its result wakes
+    assert r.hget(keys.info, "ghost:c") == b"kept,young"  # starting ghost later cannot release it
+    assert r.hget(keys.info, "grandchild:s") == b"ready"  # released with the error, as by any failed parent
+    assert r.hget(keys.inputs, "grandchild|orphan") == r.hget(keys.result, "orphan")
+    assert r.hget(keys.info, "kept:s") == b"waiting" and r.zscore(keys.waiting, "kept") > 1  # type: ignore[operator]
+    assert r.hget(keys.info, "young:s") == b"waiting"
+    assert {m.decode() for m in r.zrange(keys.waiting, 0, -1)} == {"kept", "young"}
+    again = sweep(keys=[*keys.as_list(), *(keys.done(i) for i in ids)], args=[60_000, 600_000, "60", *ids])
+    assert again == []

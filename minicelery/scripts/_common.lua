@@ -19,7 +19,6 @@
 --                             P parent ids, "," list   c child ids, "," list
 --                             k idempotency key       w someone waits for the result
 --                             u first time a worker that lacked its task deferred it (ms)
---                             and one queue-wide field: "#waiting", how many tasks wait for parents
 --   KEYS[8]  inputs     hash  "<child>|<parent>" -> the parent's result envelope, kept for the child
 --   KEYS[9]  expiry     zset  id -> time (ms) after which a finished task's data is deleted
 --   KEYS[10] dead       zset  id -> time (ms) the task was dead-lettered
@@ -28,14 +27,19 @@
 --   KEYS[13] idle       zset  "<lease_ms>|<worker id>|<inbox key>" -> time (ms) a worker, idle
 --                             and blocked on that inbox, registered; a ready task is handed to
 --                             the newest
+--   KEYS[14] waiting    zset  id -> time (ms) since a task waits for its parents with none of them
+--                             in flight: when it was registered, or when the orphan sweep
+--                             (orphans.lua) last found a parent in flight. Exactly the tasks in
+--                             state "waiting" (its size is the waiting depth).
 --   inbox (one per idle worker, named in `idle`)
 --                       zset  tasks handed to that worker, already leased to it, each member
 --                             encoded by encode_handed; score: the time handed (ms)
--- Scripts that need more keys take them from KEYS[14] on; their headers say which.
+-- Scripts that need more keys take them from KEYS[15] on; their headers say which.
 
 local K_READY, K_SCHEDULED, K_RUNNING, K_MARKER = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_PAYLOAD, K_RESULT, K_INFO, K_INPUTS = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_EXPIRY, K_DEAD, K_WORKERS, K_DEDUP, K_IDLE = KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13]
+local K_WAITING = KEYS[14]
 
 -- How much cleanup and recovery one call may do, so no call is ever slow.
 local SWEEP_BATCH = 20
@@ -257,21 +261,27 @@ local function make_due(id, due, now, fresh_payload)
 end
 
 -- Give each waiting child (`children`: the parent's "c" field) this parent's envelope;
--- release those with no parent left. Returns how many it released: the caller takes them
--- off the "#waiting" count, once for a whole batch.
-local function release_children(id, children, envelope, now)
-  local released = 0
+-- release those with no parent left, adding their ids to `released`: the caller takes them
+-- out of the waiting set with forget_waiting, once for a whole batch.
+local function release_children(id, children, envelope, now, released)
   for _, child in ipairs(split(children)) do
     redis.call('HSET', K_INPUTS, child .. '|' .. id, envelope)
     local left = redis.call('HINCRBY', K_INFO, child .. ':p', -1)
     local held = left <= 0 and redis.call('HMGET', K_INFO, child .. ':s', child .. ':n')
     if held and held[1] == 'waiting' then
       redis.call('HDEL', K_INFO, child .. ':p')
-      released = released + 1
+      released[#released + 1] = child
       make_due(child, math.max(now, tonumber(held[2] or 0)), now)
     end
   end
-  return released
+end
+
+-- Take tasks that no longer wait for parents out of the waiting set (in slices: unpack has
+-- a limit, and one parent may release thousands of children).
+local function forget_waiting(ids)
+  for first = 1, #ids, 1000 do
+    redis.call('ZREM', K_WAITING, unpack(ids, first, math.min(first + 999, #ids)))
+  end
 end
 
 -- Delete everything stored for finished tasks whose result TTL has passed.

@@ -5,7 +5,7 @@
 -- finishes of its last batch: one round trip per batch.
 --
 -- KEYS: the queue key set (see _common.lua), then
---   KEYS[14] inbox   this worker's inbox on the queue (only with ARGV[7])
+--   KEYS[15] inbox   this worker's inbox on the queue (only with ARGV[7])
 -- ARGV[1] token      fencing token base for these leases (unique per claim)
 -- ARGV[2] lease_ms   lease length
 -- ARGV[3] worker     worker id (recorded in the workers set)
@@ -71,9 +71,9 @@ end
 local function claim(now, registration, held_due)
   local handed = {}
   if registration ~= '' then
-    handed = redis.call('ZRANGE', KEYS[14], 0, -1)
+    handed = redis.call('ZRANGE', KEYS[15], 0, -1)
     if #handed > 0 then
-      redis.call('DEL', KEYS[14])
+      redis.call('DEL', KEYS[15])
     end
   end
   local reply = claim_next(now, ARGV[1], tonumber(ARGV[2]), ARGV[3], held_due, tonumber(ARGV[5]), tonumber(ARGV[6]))

@@ -60,7 +60,7 @@ end
 
 if pending > 0 then
   redis.call('HSET', K_INFO, id .. ':P', parents, id .. ':p', pending, id .. ':n', not_before, id .. ':s', 'waiting')
-  redis.call('HINCRBY', K_INFO, '#waiting', 1)
+  redis.call('ZADD', K_WAITING, now, id) -- registered now: see orphans.lua
   return { 'ok', 'waiting' }
 end
 if parents ~= '' then

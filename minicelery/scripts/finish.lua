@@ -11,7 +11,7 @@
 -- dead-letter set, kept for dead_ttl instead of result_ttl.
 --
 -- KEYS: the queue key set (see _common.lua), then
---   KEYS[13 + i] done  list the i-th task's result waiters block on (BLMOVE); pushed only if
+--   KEYS[14 + i] done  list the i-th task's result waiters block on (BLMOVE); pushed only if
 --                      a waiter watches the task (see watch.lua)
 -- ARGV[1] result_ttl   ms to keep a result; then every trace of the task is swept
 -- ARGV[2] dead_ttl     ms to keep a dead letter
@@ -43,7 +43,7 @@ local function retry_delay(base, retries)
 end
 
 local statuses, seen = {}, {}
-local released = 0 -- children released: one "#waiting" update for the batch
+local released = {} -- children released: one update of the waiting set for the batch
 for i = 1, (#ARGV - 2) / FIELDS do
   local base = 2 + (i - 1) * FIELDS
   local id, token, outcome, envelope = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
@@ -83,13 +83,13 @@ for i = 1, (#ARGV - 2) / FIELDS do
         redis.call('HDEL', K_DEDUP, key)
       end
       if held[4] then
-        released = released + release_children(id, held[4], envelope, now)
+        release_children(id, held[4], envelope, now, released)
         -- Released once for good: a dead letter put back and finished again must not do it twice.
         info_deleted[#info_deleted + 1] = id .. ':c'
       end
       if held[5] then
-        redis.call('LPUSH', KEYS[13 + i], '1')
-        redis.call('PEXPIRE', KEYS[13 + i], keep)
+        redis.call('LPUSH', KEYS[14 + i], '1')
+        redis.call('PEXPIRE', KEYS[14 + i], keep)
       end
     end
   end
@@ -99,8 +99,8 @@ if #running_done > 0 then
   redis.call('ZREM', K_RUNNING, unpack(running_done))
   redis.call('HDEL', K_INFO, unpack(info_deleted))
 end
-if released > 0 then
-  redis.call('HINCRBY', K_INFO, '#waiting', -released)
+if #released > 0 then
+  forget_waiting(released)
 end
 if #states > 0 then
   redis.call('HSET', K_INFO, unpack(states))

@@ -4,7 +4,7 @@
 -- got its error when it died and were released then; they are not run again.
 --
 -- KEYS: the queue key set (see _common.lua), then
---   KEYS[13 + i]  done   the result-waiters list of ARGV[i], cleared so waiters wait again
+--   KEYS[14 + i]  done   the result-waiters list of ARGV[i], cleared so waiters wait again
 -- ARGV[i]  id           a dead task's id
 --
 -- Returns the ids put back (a task no longer in the dead-letter set is skipped).
@@ -17,7 +17,7 @@ for i, id in ipairs(ARGV) do
     redis.call('ZREM', K_EXPIRY, id)
     redis.call('HDEL', K_RESULT, id)
     redis.call('HDEL', K_INFO, id .. ':a', id .. ':l', id .. ':r', id .. ':u')
-    redis.call('DEL', KEYS[13 + i])
+    redis.call('DEL', KEYS[14 + i])
     make_due(id, now, now)
     revived[#revived + 1] = id
   end
