@@ -84,14 +84,27 @@ class Machine:
                  "-M", name],
                 stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        self.pid = int(wait_until(self._init_pid, 30, "the container's systemd"))  # type: ignore[arg-type]
-        wait_until(self._booted, 60, "the container to finish booting")
+        try:
+            self.pid = int(wait_until(self._init_pid, 30, "the container's systemd"))  # type: ignore[arg-type]
+            wait_until(self._booted, 60, "the container to finish booting")
+        except BaseException:
+            self.shutdown()  # or the machine outlives the test
+            raise
 
     def _init_pid(self) -> int | None:
+        """The container's PID 1. nspawn's first child may still be its short-lived helper that
+        forks the container's init: only a process that is PID 1 in its own namespace will do."""
         assert self.proc.poll() is None, "systemd-nspawn exited"
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        pids = children.read_text().split() if children.exists() else []
-        return int(pids[0]) if pids else None
+        for pid in children.read_text().split() if children.exists() else []:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            nspids = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+            if len(nspids) > 1 and nspids[-1] == "1":
+                return int(pid)
+        return None
 
     def _booted(self) -> bool:
         state = self.run("systemctl", "is-system-running").stdout.strip()
@@ -139,16 +152,36 @@ def config_from_example(example: Path | None = None, **settings: object) -> str:
     return text
 
 
+def documented_blocks(document: Path, section: str, language: str) -> list[str]:
+    """The ```language blocks of a Markdown document under the heading `section` (up to the next
+    heading of the same or a higher level)."""
+    blocks: list[str] = []
+    level, fence, lines = 0, None, []
+    for line in document.read_text().splitlines():
+        if fence is not None:
+            if line.startswith("```"):
+                if level and fence == language:
+                    blocks.append("\n".join(lines) + "\n")
+                fence, lines = None, []
+            else:
+                lines.append(line)
+        elif line.startswith("```"):
+            fence = line[3:].strip()
+        elif heading := re.match(r"(#+) (.*)", line):
+            if level and len(heading.group(1)) <= level:
+                level = 0
+            if heading.group(2).strip() == section:
+                level = len(heading.group(1))
+    assert blocks, f"no {language} block under {section!r} in {document}"
+    return blocks
+
+
 def documented_commands(document: Path, section: str, *program: str) -> list[list[str]]:
-    """The commands a document's ```sh blocks give under `section` (a heading's text) that start
-    with `program` (e.g. "podman", "run"), as argv lists: continuation lines joined, comments
+    """The commands a document's ```sh blocks give under the heading `section` that start with
+    `program` (e.g. "podman", "run"), as argv lists: continuation lines joined, comments
     dropped, a pipeline split into its commands. The tests run these, so the docs cannot drift."""
-    text = document.read_text()
-    start = text.index(section)
-    following = re.search(r"(?m)^#{1,3} ", text[start + len(section) :])
-    body = text[start : start + len(section) + following.start()] if following else text[start:]
     found = []
-    for block in re.findall(r"(?ms)^```sh\n(.*?)^```", body):
+    for block in documented_blocks(document, section, "sh"):
         for line in block.replace("\\\n", " ").splitlines():
             argv = shlex.split(line, comments=True)
             while argv:

@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 HERE = Path(__file__).resolve().parent
 BASE = "localhost/minicelery-base:bookworm"
 README = REPO / "README.md"
-SECTION = "### Container image"
+SECTION = "Container image (Podman, Docker)"
 PODMAN_ENV = {
     **os.environ,
     "CONTAINERS_CONF": str(HERE / "containers.conf"),
