@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import time
 import tomllib
@@ -283,3 +284,73 @@ def test_kubernetes_pod_spec_reads_its_password_under_podman(image: str, tmp_pat
             wait_until(ready, 60, "the pod's worker to be ready (Redis answered with the password)")
         finally:
             podman("rm", "-f", name, check=False)
+
+
+def test_quadlet_generated_command_runs_the_image_and_its_stop_lets_a_long_task_finish(
+    image: str, tmp_path: Path
+) -> None:
+    """deploy/podman/minicelery@.container, through Podman 5's quadlet generator, then its
+    ExecStart= and ExecStop= run with this machine's Podman as systemd would run them: the
+    password secret is readable by the worker, READY=1 is relayed, the health check asks the
+    instance's port, and stopping lets a 12 s task finish."""
+    quadlet = require_tool("quadlet", "bash .ci/install-quadlet (Podman 5's generator; bookworm's podman has none)")
+    generated = subprocess.run(
+        [quadlet, "-dryrun"], env={**os.environ, "QUADLET_UNIT_DIRS": str(REPO / "deploy" / "podman")},
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    service = dict(
+        line.split("=", 1) for line in generated.splitlines() if line.startswith(("ExecStart=", "ExecStop="))
+    )
+    instance, suffix = "tasks", uuid.uuid4().hex[:6]
+    queue, metrics_port, secret = f"q-{uuid.uuid4().hex[:8]}", free_port(), f"mc-redis-{suffix}"
+    password = f"pw-{uuid.uuid4().hex}"
+    config = tmp_path / f"{instance}.toml"
+
+    def as_systemd_runs(line: str) -> list[str]:
+        line = line.replace("%t/%N.cid", str(tmp_path / "container.cid")).replace("%i", instance)
+        return shlex.split(line.replace(f"minicelery-{instance} ", f"minicelery-{instance}-{suffix} "))
+
+    start, stop = as_systemd_runs(service["ExecStart"]), as_systemd_runs(service["ExecStop"])
+    mount = f"/etc/minicelery/{instance}.toml:/etc/minicelery/{instance}.toml:ro"
+    start = substituted(start, {"localhost/minicelery:latest": image, mount: f"{config}:{mount.split(':', 1)[1]}"})
+    start = [w.replace("minicelery-redis,", f"{secret},") if w.startswith("minicelery-redis,") else w for w in start]
+    # Only for this machine: no systemd cgroups, journald or healthcheck timers here.
+    for option in (["--cgroups=split"], ["--log-driver", "journald"]):
+        index = start.index(option[0])
+        assert start[index : index + len(option)] == option
+        del start[index : index + len(option)]
+    start.insert(2, "--health-interval=disable")
+    notify = NotifySocket(tmp_path / "notify.sock")
+    with RedisServer(password=password) as server:
+        url = f"redis://127.0.0.1:{server.port}/0"  # no password: the worker must read the secret
+        config.write_text(config_from_example(tasks=["worktasks"], url=url, queues=[queue], port=metrics_port))
+        podman("secret", "create", secret, "-", input=password)
+        start.insert(2, f"-v={REPO / 'tests' / 'worktasks.py'}:/srv/minicelery/worktasks.py:ro")
+        name = start[start.index("--name") + 1]
+        try:
+            run = subprocess.run(start, env={**PODMAN_ENV, "NOTIFY_SOCKET": notify.path}, capture_output=True,
+                                 text=True, timeout=120)  # fmt: skip
+            assert run.returncode == 0, run.stderr
+            wait_until(lambda: notify.seen("READY=1"), 60, "READY=1 relayed by podman")
+            app = Client(RedisBroker(JSONTransport(), url=server.url, max_block=1), default_queue=queue)
+            import worktasks
+
+            worktasks.register(app)
+            Client.instances.remove(app)
+            assert app.tasks["add"](1, 2).start().result(timeout=60) == 3
+            health = podman("healthcheck", "run", name, check=False)
+            assert health.returncode == 0, health.stdout + health.stderr
+
+            slow = app.tasks["sleep_for"](12).start()
+            wait_until(lambda: slow.state == "running", 30, "the 12 s task to start")
+            began = time.monotonic()
+            stopped = subprocess.run(stop, env=PODMAN_ENV, capture_output=True, text=True, timeout=120)
+            took = time.monotonic() - began
+            print(f"\nquadlet ExecStop with a running 12 s task: {took:.2f} s")
+            assert stopped.returncode == 0, stopped.stderr
+            assert slow.result(timeout=1) == 12 and took > 5
+            app.broker.close()
+        finally:
+            podman("rm", "-f", name, check=False)
+            podman("secret", "rm", secret, check=False)
+            notify.close()
