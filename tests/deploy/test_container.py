@@ -23,7 +23,15 @@ from pathlib import Path
 
 import pytest
 from conftest import require_tool, wait_until
-from deploytools import REPO, config_from_example, documented_commands, kube_manifests, kubelet_secret_file, substituted
+from deploytools import (
+    REPO,
+    config_from_example,
+    documented_blocks,
+    documented_commands,
+    kube_manifests,
+    kubelet_secret_file,
+    substituted,
+)
 from helpers import NotifySocket
 
 from minicelery import Client, JSONTransport, RedisBroker
@@ -354,3 +362,38 @@ def test_quadlet_generated_command_runs_the_image_and_its_stop_lets_a_long_task_
             podman("rm", "-f", name, check=False)
             podman("secret", "rm", secret, check=False)
             notify.close()
+
+
+MYAPP_TASKS = """from minicelery import Client, JSONTransport, RedisBroker
+
+app = Client(RedisBroker(JSONTransport()))
+
+
+@app.task
+def shout(text):
+    return text.upper()
+"""
+
+
+def test_an_image_built_from_it_as_documented_keeps_the_healthcheck_and_has_the_tasks(
+    image: str, tmp_path: Path
+) -> None:
+    """README's two-line Containerfile for an operator's task modules, built with README's
+    build command: the HEALTHCHECK is inherited (an OCI build would drop it) and the module
+    imports from /srv/minicelery."""
+    (containerfile,) = documented_blocks(README, SECTION, "dockerfile")
+    (build,) = documented_commands(README, SECTION, "podman", "build")
+    assert containerfile.startswith("FROM minicelery\n")
+    (tmp_path / "Containerfile").write_text(containerfile.replace("FROM minicelery", f"FROM {image}", 1))
+    (tmp_path / "myapp_tasks.py").write_text(MYAPP_TASKS)
+    tag = f"{image}-myapp"
+    try:
+        podman(build[1], "--isolation", "chroot", "--pull=never", *substituted(build[2:], {"minicelery": tag}),
+               cwd=tmp_path)  # fmt: skip
+        inspected = json.loads(podman("image", "inspect", tag).stdout)[0]
+        assert inspected["Healthcheck"]["Test"] == ["CMD", "minicelery", "health"]
+        probe = "import myapp_tasks; print(sorted(myapp_tasks.app.tasks))"
+        run = podman("run", "--rm", "--network", "none", "--entrypoint", "python3", tag, "-c", probe)
+        assert run.stdout.strip() == "['shout']", run.stdout + run.stderr
+    finally:
+        podman("rmi", "-f", tag, check=False)
