@@ -34,7 +34,8 @@ def named_paths(document: Path) -> list[tuple[str, Path]]:
 
 
 def exists(path: Path) -> bool:
-    return bool(list(path.parent.glob(path.name))) if "*" in path.name else path.exists()
+    """The path exists; a glob (minicelery/scripts/*.lua, deploy/*/README.md) matches something."""
+    return bool(list(REPO.glob(str(path.relative_to(REPO))))) if "*" in str(path) else path.exists()
 
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(REPO)))
