@@ -115,6 +115,9 @@ def client_for(server: RedisServer, queue: str) -> Client:
 def test_start_waits_for_redis_runs_tasks_reports_status_and_stop_drains(machine: Machine) -> None:
     unit, queue, port = "minicelery@tasks.service", f"q-{uuid.uuid4().hex[:8]}", free_port()
     install_instance(machine, "tasks", port, queue)
+    # A short watchdog for this instance: waiting for Redis must keep feeding it (60 s as shipped).
+    machine.write(f"/etc/systemd/system/{unit}.d/watchdog.conf", "[Service]\nWatchdogSec=4\n")
+    assert machine.run("systemctl", "daemon-reload").returncode == 0
     # Redis is not there yet: the unit must stay "activating" (no READY=1) while it waits, past
     # the manager's start timeout (5 s here, 90 s by default): the unit says TimeoutStartSec=infinity.
     manager = machine.run("systemctl", "show", "-p", "DefaultTimeoutStartUSec").stdout.strip()
@@ -122,7 +125,7 @@ def test_start_waits_for_redis_runs_tasks_reports_status_and_stop_drains(machine
     began = time.monotonic()
     assert machine.run("systemctl", "start", "--no-block", unit).returncode == 0
     wait_until(lambda: "waiting for Redis" in machine.journal(unit), 30, "the worker to wait for Redis")
-    time.sleep(max(0.0, DEFAULT_TIMEOUT_START + 3 - (time.monotonic() - began)))
+    time.sleep(max(0.0, DEFAULT_TIMEOUT_START + 4 - (time.monotonic() - began)))  # past both
     waiting = machine.show(unit, "ActiveState", "SubState", "NRestarts", "TimeoutStartUSec", "StatusText")
     assert waiting.pop("StatusText").startswith("waiting for Redis"), waiting
     assert waiting == {"ActiveState": "activating", "SubState": "start", "NRestarts": "0",
