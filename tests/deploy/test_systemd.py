@@ -64,9 +64,8 @@ def machine(rootfs: Path, wheelhouse: Path, tmp_path_factory: pytest.TempPathFac
     nspawn = require_tool("systemd-nspawn", "apt-get install systemd-container")
     # The guide's offline install, with the wheels directory bound at /wheels.
     (pip,) = [c for c in documented_commands(GUIDE, "Install", "/opt/minicelery/bin/pip") if "--no-index" in c]
-    (venv,) = [c for c in documented_commands(GUIDE, "Install", "python3", "-m", "venv") if c[-1] == "/opt/minicelery"][
-        :1
-    ]
+    venv = ["python3", "-m", "venv", "/opt/minicelery"]
+    assert venv in documented_commands(GUIDE, "Install", "python3")
     install = f"{shlex.join(venv)} && {shlex.join(pip).replace('--find-links wheels', '--find-links /wheels')} -q"
     subprocess.run(
         [nspawn, "-q", "-D", str(root), "--register=no", "--keep-unit", f"--bind-ro={wheelhouse}:/wheels",
