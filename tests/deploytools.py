@@ -9,11 +9,14 @@ tests import it as the image's base.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from conftest import require_tool, wait_until
 
@@ -81,14 +84,27 @@ class Machine:
                  "-M", name],
                 stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        self.pid = int(wait_until(self._init_pid, 30, "the container's systemd"))  # type: ignore[arg-type]
-        wait_until(self._booted, 60, "the container to finish booting")
+        try:
+            self.pid = int(wait_until(self._init_pid, 30, "the container's systemd"))  # type: ignore[arg-type]
+            wait_until(self._booted, 60, "the container to finish booting")
+        except BaseException:
+            self.shutdown()  # or the machine outlives the test
+            raise
 
     def _init_pid(self) -> int | None:
+        """The container's PID 1. nspawn's first child may still be its short-lived helper that
+        forks the container's init: only a process that is PID 1 in its own namespace will do."""
         assert self.proc.poll() is None, "systemd-nspawn exited"
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        pids = children.read_text().split() if children.exists() else []
-        return int(pids[0]) if pids else None
+        for pid in children.read_text().split() if children.exists() else []:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            nspids = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+            if len(nspids) > 1 and nspids[-1] == "1":
+                return int(pid)
+        return None
 
     def _booted(self) -> bool:
         state = self.run("systemctl", "is-system-running").stdout.strip()
@@ -120,3 +136,87 @@ class Machine:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def config_from_example(example: Path | None = None, **settings: object) -> str:
+    """config/tasks.toml (or `example`) with some `key = value` lines replaced (each key appears
+    once in it), so a test runs the annotated example with only what it must change."""
+    example = example or REPO / "config" / "tasks.toml"
+    text = example.read_text()
+    for key, value in settings.items():
+        literal = f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value
+        if isinstance(value, list):
+            literal = "[" + ", ".join(f'"{v}"' for v in value) + "]"
+        text, count = re.subn(rf"(?m)^{key} = .*$", f"{key} = {literal}", text)
+        assert count == 1, f"{key} is not in {example}"
+    return text
+
+
+def documented_blocks(document: Path, section: str, language: str) -> list[str]:
+    """The ```language blocks of a Markdown document under the heading `section` (up to the next
+    heading of the same or a higher level)."""
+    blocks: list[str] = []
+    level, fence, lines = 0, None, []
+    for line in document.read_text().splitlines():
+        if fence is not None:
+            if line.startswith("```"):
+                if level and fence == language:
+                    blocks.append("\n".join(lines) + "\n")
+                fence, lines = None, []
+            else:
+                lines.append(line)
+        elif line.startswith("```"):
+            fence = line[3:].strip()
+        elif heading := re.match(r"(#+) (.*)", line):
+            if level and len(heading.group(1)) <= level:
+                level = 0
+            if heading.group(2).strip() == section:
+                level = len(heading.group(1))
+    assert blocks, f"no {language} block under {section!r} in {document}"
+    return blocks
+
+
+def documented_commands(document: Path, section: str, *program: str) -> list[list[str]]:
+    """The commands a document's ```sh blocks give under the heading `section` that start with
+    `program` (e.g. "podman", "run"), as argv lists: continuation lines joined, comments
+    dropped, a pipeline split into its commands. The tests run these, so the docs cannot drift."""
+    found = []
+    for block in documented_blocks(document, section, "sh"):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            while argv:
+                command, argv = (argv[: argv.index("|")], argv[argv.index("|") + 1 :]) if "|" in argv else (argv, [])
+                if tuple(command[: len(program)]) == program:
+                    found.append(command)
+    return found
+
+
+def substituted(argv: list[str], replace: dict[str, str]) -> list[str]:
+    """argv with whole words replaced (a name, a path, the image); every one must be there."""
+    missing = set(replace) - set(argv)
+    assert not missing, f"the documented command {argv} no longer has {missing}"
+    return [replace.get(word, word) for word in argv]
+
+
+def kube_manifests() -> dict[str, dict[str, Any]]:
+    """kind/name -> resource, for every resource deploy/kubernetes/kustomization.yaml lists."""
+    import yaml  # the deploy extra (yamllint) brings it; only the Kubernetes tests need it
+
+    kube = REPO / "deploy" / "kubernetes"
+    found = {}
+    for name in yaml.safe_load((kube / "kustomization.yaml").read_text())["resources"]:
+        for doc in yaml.safe_load_all((kube / name).read_text()):
+            found[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
+    return found
+
+
+def kubelet_secret_file(pod: dict[str, Any], volume_name: str) -> tuple[int, int, int]:
+    """(uid, gid, mode) of each file of a Secret volume as the kubelet writes it: root-owned,
+    `defaultMode` (0644 if unset); with the pod's `fsGroup`, group fsGroup and the group read bits
+    added (kubelet's SetVolumeOwnership: secret volumes are read-only, so mode |= 0440)."""
+    (volume,) = [v for v in pod["volumes"] if v["name"] == volume_name]
+    mode = volume["secret"].get("defaultMode", 0o644)
+    fs_group = pod.get("securityContext", {}).get("fsGroup")
+    if fs_group is None:
+        return 0, 0, mode
+    return 0, fs_group, mode | 0o440

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 
 from conftest import require_tool
@@ -30,6 +31,12 @@ def test_quadlet_generates_a_notify_service_that_systemd_accepts(tmp_path: Path)
     assert "--sdnotify=container" in service
     # The worker learns the watchdog interval only from this variable: it must match WatchdogSec.
     assert "--env WATCHDOG_USEC=60000000" in service
+    # Stopping waits longer than the worker's shutdown grace, and systemd longer than Podman.
+    grace = tomllib.loads((REPO / "config" / "tasks.toml").read_text())["worker"]["shutdown_grace"]
+    stop_timeout = int(re.search(r"--stop-timeout (\d+)", service).group(1))  # type: ignore[union-attr]
+    timeout_stop = int(re.search(r"(?m)^TimeoutStopSec=(\d+)$", service).group(1))  # type: ignore[union-attr]
+    assert grace < stop_timeout < timeout_stop, (grace, stop_timeout, timeout_stop)
+    assert "TimeoutStartSec=infinity" in service.splitlines()  # waits for Redis, like the plain unit
 
     (tmp_path / "minicelery@.service").write_text(service)
     verify = subprocess.run(

@@ -8,6 +8,7 @@ as a systemd credential) on host loopback.
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_tool, wait_until
-from deploytools import REPO, Machine
+from deploytools import REPO, Machine, config_from_example, documented_blocks, documented_commands
 
 from minicelery import Client, JSONTransport, RedisBroker
 from minicelery.redis_server import RedisServer, free_port
@@ -29,7 +30,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 UNIT = REPO / "deploy" / "systemd" / "minicelery@.service"
 EXAMPLE_CONFIG = REPO / "config" / "tasks.toml"
 PASSWORD = "s3cret-" + uuid.uuid4().hex[:8]
-CREDENTIAL_DROP_IN = "[Service]\nLoadCredential=redis-password:/etc/minicelery/%i.redis-password\n"
+GUIDE = REPO / "deploy" / "systemd" / "README.md"
+# The credential drop-in exactly as the guide gives it.
+(CREDENTIAL_DROP_IN,) = documented_blocks(GUIDE, "Redis password", "ini")
+# The container's systemd gives up on a start after this (the default is 90 s): a short default
+# proves the unit's own TimeoutStartSec= in seconds rather than minutes.
+DEFAULT_TIMEOUT_START = 5
 
 
 def test_unit_passes_systemd_analyze_verify_and_security(tmp_path: Path) -> None:
@@ -51,31 +57,26 @@ def test_unit_passes_systemd_analyze_verify_and_security(tmp_path: Path) -> None
     assert score and float(score.group(1)) <= 1.5, security.stdout[-500:]
 
 
-def config_from_example(**settings: object) -> str:
-    """config/tasks.toml with some `key = value` lines replaced (each key appears once in it)."""
-    text = EXAMPLE_CONFIG.read_text()
-    for key, value in settings.items():
-        literal = f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value
-        if isinstance(value, list):
-            literal = "[" + ", ".join(f'"{v}"' for v in value) + "]"
-        text, count = re.subn(rf"(?m)^{key} = .*$", f"{key} = {literal}", text)
-        assert count == 1, f"{key} is not in {EXAMPLE_CONFIG}"
-    return text
-
-
 @pytest.fixture(scope="module")
 def machine(rootfs: Path, wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     root = tmp_path_factory.mktemp("machine") / "root"
     subprocess.run(["cp", "-a", str(rootfs), str(root)], check=True)
     nspawn = require_tool("systemd-nspawn", "apt-get install systemd-container")
-    venv = "/opt/minicelery"
-    install = f"python3 -m venv {venv} && {venv}/bin/pip install -q --no-index --find-links /wheels minicelery"
+    # The guide's offline install, with the wheels directory bound at /wheels.
+    (pip,) = [c for c in documented_commands(GUIDE, "Install", "/opt/minicelery/bin/pip") if "--no-index" in c]
+    venv = ["python3", "-m", "venv", "/opt/minicelery"]
+    assert venv in documented_commands(GUIDE, "Install", "python3")
+    install = f"{shlex.join(venv)} && {shlex.join(pip).replace('--find-links wheels', '--find-links /wheels')} -q"
     subprocess.run(
         [nspawn, "-q", "-D", str(root), "--register=no", "--keep-unit", f"--bind-ro={wheelhouse}:/wheels",
          "/bin/sh", "-c", install],
         check=True,
     )  # fmt: skip
     shutil.copy(UNIT, root / "etc/systemd/system" / UNIT.name)
+    (root / "etc/systemd/system.conf.d").mkdir(parents=True, exist_ok=True)
+    (root / "etc/systemd/system.conf.d/minicelery-test.conf").write_text(
+        f"[Manager]\nDefaultTimeoutStartSec={DEFAULT_TIMEOUT_START}s\n"
+    )
     (root / "srv/minicelery").mkdir(parents=True)
     shutil.copy(REPO / "tests" / "worktasks.py", root / "srv/minicelery/worktasks.py")
     booted = Machine(root, f"mc-{uuid.uuid4().hex[:6]}", tmp_path_factory.mktemp("logs") / "nspawn.log")
@@ -112,11 +113,22 @@ def client_for(server: RedisServer, queue: str) -> Client:
 
 def test_start_waits_for_redis_runs_tasks_reports_status_and_stop_drains(machine: Machine) -> None:
     unit, queue, port = "minicelery@tasks.service", f"q-{uuid.uuid4().hex[:8]}", free_port()
-    install_instance(machine, "tasks", port, queue, shutdown_grace=20.0)
-    # Redis is not there yet: the unit must stay "activating" (no READY=1) while it waits.
+    install_instance(machine, "tasks", port, queue)
+    # A short watchdog for this instance: waiting for Redis must keep feeding it (60 s as shipped).
+    machine.write(f"/etc/systemd/system/{unit}.d/watchdog.conf", "[Service]\nWatchdogSec=4\n")
+    assert machine.run("systemctl", "daemon-reload").returncode == 0
+    # Redis is not there yet: the unit must stay "activating" (no READY=1) while it waits, past
+    # the manager's start timeout (5 s here, 90 s by default): the unit says TimeoutStartSec=infinity.
+    manager = machine.run("systemctl", "show", "-p", "DefaultTimeoutStartUSec").stdout.strip()
+    assert manager == f"DefaultTimeoutStartUSec={DEFAULT_TIMEOUT_START}s", manager
+    began = time.monotonic()
     assert machine.run("systemctl", "start", "--no-block", unit).returncode == 0
     wait_until(lambda: "waiting for Redis" in machine.journal(unit), 30, "the worker to wait for Redis")
-    assert machine.show(unit, "ActiveState")["ActiveState"] == "activating"
+    time.sleep(max(0.0, DEFAULT_TIMEOUT_START + 4 - (time.monotonic() - began)))  # past both
+    waiting = machine.show(unit, "ActiveState", "SubState", "NRestarts", "TimeoutStartUSec", "StatusText")
+    assert waiting.pop("StatusText").startswith("waiting for Redis"), waiting
+    assert waiting == {"ActiveState": "activating", "SubState": "start", "NRestarts": "0",
+                       "TimeoutStartUSec": "infinity"}, waiting  # fmt: skip
     with RedisServer(port, password=PASSWORD) as server:
         redis_up = time.monotonic()
         wait_until(lambda: machine.show(unit, "ActiveState")["ActiveState"] == "active", 60, "READY=1")
@@ -126,15 +138,26 @@ def test_start_waits_for_redis_runs_tasks_reports_status_and_stop_drains(machine
         wait_until(lambda: "1 done" in machine.show(unit, "StatusText")["StatusText"], 30, "STATUS= with the count")
         props = machine.show(unit, "StatusText", "MainPID", "User", "NRestarts")
         assert props["NRestarts"] == "0"
+        # The guide's check-config and host command line, with the installed config.
+        (check,) = documented_commands(GUIDE, "Install", "PYTHONPATH=/srv/minicelery")
+        run = machine.run("env", *check)
+        assert run.returncode == 0 and '"worktasks"' in run.stdout, run.stdout + run.stderr
+        (cli,) = documented_commands(
+            GUIDE, "Redis password", "MINICELERY_REDIS__PASSWORD_FILE=/etc/minicelery/tasks.redis-password"
+        )
+        run = machine.run("env", *cli)
+        assert run.returncode == 0 and queue in run.stdout, run.stdout + run.stderr
+        assert machine.run(*cli[1:]).returncode != 0  # without the password file: refused
 
-        # `systemctl stop` while a task runs: it finishes, the worker exits 0, nothing is lost.
-        slow = app.tasks["sleep_for"](2).start()
+        # `systemctl stop` while a 12 s task runs (longer than Podman's and many tools' 10 s): it
+        # finishes within shutdown_grace, the worker exits 0, nothing is lost.
+        slow = app.tasks["sleep_for"](12).start()
         wait_until(lambda: slow.state == "running", 30, "the slow task to start")
         began = time.monotonic()
         stop = machine.run("systemctl", "stop", unit)
-        print(f"systemd: stop with a running 2 s task took {time.monotonic() - began:.2f} s")
+        print(f"systemd: stop with a running 12 s task took {time.monotonic() - began:.2f} s")
         assert stop.returncode == 0, stop.stderr
-        assert slow.result(timeout=1) == 2
+        assert slow.result(timeout=1) == 12
         final = machine.show(unit, "ActiveState", "Result", "ExecMainStatus")
         assert final == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, final
         assert "Traceback" not in machine.journal(unit)
@@ -175,3 +198,19 @@ def test_a_config_error_exits_78_and_is_not_restarted(machine: Machine) -> None:
     assert props == {"ActiveState": "failed", "SubState": "failed", "ExecMainStatus": "78", "NRestarts": "0",
                      "Result": "exit-code"}, props  # fmt: skip
     assert "lease_secs" in machine.journal(unit)
+
+
+def test_a_missing_credential_file_fails_the_unit_once_with_a_clear_reason(machine: Machine) -> None:
+    """The credential drop-in, but no password file: failed, not restarting in a loop."""
+    unit = "minicelery@nocred.service"
+    machine.write("/etc/minicelery/nocred.toml", EXAMPLE_CONFIG.read_text())
+    machine.write(f"/etc/systemd/system/{unit}.d/credential.conf", CREDENTIAL_DROP_IN)
+    assert machine.run("systemctl", "daemon-reload").returncode == 0
+    start = machine.run("systemctl", "start", unit)
+    assert start.returncode != 0
+    time.sleep(3)  # longer than RestartSec=2: a restart would have happened by now
+    props = machine.show(unit, "ActiveState", "SubState", "NRestarts", "Result")
+    print(f"\nmissing credential: {start.stderr.strip()} {props}")
+    assert props == {"ActiveState": "failed", "SubState": "failed", "NRestarts": "0", "Result": "exit-code"}, props
+    assert "status=243/CREDENTIALS" in machine.run("systemctl", "status", unit).stdout
+    assert "Failed to set up credentials" in machine.journal(unit)
