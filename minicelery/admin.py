@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from .app import DEFAULT_QUEUE, Client
-from .broker import FINISHED_STATES, RedisBroker
+from .broker import RedisBroker
 from .errors import TaskNotFound
 from .loader import load_task_modules
+from .records import FINISHED_STATES
 from .settings import Settings
 
 EXIT_FAILED = 1  # the task failed, or there is no such task

@@ -13,7 +13,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,18 @@ from redis.commands.core import Script
 
 from .errors import BrokerAuthError, BrokerError, BrokerUnavailable, MiniceleryError
 from .keys import QueueKeys, queue_keys, worker_wake_key
+from .records import (
+    NO_RETRY,
+    Claim,
+    FinishItem,
+    Idle,
+    Lease,
+    NextClaim,
+    RetryPlan,
+    ScriptStatus,
+    Wake,
+    script_status,
+)
 from .transport import JSONTransport
 
 if TYPE_CHECKING:
@@ -43,66 +55,16 @@ SCRIPT_NAMES = (
     "watch",
     "orphans",
 )
-DEFAULT_URL = "redis://localhost:6379/0"
-DEFAULT_RESULT_TTL = 24 * 3600.0
-DEFAULT_MAX_BLOCK = 5.0
 # A blocking call must end before its connection's socket times out: this much slack.
 BLOCKING_SOCKET_SLACK = 5.0
 
-FINISHED_STATES = frozenset({"succeeded", "failed"})
-DEAD_LETTER_TTL = 7 * 24 * 3600.0
 # The orphan sweep looks at this many of the oldest waiting tasks per call; inspect at more.
 ORPHAN_SWEEP_BATCH = 100
 ORPHANS_EXAMINED = 1000
 
 
-@dataclass(frozen=True)
-class RetryPlan:
-    """How to run a failed task again, if it has retries left (the finish script counts them)."""
-
-    max_retries: int
-    base_ms: int  # the delay before retry r (0-based) is min(cap, base * 2**r) * jitter
-    cap_ms: int
-    jitter: float  # 0.5-1.0; 1.0 for no jitter
-    fixed_ms: int = -1  # app.Retry(delay=...): exactly this, no backoff
-
-
-NO_RETRY = RetryPlan(max_retries=0, base_ms=0, cap_ms=0, jitter=1.0)
 # finish.lua's retry fields for an outcome that is never retried (max_retries 0)
 _NO_RETRY_ARGS = (0, NO_RETRY.base_ms, NO_RETRY.cap_ms, repr(NO_RETRY.jitter), NO_RETRY.fixed_ms)
-
-
-@dataclass(slots=True)  # not frozen: built per task in the hot loop, and frozen costs 2 µs more each
-class Claim:
-    """A task this worker now holds under a lease (never changed once made)."""
-
-    queue: str
-    id: str
-    token: str
-    payload: bytes | None
-    attempts: int
-    leases_lost: int
-    due_ms: int
-    now_ms: int
-    inputs: dict[str, bytes | None] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Idle:
-    """Nothing to claim; `next_due_in_ms` is when something may be due (None: nothing pending)."""
-
-    next_due_in_ms: int | None
-    now_ms: int
-
-
-@dataclass(frozen=True)
-class Wake:
-    """Why an idle wait ended: a queue's marker (with its score), this worker's wake key
-    (queue None), or a task handed to this worker (`handed`, already leased to it)."""
-
-    queue: str | None
-    score_ms: float
-    handed: Claim | None = None
 
 
 def idle_registration(queue: str, worker_id: str, lease_ms: int) -> str:
@@ -161,18 +123,25 @@ class RedisBroker:
         result_ttl: float | None = None,
         *,
         max_block: float | None = None,
-        dead_letter_ttl: float = DEAD_LETTER_TTL,
+        dead_letter_ttl: float | None = None,
         connection_options: dict[str, Any] | None = None,
+        settings: Settings | None = None,
     ) -> None:
-        options = dict(connection_options or {})
-        if url is None or result_ttl is None or max_block is None:
-            from .settings import load_settings  # deferred: settings read env and files
+        """What is not given comes from `settings`, loaded here if not passed: the one source
+        of every default (the worker and the CLI pass theirs, via from_settings)."""
+        from .settings import WorkerSettings, load_settings  # deferred: settings read env and files
 
+        options = dict(connection_options or {})
+        if settings is None and None in (url, result_ttl, max_block):
             settings = load_settings()
+        worker = settings.worker if settings is not None else WorkerSettings()
+        if settings is not None:
             url = url or settings.redis.url
-            result_ttl = settings.worker.result_ttl if result_ttl is None else result_ttl
-            max_block = settings.worker.idle_block_max if max_block is None else max_block
             options = {**settings.redis.connection_options(), **options}
+        result_ttl = worker.result_ttl if result_ttl is None else result_ttl
+        max_block = worker.idle_block_max if max_block is None else max_block
+        dead_letter_ttl = worker.dead_letter_ttl if dead_letter_ttl is None else dead_letter_ttl
+        assert url is not None
         if result_ttl <= 0:
             raise ValueError("result_ttl must be positive (seconds)")
         if dead_letter_ttl <= 0:
@@ -195,14 +164,7 @@ class RedisBroker:
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisBroker:
         """A broker configured entirely by settings (what the worker and the CLI use)."""
-        return cls(
-            JSONTransport(settings.worker.max_payload_bytes),
-            url=settings.redis.url,
-            result_ttl=settings.worker.result_ttl,
-            max_block=settings.worker.idle_block_max,
-            dead_letter_ttl=settings.worker.dead_letter_ttl,
-            connection_options=settings.redis.connection_options(),
-        )
+        return cls(JSONTransport(settings.worker.max_payload_bytes), settings=settings)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -345,67 +307,60 @@ class RedisBroker:
         succeeded: bool,
         envelope: bytes,
         retry: RetryPlan | None = None,
-    ) -> str:
+    ) -> ScriptStatus:
         """Record the outcome, or schedule a retry (failed, with `retry` and retries left).
 
-        Returns "ok" (recorded), "retry" (scheduled to run again), "late" (the lease was
-        lost: nothing written) or "gone" (the task no longer exists: nothing written).
+        Returns OK (recorded), RETRY (scheduled to run again), LATE (the lease was lost:
+        nothing written) or GONE (the task no longer exists: nothing written).
         """
-        statuses, _ = self.finish_many([(queue, task_id, token, succeeded, envelope, retry)])
+        statuses, _ = self.finish_many([FinishItem(queue, task_id, token, succeeded, envelope, retry)])
         return statuses[0]
 
     def finish_many(
-        self,
-        finishes: Sequence[tuple[str, str, str, bool, bytes, RetryPlan | None]],
-        next_claim: tuple[str, str, int, str, int, int] | None = None,
-    ) -> tuple[list[str], list[Claim] | Idle | None]:
-        """Several finishes (queue, id, token, succeeded, envelope, retry), then optionally a
-        worker's claim (queue, token, lease_ms, worker, batch, held_due_ms; as with
-        claim(handoffs=True)), in one pipelined round trip: one finish script per queue, each
-        atomic. Returns each finish's status, then the claim's reply."""
+        self, finishes: Sequence[FinishItem], next_claim: NextClaim | None = None
+    ) -> tuple[list[ScriptStatus], list[Claim] | Idle | None]:
+        """Several finishes, then optionally a worker's next claim (as claim(handoffs=True)), in
+        one pipelined round trip: one finish script per queue, each atomic. Returns each
+        finish's status, then the claim's reply."""
         by_queue: dict[str, list[int]] = {}
         for index, item in enumerate(finishes):
-            by_queue.setdefault(item[0], []).append(index)
+            by_queue.setdefault(item.queue, []).append(index)
         calls: list[tuple[str, list[str], list[Any]]] = []
         for queue, indexes in by_queue.items():
             keys = queue_keys(queue)
             script_keys, args = keys.as_list(), list[Any](self._ttls())
             for index in indexes:
-                _queue, task_id, token, succeeded, envelope, retry = finishes[index]
-                script_keys.append(keys.done(task_id))
-                args += self._finish_args(task_id, token, succeeded, envelope, retry)
+                item = finishes[index]
+                script_keys.append(keys.done(item.id))
+                args += self._finish_args(item)
             calls.append(("finish", script_keys, args))
         if next_claim is not None:
-            queue, token, lease_ms, worker, batch, held_due_ms = next_claim
-            extra_keys, claim_args = _claim_call(queue, token, lease_ms, worker, held_due_ms, batch, False, True)
-            calls.append(("claim", [*queue_keys(queue).as_list(), *extra_keys], claim_args))
+            nc = next_claim
+            extra_keys, claim_args = _claim_call(
+                nc.queue, nc.token, nc.lease_ms, nc.worker_id, nc.held_due_ms, nc.batch, False, True
+            )
+            calls.append(("claim", [*queue_keys(nc.queue).as_list(), *extra_keys], claim_args))
         replies = self._pipelined("finish", calls)
-        statuses = [""] * len(finishes)
+        statuses = [ScriptStatus.OK] * len(finishes)
         for indexes, reply in zip(by_queue.values(), replies, strict=False):
             for index, status in zip(indexes, reply, strict=True):
-                statuses[index] = _text(status)
-        claimed = None if next_claim is None else self._parse_claim(next_claim[0], next_claim[1], replies[-1])
+                statuses[index] = script_status(status)
+        claimed = None if next_claim is None else self._parse_claim(next_claim.queue, next_claim.token, replies[-1])
         return statuses, claimed
 
     def _ttls(self) -> tuple[int, int]:
         return int(self.result_ttl * 1000), int(self.dead_letter_ttl * 1000)
 
     @staticmethod
-    def _finish_args(
-        task_id: str,
-        token: str,
-        succeeded: bool,
-        envelope: bytes,
-        retry: RetryPlan | None,
-    ) -> list[Any]:
-        if succeeded:
-            return [task_id, token, "succeeded", envelope, *_NO_RETRY_ARGS]
-        plan = retry or NO_RETRY
+    def _finish_args(item: FinishItem) -> list[Any]:
+        if item.succeeded:
+            return [item.id, item.token, "succeeded", item.envelope, *_NO_RETRY_ARGS]
+        plan = item.retry or NO_RETRY
         return [
-            task_id,
-            token,
+            item.id,
+            item.token,
             "failed",
-            envelope,
+            item.envelope,
             plan.max_retries,
             plan.base_ms,
             plan.cap_ms,
@@ -414,13 +369,14 @@ class RedisBroker:
         ]
 
     def release(self, queue: str, task_id: str, token: str) -> bool:
-        return _text(self._run("release", queue_keys(queue), [task_id, token])) == "ok"
+        """Hand a claimed task back to the queue at once; False if the lease was no longer ours."""
+        return script_status(self._run("release", queue_keys(queue), [task_id, token])) is ScriptStatus.OK
 
-    def defer(self, queue: str, task_id: str, token: str, delay_ms: int, grace_ms: int) -> tuple[str, int]:
+    def defer(self, queue: str, task_id: str, token: str, delay_ms: int, grace_ms: int) -> tuple[ScriptStatus, int]:
         """Give a claimed task back to run after `delay_ms`, for a worker that has its task
-        (see defer.lua). Returns ("deferred" | "expired" | "late", first deferral time in ms)."""
+        (see defer.lua). Returns (DEFERRED | EXPIRED | LATE, first deferral time in ms)."""
         status, first = self._run("defer", queue_keys(queue), [task_id, token, delay_ms, grace_ms])
-        return _text(status), int(first)
+        return script_status(status), int(first)
 
     def forget_worker(self, queues: Sequence[str], worker_id: str) -> None:
         """Drop a stopping worker from the queues' workers sets, so `inspect` stops listing it
@@ -432,12 +388,12 @@ class RedisBroker:
             pipe.execute()
 
     def renew(self, queue: str, task_id: str, token: str, lease_ms: int) -> bool:
-        return _text(self._run("renew", queue_keys(queue), [task_id, token, lease_ms])) == "ok"
+        return script_status(self._run("renew", queue_keys(queue), [task_id, token, lease_ms])) is ScriptStatus.OK
 
-    def renew_many(self, leases: Sequence[tuple[str, str, str]], lease_ms: int) -> list[bool]:
+    def renew_many(self, leases: Sequence[Lease], lease_ms: int) -> list[bool]:
         """Renew several (queue, id, token) leases in one pipelined round trip."""
         calls = [("renew", queue_keys(q).as_list(), [task_id, token, lease_ms]) for q, task_id, token in leases]
-        return [_text(reply) == "ok" for reply in self._pipelined("renew", calls)]
+        return [script_status(reply) is ScriptStatus.OK for reply in self._pipelined("renew", calls)]
 
     def dead_letters(self, queue: str) -> list[str]:
         """Ids of every task in the queue's dead-letter set, oldest first."""
@@ -727,8 +683,7 @@ def _claim_call(
 
 
 def _claim_of(queue: str, token: str, task: Sequence[Any]) -> Claim:
-    """A Claim from one task of a claim reply: {id, payload|false, attempts, leases_lost,
-    due_ms, now_ms, parent_ids_csv|false, env1, ...} (lease_tasks in scripts/_common.lua)."""
+    """A Claim from one task of a claim reply (its fields: lease_tasks in scripts/_common.lua)."""
     parents = _text(task[6]).split(",") if task[6] else []
     return Claim(
         queue=queue,
@@ -744,8 +699,7 @@ def _claim_of(queue: str, token: str, task: Sequence[Any]) -> Claim:
 
 
 def _decode_handed(queue: str, member: bytes) -> Claim:
-    """A task handed to an inbox: its token, then a claim reply's task fields, each encoded as
-    b"<length>:<bytes>", or b"-:" for false (encode_handed in scripts/_common.lua)."""
+    """A task handed to an inbox, as encode_handed (scripts/_common.lua) wrote it."""
     fields: list[bytes | None] = []
     at = 0
     try:

@@ -52,10 +52,6 @@ class BrokerAuthError(ConfigError, BrokerError):
     """Redis refused our credentials or the ACL user lacks a command: retrying cannot fix it."""
 
 
-class LeaseLost(BrokerError):
-    """The worker no longer owns the task: its lease expired and another claim took it."""
-
-
 # --- tasks -----------------------------------------------------------------------------------
 
 

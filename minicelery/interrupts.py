@@ -9,10 +9,11 @@ TimeLimitExceeded when a task passes its time limit and HandBack when the worker
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 from .errors import TimeLimitExceeded
@@ -135,3 +136,21 @@ class StopSignals:
         # Safe from a handler: only the heartbeat thread ever waits on this event.
         self.event.set()
         self.alarm.stop_by(self.grace if self.count == 1 else 0.0)
+
+
+@contextlib.contextmanager
+def signals_captured(stop: StopSignals, alarm: TaskAlarm) -> Iterator[None]:
+    """Install the worker's SIGTERM/SIGINT/SIGALRM handlers for the block, then put back the
+    ones found (as uvicorn's capture_signals does): `app.start()` in a user's process leaves
+    that process as it was."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)}
+    stop.install()
+    alarm.install()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        alarm.installed = False
+        for sig, handler in previous.items():
+            # None: a handler not set from Python; the default is the closest we can restore.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)

@@ -12,10 +12,8 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .broker import Claim, RetryPlan
 from .errors import (
     BadArguments,
     Retry,
@@ -29,6 +27,7 @@ from .errors import (
 )
 from .event_loop import TaskEventLoop
 from .interrupts import HandBack, TaskAlarm
+from .records import Claim, Outcome, RetryPlan
 from .task import TaskDefinition
 from .transport import TaskMessage
 
@@ -40,20 +39,6 @@ if TYPE_CHECKING:
     from .app import Client
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)  # not frozen: one per task, and frozen ones cost 2 µs more to build
-class Outcome:
-    """How one run ended, ready for the finish script."""
-
-    name: str
-    succeeded: bool
-    envelope: bytes
-    duration: float
-    error_type: str | None = None
-    timed_out: bool = False
-    retry: RetryPlan | None = None
-    error: Exception | None = None  # what the task failed with, for the log line and the worker's choices
 
 
 class TaskRunner:
@@ -81,7 +66,7 @@ class TaskRunner:
         except TimeLimitExceeded:
             # Raised again (INTERRUPT_REPEAT) just as the task ended, while its outcome was being
             # built: the task timed out all the same.
-            return self._failure(self._peek_name(claim), self._timeout(None), started)
+            return self._failure(self.name_of(claim), self._timeout(None), started)
 
     def _run(self, claim: Claim, on_start: Callable[[float | None], None] | None, started: float) -> Outcome:
         name = "?"
@@ -148,7 +133,8 @@ class TaskRunner:
         limit = "" if time_limit is None else f" of {time_limit:g} s"
         return TaskTimeout(f"task ran past its time limit{limit}")
 
-    def _peek_name(self, claim: Claim) -> str:
+    def name_of(self, claim: Claim) -> str:
+        """The task name in a claim's payload ('?' for one that cannot be read)."""
         try:
             return self.transport.loads_message(claim.payload).name
         except SerializationError:

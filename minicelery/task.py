@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .broker import FINISHED_STATES
 from .errors import BrokerUnavailable, DependencyError, TaskError, TaskNotFound
+from .records import FINISHED_STATES
 from .transport import TaskMessage
 
 if TYPE_CHECKING:

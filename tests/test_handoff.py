@@ -15,9 +15,10 @@ import redis
 from conftest import Workers, wait_until
 
 from minicelery import Client, JSONTransport, RedisBroker
-from minicelery.broker import Claim, RetryPlan, idle_registration
+from minicelery.broker import idle_registration
 from minicelery.errors import BrokerError
 from minicelery.keys import QueueKeys
+from minicelery.records import Claim, RetryPlan
 
 LEASE_MS = 5000
 

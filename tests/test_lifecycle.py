@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import Workers, wait_until
-from helpers import NotifySocket
+from helpers import NotifySocket, make_worker
 
 from minicelery import Client, JSONTransport, RedisBroker, TaskTimeout
 from minicelery.errors import WorkerLost
@@ -336,3 +336,20 @@ def _result_or_error(handle: object, timeout: float) -> object:
         return handle.result(timeout=timeout)  # type: ignore[attr-defined]
     except Exception as exc:
         return exc
+
+
+def test_a_worker_run_in_process_puts_back_the_signal_handlers_it_found(app: Client) -> None:
+    """app.start() in a user's process must leave that process's signal handling as it was."""
+
+    def users_handler(signum: int, frame: object) -> None:
+        pass
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGALRM)}
+    previous = signal.signal(signal.SIGTERM, users_handler)
+    try:
+        app.tasks["echo"]("one").start()
+        assert make_worker(app).run(burst=True) == 0  # with its own handlers, then without
+        assert signal.getsignal(signal.SIGTERM) is users_handler
+        assert {sig: signal.getsignal(sig) for sig in before} == before
+    finally:
+        signal.signal(signal.SIGTERM, previous)

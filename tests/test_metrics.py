@@ -52,10 +52,15 @@ def test_worker_serves_metrics_that_count_the_tasks_it_ran(app: Client, workers:
     def recorded() -> str | None:
         status, text = _get(base + "/metrics")
         assert status == 200
+        # A scrape reads one series after another while the worker counts: wait until every
+        # series of the last run is in (its outcome is counted before its failure).
         done = _sample(text, "minicelery_task_outcomes_total", task="echo", outcome="succeeded") == 7
+        failed = _sample(text, "minicelery_task_outcomes_total", task="boom", outcome="failed") == 2
         return (
             text
-            if done and _sample(text, "minicelery_task_failures_total", task="boom", exception="ValueError") == 2
+            if done
+            and failed
+            and _sample(text, "minicelery_task_failures_total", task="boom", exception="ValueError") == 2
             else None
         )
 

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from minicelery import JSONTransport, RedisBroker
-from minicelery.broker import Claim, RetryPlan
 from minicelery.keys import QueueKeys
+from minicelery.records import Claim, RetryPlan
 
 FINISHED = {b"succeeded", b"failed"}
 HOUR_MS = 3_600_000

@@ -8,9 +8,10 @@ import pytest
 import redis
 
 from minicelery import JSONTransport, RedisBroker
-from minicelery.broker import SCRIPT_NAMES, Claim, Idle
+from minicelery.broker import SCRIPT_NAMES
 from minicelery.errors import BrokerError, ParentNeverStarted
 from minicelery.keys import QueueKeys
+from minicelery.records import Claim, FinishItem, Idle, NextClaim
 
 
 def test_every_lua_file_is_a_registered_script_and_loads(redis_url: str) -> None:
@@ -99,9 +100,9 @@ def test_a_batch_claim_leases_each_task_and_leaves_half_the_backlog(redis_url: s
     assert r.zcard(keys.running) == 5 and r.llen(keys.ready) == 5
     assert r.zscore(keys.marker, "m") == 0  # work is left: another idle worker is woken for it
     statuses, following = broker.finish_many(
-        [(queue, c.id, c.token, True, b'{"ok":true}', None) for c in claims]
-        + [(queue, "t0", "tok/1", True, b"{}", None)],
-        next_claim=(queue, "tok2", 1000, "w1", 1, 0),
+        [FinishItem(queue, c.id, c.token, True, b'{"ok":true}') for c in claims]
+        + [FinishItem(queue, "t0", "tok/1", True, b"{}")],
+        next_claim=NextClaim(queue, "tok2", 1000, "w1", batch=1, held_due_ms=0),
     )
     assert statuses == ["ok"] * 5 + ["late"]  # each finish fenced on its own; a repeat is late
     assert isinstance(following, list) and len(following) == 1 and following[0].id == "t5"
@@ -119,7 +120,7 @@ def test_pipelined_scripts_survive_a_script_cache_flush(redis_url: str, queue: s
     claims = broker.claim(queue, "tok", 1000, "w", batch=2)
     assert isinstance(claims, list)
     r.script_flush()
-    statuses, _ = broker.finish_many([(queue, c.id, c.token, True, b"{}", None) for c in claims])
+    statuses, _ = broker.finish_many([FinishItem(queue, c.id, c.token, True, b"{}") for c in claims])
     assert statuses == ["ok"]  # one claimed (half of two): its finish went through after reloading
 
 
@@ -134,7 +135,7 @@ def test_a_script_error_in_a_pipeline_leaves_the_connection_in_step(redis_url: s
         (claim,) = broker.claim(queue, "tok", 1000, "w1")  # type: ignore[misc]
         with pytest.raises(BrokerError, match="WRONGTYPE"):
             broker.finish_many(
-                [(broken, "x", "tok/1", True, b"{}", None), (queue, "t1", claim.token, True, b"{}", None)]
+                [FinishItem(broken, "x", "tok/1", True, b"{}"), FinishItem(queue, "t1", claim.token, True, b"{}")]
             )
         assert r.hget(QueueKeys(queue).result, "t1") == b"{}"  # the other queue's finish ran
         assert broker.enqueue(queue, "t2", b"{}").status == "ok"  # not a reply left over from before
@@ -190,7 +191,7 @@ def test_only_a_watched_task_gets_a_done_list_and_its_waiter_wakes(redis_url: st
     assert isinstance(claims, list) and len(claims) == 1  # half of two
     claims += broker.claim(queue, "tok2", 1000, "w", batch=2)  # type: ignore[operator]
     assert not broker.wait_done(queue, "watched", 0.05)  # not finished yet: the wait times out
-    statuses, _ = broker.finish_many([(queue, c.id, c.token, True, b'{"ok": 1}', None) for c in claims])
+    statuses, _ = broker.finish_many([FinishItem(queue, c.id, c.token, True, b'{"ok": 1}') for c in claims])
     assert statuses == ["ok", "ok"]
     assert not r.exists(keys.done("unwatched"))
     assert broker.wait_done(queue, "watched", 1)

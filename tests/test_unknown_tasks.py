@@ -68,14 +68,21 @@ def test_unknown_task_names_share_one_metrics_label_and_dead_letters_are_counted
         with pytest.raises((UnknownTask, ValueError)):
             handle.result(timeout=30)
 
+    expected = {
+        ("minicelery_task_outcomes_total", "(unknown)", "failed"): 5,
+        ("minicelery_task_outcomes_total", "(unknown)", "dead_lettered"): 5,
+        ("minicelery_task_outcomes_total", "boom", "failed"): 2,
+        ("minicelery_task_outcomes_total", "boom", "dead_lettered"): 2,
+    }
+
     def scraped() -> str | None:
+        # A scrape reads one series after another while the worker counts: wait for them all.
         status, text = _get(base + "/metrics")
-        done = status == 200 and _sample(text, "minicelery_task_outcomes_total", task="(unknown)", outcome="failed")
-        return (
-            text
-            if done == 5 and _sample(text, "minicelery_task_outcomes_total", task="boom", outcome="failed") == 2
-            else None
+        counted = status == 200 and all(
+            _sample(text, name, task=task, outcome=outcome) == count
+            for (name, task, outcome), count in expected.items()
         )
+        return text if counted and _sample(text, "minicelery_task_failures_total", task="(unknown)") == 5 else None
 
     text = str(wait_until(scraped, 20, "every run recorded"))
     assert not any(name in text for name in names)

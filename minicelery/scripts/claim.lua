@@ -14,9 +14,10 @@
 -- ARGV[6] woken      1 if this claim follows a wake-up from the marker, else 0
 -- ARGV[7] idle       the worker's registration in the idle set (see _common.lua), or ""
 --
--- Returns what claim_next returns, {'ok', {task}, ...} or {'none', next_due_delay_ms, now_ms},
--- with the tasks handed to this worker's inbox (encoded strings) added to an 'ok': a claim
--- takes them too, so none waits in the inbox of a worker that is busy.
+-- Returns what claim_next returns, {'ok', task, ...} (each task as lease_tasks in _common.lua
+-- describes it, the one description of that format) or {'none', next_due_delay_ms, now_ms},
+-- with the tasks handed to this worker's inbox (encode_handed strings) added to an 'ok': a
+-- claim takes them too, so none waits in the inbox of a worker that is busy.
 
 -- Claim up to `batch` ready tasks for this worker, each under its own lease and fencing token
 -- (token .. '/' .. i). It never takes more than half the ready backlog (rounded up), so a
@@ -24,9 +25,7 @@
 -- to workers already woken (see promised()); `woken` says this claim follows a wake-up.
 -- `held_due` is a future due time (ms) this worker was waiting for, or 0; a worker that goes
 -- busy hands that wake-up on through the marker so an idle worker takes it over. Returns
---   {'ok', {id, payload|false, attempts, leases_lost, due_ms, now_ms, parent_ids_csv|false,
---           env1, ...}, ...one such table per task claimed}
---   {'none', next_due_delay_ms (-1: nothing pending), now_ms}
+-- lease_tasks' reply, or {'none', next_due_delay_ms (-1: nothing pending), now_ms}.
 local function claim_next(now, token, lease_ms, worker, held_due, batch, woken)
   sweep_expired(now)
   reclaim_expired(now)
