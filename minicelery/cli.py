@@ -39,6 +39,7 @@ EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a tool killed by SIGPIPE
 
 # The worker's flags that set a setting, named in messages about a bad value.
 WORKER_FLAGS = {
+    "worker.concurrency": "flag -c/--concurrency",
     "worker.queues": "flag -Q/--queues",
     "tasks": "flag -t/--tasks",
     "logging.level": "flag -l/--log-level",
@@ -50,7 +51,8 @@ EPILOG = __doc__.split("Exit codes:", 1)[1] if __doc__ else ""
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", help=f"TOML settings file (default: ${CONFIG_ENV})")
+    # Long form only: `-c` is the worker's --concurrency, as in `celery worker -c 4`.
+    common.add_argument("--config", help=f"TOML settings file (default: ${CONFIG_ENV})")
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="minicelery",
@@ -71,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     worker = command("worker", "Run a worker until SIGTERM/SIGINT.")
+    worker.add_argument(
+        "--concurrency", "-c", type=_concurrency, help='worker processes, or "auto" (overrides worker.concurrency)'
+    )
     worker.add_argument("--queues", "-Q", help="comma-separated queues (overrides worker.queues)")
     worker.add_argument("--tasks", "-t", help="comma-separated task modules (overrides tasks)")
     worker.add_argument("--log-level", "-l", help="DEBUG, INFO, WARNING, ERROR")
@@ -134,6 +139,20 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def _concurrency(text: str) -> int | str:
+    """-c N or -c auto. `-c FILE` used to mean --config: say so, rather than 'not a number'."""
+    if text == "auto":
+        return text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError as exc:
+        if text.endswith(".toml") or os.path.exists(text):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number of processes: -c is --concurrency; give a config file as --config {text}"
+            ) from None
+        raise argparse.ArgumentTypeError(f'{exc}, or "auto"') from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -254,8 +273,13 @@ def _worker(args: argparse.Namespace) -> int:
     from .worker import Worker
 
     overrides: dict[str, Any] = {}
+    worker: dict[str, Any] = {}
     if args.queues:
-        overrides["worker"] = {"queues": [q.strip() for q in args.queues.split(",") if q.strip()]}
+        worker["queues"] = [q.strip() for q in args.queues.split(",") if q.strip()]
+    if args.concurrency is not None:
+        worker["concurrency"] = args.concurrency
+    if worker:
+        overrides["worker"] = worker
     if args.tasks:
         overrides["tasks"] = [m.strip() for m in args.tasks.split(",") if m.strip()]
     logging_overrides = {k: v for k, v in (("level", args.log_level), ("format", args.log_format)) if v}
@@ -263,6 +287,8 @@ def _worker(args: argparse.Namespace) -> int:
         overrides["logging"] = logging_overrides
     settings = load_settings(args.config, flag_names=WORKER_FLAGS, **overrides)
     configure_logging(settings.logging.level, settings.logging.format)
+    if settings.worker.processes() > 1:
+        raise ConfigError("invalid setting worker.concurrency: more than 1 process is not supported yet")
     app = build_worker_app(settings)
     return Worker(app, settings).run(burst=args.burst)
 

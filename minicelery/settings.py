@@ -107,6 +107,9 @@ class RedisSettings(_Section):
 
 
 class WorkerSettings(_Section):
+    concurrency: int | Literal["auto"] = Field(
+        1, description='worker processes under one supervisor; "auto" = the CPUs this process may use'
+    )
     queues: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
     lease_seconds: float = Field(30.0, gt=0, description="lease per claim, renewed while the task runs")
     default_time_limit: float | None = Field(3600.0, gt=0, description="for tasks without time_limit=")
@@ -125,12 +128,39 @@ class WorkerSettings(_Section):
         600.0, ge=0, description="seconds a task whose name this worker lacks is given back for another"
     )
 
+    @field_validator("concurrency")
+    @classmethod
+    def _at_least_one(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError('must be at least 1, or "auto"')
+        return value
+
+    def processes(self) -> int:
+        """How many worker processes: `concurrency`, with "auto" resolved (see usable_cpus)."""
+        return usable_cpus() if self.concurrency == "auto" else int(self.concurrency)
+
     @field_validator("queues")
     @classmethod
     def _valid_queues(cls, queues: list[str]) -> list[str]:
         for name in queues:
             check_queue_name(name)
         return queues
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its affinity mask (taskset, systemd CPUAffinity=, a
+    container's cpuset), capped by a cgroup v2 `cpu.max` quota (systemd CPUQuota=, a
+    Kubernetes CPU limit), rounded up; at least 1."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        own = Path("/proc/self/cgroup").read_text().strip().splitlines()
+        relative = next(line.split(":", 2)[2] for line in own if line.startswith("0::"))
+        quota, period = (cgroup / relative.lstrip("/") / "cpu.max").read_text().split()
+    except (OSError, StopIteration, ValueError):
+        return max(1, cpus)  # no cgroup v2, or no quota file for this group
+    if quota != "max":
+        cpus = min(cpus, -(-int(quota) // int(period)))  # ceil: 1.5 CPUs is 2 processes
+    return max(1, cpus)
 
 
 class MetricsSettings(_Section):

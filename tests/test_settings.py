@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from minicelery.errors import ConfigError
-from minicelery.settings import load_settings
+from minicelery.settings import load_settings, usable_cpus
 
 TOML = """
 tasks = ["worktasks"]
@@ -123,7 +123,7 @@ def test_check_config_prints_effective_settings_with_secrets_masked(config: Path
 
 
 def test_a_bad_environment_variable_is_blamed_on_the_variable_not_the_file(config: Path) -> None:
-    result = _cli("check-config", "-c", str(config), env=_env(MINICELERY_WORKER__QUEUE='["x"]'))
+    result = _cli("check-config", "--config", str(config), env=_env(MINICELERY_WORKER__QUEUE='["x"]'))
     assert result.returncode == 78
     assert result.stderr.splitlines() == [
         "minicelery: invalid setting worker.queue from environment variable MINICELERY_WORKER__QUEUE: "
@@ -132,14 +132,14 @@ def test_a_bad_environment_variable_is_blamed_on_the_variable_not_the_file(confi
 
 
 def test_a_bad_flag_is_blamed_on_the_flag_not_the_file(config: Path) -> None:
-    result = _cli("worker", "-c", str(config), "-l", "verbose", env=_env())
+    result = _cli("worker", "--config", str(config), "-l", "verbose", env=_env())
     assert result.returncode == 78
     assert "invalid setting logging.level from flag -l/--log-level:" in result.stderr
     assert str(config) not in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_a_list_variable_that_is_not_json_names_the_variable_and_the_form_expected(config: Path) -> None:
-    result = _cli("check-config", "-c", str(config), env=_env(MINICELERY_WORKER__QUEUES="x,y"))
+    result = _cli("check-config", "--config", str(config), env=_env(MINICELERY_WORKER__QUEUES="x,y"))
     assert result.returncode == 78
     assert result.stderr.splitlines() == [
         "minicelery: invalid setting worker.queues from environment variable MINICELERY_WORKER__QUEUES: "
@@ -162,7 +162,7 @@ def test_a_misspelt_variable_is_warned_about_with_the_intended_name(config: Path
 
 def test_every_config_problem_is_reported_at_once_one_line_each(config: Path) -> None:
     config.write_text(TOML.replace("lease_seconds = 40", "lease_seconds = -2\nbatch_size = 0"))
-    result = _cli("check-config", "-c", str(config), env=_env(MINICELERY_METRICS__PORT="99999"))
+    result = _cli("check-config", "--config", str(config), env=_env(MINICELERY_METRICS__PORT="99999"))
     assert result.returncode == 78
     lines = result.stderr.splitlines()
     assert len(lines) == 3 and all(line.startswith("minicelery: invalid setting ") for line in lines)
@@ -173,7 +173,7 @@ def test_every_config_problem_is_reported_at_once_one_line_each(config: Path) ->
 def test_check_config_fails_on_a_task_module_that_raises_naming_its_file_and_line(config: Path, tmp_path: Path) -> None:
     (tmp_path / "raising_tasks.py").write_text("import os\n\nSETTING = os.environ['NO_SUCH_VARIABLE_HERE']\n")
     config.write_text(TOML.replace('["worktasks"]', '["raising_tasks"]'))
-    result = _cli("check-config", "-c", str(config), env=_env(), cwd=tmp_path)
+    result = _cli("check-config", "--config", str(config), env=_env(), cwd=tmp_path)
     assert result.returncode == 78
     assert result.stderr.splitlines() == [
         "minicelery: task module 'raising_tasks' failed to import: KeyError: 'NO_SUCH_VARIABLE_HERE' "
@@ -185,7 +185,7 @@ def test_a_task_module_that_is_not_found_points_at_the_working_directory_and_pyt
     config: Path, tmp_path: Path
 ) -> None:
     config.write_text(TOML.replace('["worktasks"]', '["not_here_tasks"]'))
-    result = _cli("check-config", "-c", str(config), env=_env(), cwd=tmp_path)
+    result = _cli("check-config", "--config", str(config), env=_env(), cwd=tmp_path)
     assert result.returncode == 78
     assert f"working directory {tmp_path}" in result.stderr and "PYTHONPATH" in result.stderr
 
@@ -194,3 +194,38 @@ def test_no_task_modules_configured_says_the_three_ways_to_name_them(tmp_path: P
     result = _cli("worker", env=_env(), cwd=tmp_path)
     assert result.returncode == 78
     assert "tasks = " in result.stderr and "-t" in result.stderr and "MINICELERY_TASKS" in result.stderr
+
+
+def test_concurrency_comes_from_the_file_the_environment_or_the_flag_and_auto_counts_usable_cpus(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_settings(config).worker.processes() == 1  # the default: today's single process
+    config.write_text(TOML.replace("[worker]", "[worker]\nconcurrency = 3"))
+    assert load_settings(config).worker.processes() == 3
+    monkeypatch.setenv("MINICELERY_WORKER__CONCURRENCY", "auto")
+    assert load_settings(config).worker.processes() == usable_cpus() <= len(os.sched_getaffinity(0))
+    assert load_settings(config, worker={"concurrency": 2}).worker.processes() == 2
+    monkeypatch.setenv("MINICELERY_WORKER__CONCURRENCY", "0")
+    with pytest.raises(ConfigError, match=r"worker\.concurrency from environment variable"):
+        load_settings(config)
+
+
+def test_auto_concurrency_is_capped_by_the_cgroup_cpu_quota(tmp_path: Path) -> None:
+    own = Path("/proc/self/cgroup").read_text().strip().splitlines()
+    group = next((line.split(":", 2)[2] for line in own if line.startswith("0::")), None)
+    if group is None:
+        pytest.skip("no cgroup v2 membership in /proc/self/cgroup")
+    quota_dir = tmp_path / group.lstrip("/")
+    quota_dir.mkdir(parents=True, exist_ok=True)
+    (quota_dir / "cpu.max").write_text("50000 100000\n")  # half a CPU: still one process
+    assert usable_cpus(tmp_path) == 1
+    (quota_dir / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path) == len(os.sched_getaffinity(0))
+
+
+def test_dash_c_is_concurrency_and_a_config_file_given_to_it_gets_a_hint(config: Path) -> None:
+    result = _cli("worker", "-c", str(config), env=_env())
+    assert result.returncode == 2
+    assert "-c is --concurrency" in result.stderr and f"--config {config}" in result.stderr
+    result = _cli("worker", "--config", str(config), "-c", "0", env=_env())
+    assert result.returncode == 2 and "at least 1" in result.stderr
