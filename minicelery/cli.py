@@ -3,7 +3,7 @@
 Exit codes:
   0   success
   1   the task failed (enqueue --wait-result, result), no such task, purge declined,
-      or an unexpected error
+      or an unexpected error; `worker -c N`: its children kept dying before they were ready
   2   bad command-line usage: an unknown option, or ARGS, --kwargs, --delay, --at, --timeout
       that do not parse
   69  Redis is unreachable, or its host name does not resolve (EX_UNAVAILABLE)
@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--log-level", "-l", help="DEBUG, INFO, WARNING, ERROR")
     worker.add_argument("--log-format", choices=["text", "json"])
     worker.add_argument("--burst", action="store_true", help="exit once no task is ready")
+    worker.add_argument("--pool-child", type=int, metavar="FD", help=argparse.SUPPRESS)  # the supervisor's
 
     command("check-config", "Validate the settings, import the task modules, print the settings (secrets masked).")
 
@@ -287,10 +288,32 @@ def _worker(args: argparse.Namespace) -> int:
         overrides["logging"] = logging_overrides
     settings = load_settings(args.config, flag_names=WORKER_FLAGS, **overrides)
     configure_logging(settings.logging.level, settings.logging.format)
+    if args.pool_child is not None:  # one child of a supervisor (below), started fresh
+        from .pool_child import run_child
+
+        return run_child(settings, args.pool_child)
     if settings.worker.processes() > 1:
-        raise ConfigError("invalid setting worker.concurrency: more than 1 process is not supported yet")
+        return _supervise(args, settings)
     app = build_worker_app(settings)
     return Worker(app, settings).run(burst=args.burst)
+
+
+def _supervise(args: argparse.Namespace, settings: Settings) -> int:
+    """concurrency > 1: import the task modules here, once (a failure exits 78 before any
+    fork), then run the supervisor over that many worker children."""
+    from .loader import load_task_modules
+    from .pool_metrics import serve_pool_metrics
+    from .supervisor import Supervisor
+
+    if args.burst:
+        raise ConfigError("invalid setting worker.concurrency: --burst runs one process; use -c 1 with it")
+    load_task_modules(settings.tasks)
+    flags = {"--config": args.config, "-Q": args.queues, "-t": args.tasks, "-l": args.log_level}
+    flags["--log-format"] = args.log_format
+    child_argv = [part for flag, value in flags.items() if value for part in (flag, value)]
+    supervisor = Supervisor(settings, child_argv)
+    serve_pool_metrics(supervisor)
+    return supervisor.run()
 
 
 def build_worker_app(settings: Settings) -> Any:

@@ -166,9 +166,18 @@ class MetricsServer:
 
     def start(self, bind: str, port: int) -> int:
         """Start serving on a daemon thread; returns the port (useful when port=0)."""
+        port = self.listen(bind, port)
+        self.serve()
+        return port
+
+    def listen(self, bind: str, port: int) -> int:
+        """Take the port now (so a taken port fails early), serve later with serve()."""
         self.server = make_server(bind, port, self._app, ThreadingWSGIServer, handler_class=_QuietHandler)
-        threading.Thread(target=self.server.serve_forever, name="minicelery-metrics", daemon=True).start()
         return int(self.server.server_port)
+
+    def serve(self) -> None:
+        assert self.server is not None
+        threading.Thread(target=self.server.serve_forever, name="minicelery-metrics", daemon=True).start()
 
     def stop(self) -> None:
         if self.server is not None:

@@ -43,5 +43,9 @@ class Notifier:
     def watchdog(self) -> None:
         self._send("WATCHDOG=1")
 
+    def reloading(self) -> None:
+        """Reloading until the next ready() (the supervisor's rolling reload)."""
+        self._send("RELOADING=1")
+
     def stopping(self) -> None:
         self._send("STOPPING=1")

@@ -110,6 +110,12 @@ class WorkerSettings(_Section):
     concurrency: int | Literal["auto"] = Field(
         1, description='worker processes under one supervisor; "auto" = the CPUs this process may use'
     )
+    max_tasks_per_child: int | None = Field(
+        None, ge=1, description="with concurrency > 1: a child is replaced, gracefully, after this many tasks"
+    )
+    max_memory_per_child: int | None = Field(
+        None, ge=1, description="with concurrency > 1: a child above this RSS (MiB) is replaced, gracefully"
+    )
     queues: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
     lease_seconds: float = Field(30.0, gt=0, description="lease per claim, renewed while the task runs")
     default_time_limit: float | None = Field(3600.0, gt=0, description="for tasks without time_limit=")

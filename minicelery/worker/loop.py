@@ -72,13 +72,14 @@ class Worker:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def run(self, *, burst: bool = False, install_signals: bool = True) -> int:
-        """Run until SIGTERM/SIGINT (or, with burst, until no task is ready). Returns the exit
-        code. The signal handlers it installs are put back as they were when it returns."""
+    def run(self, *, burst: bool = False, install_signals: bool = True, max_tasks: int | None = None) -> int:
+        """Run until SIGTERM/SIGINT (or, with burst, until no task is ready; with max_tasks, until
+        that many tasks ran, then stop as on SIGTERM). Returns the exit code. The signal
+        handlers it installs are put back as they were when it returns."""
         with signals_captured(self.signals, self.alarm) if install_signals else contextlib.nullcontext():
-            return self._run(burst)
+            return self._run(burst, max_tasks)
 
-    def _run(self, burst: bool) -> int:
+    def _run(self, burst: bool, max_tasks: int | None = None) -> int:
         w = self.settings.worker
         intervals = [w.lease_seconds / 3, *filter(None, [self.notifier.watchdog_interval])]
         heartbeat = Heartbeat(self, min(intervals), w.shutdown_grace)
@@ -90,7 +91,8 @@ class Worker:
             log.info("worker %s ready on queues %s", self.id, ", ".join(self.queues))
             self.notifier.ready()
             self.observer.status()
-            while not self.signals.requested:
+            ran = 0
+            while not self.signals.requested and (max_tasks is None or ran < max_tasks):
                 try:
                     worked = self.tick(block=not burst)
                 except ConfigError:
@@ -99,6 +101,7 @@ class Worker:
                     if self.connection.recover(exc):
                         self.intake.look_again()
                     continue
+                ran += worked
                 if burst and not worked and not self.intake.local and not self.results.held:
                     break
             return self._shutdown()

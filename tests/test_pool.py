@@ -1,0 +1,211 @@
+"""`minicelery worker -c N`: a supervisor and N real worker processes, under real signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import Workers, wait_until
+from helpers import NotifySocket
+from worktasks import executions
+
+from minicelery import Client
+from minicelery.redis_server import RedisServer, free_port
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.close()
+
+
+def children(proc: subprocess.Popen[bytes]) -> set[int]:
+    """The supervisor's child processes now."""
+    try:
+        text = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()
+    except FileNotFoundError:
+        return set()
+    return {int(pid) for pid in text.split()}
+
+
+def ready_children(workers: Workers, proc: subprocess.Popen[bytes]) -> set[int]:
+    """Children that told the supervisor they are ready (and still run)."""
+    said = {int(pid) for pid in re.findall(r"worker child (\d+) \(slot \d+\) is ready", workers.log(proc))}
+    return said & children(proc)
+
+
+def start_pool(workers: Workers, n: int, **settings: str) -> subprocess.Popen[bytes]:
+    proc = workers.start("-c", str(n), **settings)
+    wait_until(lambda: f"all {n} worker children ready" in workers.log(proc) or proc.poll() is not None, 30, "pool")
+    assert proc.poll() is None, workers.log(proc)
+    return proc
+
+
+def test_n_children_start_and_every_one_of_them_runs_tasks(app: Client, workers: Workers) -> None:
+    proc = start_pool(workers, 3)
+    assert len(children(proc)) == 3
+    handles = app.start_many([app.tasks["pid_after"](0.05) for _ in range(60)])
+    ran_in = {h.result(timeout=30) for h in handles}
+    assert ran_in == children(proc)  # every child ran tasks; the supervisor ran none
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def test_ready_watchdog_and_status_come_from_the_supervisor_only_once_every_child_is_ready(
+    tmp_path: Path, queue: str, notify: NotifySocket
+) -> None:
+    port = free_port()
+    pool = Workers(f"redis://127.0.0.1:{port}/0", queue, tmp_path)
+    try:
+        proc = pool.start("-c", "2", NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="1000000")
+        wait_until(lambda: len(children(proc)) == 2, 20, "two children")
+        wait_until(lambda: "waiting for Redis" in pool.log(proc), 20, "children to wait for Redis")
+        wait_until(lambda: notify.seen("STATUS="), 10, "a status while waiting")
+        assert not notify.seen("READY=1")  # no child is ready while Redis is down
+        with RedisServer(port=port):
+            wait_until(lambda: notify.seen("READY=1"), 20, "READY=1")
+            wait_until(lambda: len(notify.seen("WATCHDOG=1")) >= 3, 10, "watchdog pings")
+            senders = {pid for pid, _ in notify.drain()}
+            assert senders == {proc.pid}  # NotifyAccess=main holds: children never notify
+            assert f"MAINPID={proc.pid}" in [line for _, line in notify.messages]
+            statuses = [line for _, line in notify.messages if line.startswith("STATUS=")]
+            assert any("2/2 children ready" in line for line in statuses), statuses
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+            assert notify.seen("STOPPING=1") == [proc.pid]
+    finally:
+        pool.stop_all()
+
+
+def test_a_child_killed_with_sigkill_is_replaced_and_no_task_is_lost(
+    app: Client, workers: Workers, r: redis.Redis
+) -> None:
+    proc = start_pool(workers, 2, MINICELERY_WORKER__BATCH_SIZE="1")
+    first = children(proc)
+    tags = [f"{app.default_queue}-{i}" for i in range(2)]
+    handles = [app.tasks["slow_count"](tag, 3).start() for tag in tags]
+    wait_until(lambda: all(executions(r).get(tag) for tag in tags), 20, "a task running in each child")
+    victim = min(first)
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    replacement = wait_until(lambda: ready_children(workers, proc) - first, 30, "a replacement child")
+    print(f"killed child replaced and ready after {time.monotonic() - killed_at:.2f} s")
+    assert len(children(proc)) == 2 and proc.poll() is None
+    # The killed child's task is reclaimed after its lease (5 s here) and runs again.
+    assert [h.result(timeout=60) for h in handles] == tags
+    assert replacement and victim not in children(proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def test_sigterm_lets_every_child_finish_its_task_then_exits_0(app: Client, workers: Workers, r: redis.Redis) -> None:
+    proc = start_pool(workers, 3)
+    tags = [f"{app.default_queue}-{i}" for i in range(3)]
+    handles = [app.tasks["marked_sleep"](tag, 1.5).start() for tag in tags]
+    wait_until(lambda: all(r.hget("test:started", tag) for tag in tags), 20, "a task in every child")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert [h.result(timeout=1) for h in handles] == tags
+    assert all(r.hget("test:finished", tag) == b"1" for tag in tags)
+    assert not children(proc)
+
+
+def test_a_second_sigterm_makes_every_child_hand_its_task_back_and_exits_75(
+    app: Client, workers: Workers, r: redis.Redis
+) -> None:
+    proc = start_pool(workers, 2)
+    tags = [f"{app.default_queue}-{i}" for i in range(2)]
+    handles = [app.tasks["marked_sleep"](tag, 60).start() for tag in tags]
+    wait_until(lambda: all(r.hget("test:started", tag) for tag in tags), 20, "a task in every child")
+    proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "stopping 2 worker children" in workers.log(proc), 10, "the stop to be passed on")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 75
+    assert all(h.state == "ready" for h in handles), [h.state for h in handles]  # back in the queue
+
+
+def test_sighup_replaces_children_one_by_one_while_tasks_flow_with_none_lost_or_run_twice(
+    app: Client, workers: Workers, r: redis.Redis
+) -> None:
+    proc = start_pool(workers, 3)
+    old = children(proc)
+    count_run, tags, handles = app.tasks["slow_count"], [], []
+    fewest = [len(old)]
+    stop = threading.Event()
+
+    def produce() -> None:
+        i = 0
+        while not stop.is_set():
+            tag = f"{app.default_queue}-{i}"
+            tags.append(tag)
+            handles.append(count_run(tag, 0.02).start())
+            fewest[0] = min(fewest[0], len(ready_children(workers, proc) | (children(proc) & old)))
+            i += 1
+            time.sleep(0.01)  # a steady stream, not a synchronisation
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        wait_until(lambda: len(tags) >= 30, 20, "tasks to flow")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reload done" in workers.log(proc), 60, "the reload to finish")
+        took = time.monotonic() - started
+        wait_until(lambda: len(tags) >= 30 + 50, 20, "tasks to flow after the reload")
+    finally:
+        stop.set()
+        producer.join()
+    new = children(proc)
+    assert len(new) == 3 and not new & old  # every child replaced
+    replaced = re.findall(r"worker child (\d+) \(slot (\d+)\) replaced by reload", workers.log(proc))
+    assert [int(pid) for pid, _ in replaced] and {int(pid) for pid, _ in replaced} == old
+    assert sorted(int(slot) for _, slot in replaced) == [0, 1, 2]  # one at a time, in turn
+    assert fewest[0] >= 2  # never fewer than N-1 working
+    results = [h.result(timeout=60) for h in handles]
+    assert results == tags
+    counts = executions(r)
+    assert [counts.get(tag) for tag in tags] == [1] * len(tags)  # none lost, none run twice
+    print(f"reload of 3 children: {took:.2f} s, {len(tags)} tasks, each run once")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def test_a_child_is_recycled_after_max_tasks_per_child_and_every_task_runs(app: Client, workers: Workers) -> None:
+    proc = start_pool(workers, 2, MINICELERY_WORKER__MAX_TASKS_PER_CHILD="5", MINICELERY_WORKER__BATCH_SIZE="1")
+    handles = app.start_many([app.tasks["pid_after"](0.01) for _ in range(40)])
+    pids = [h.result(timeout=60) for h in handles]
+    per_pid: dict[int, int] = {}
+    for pid in pids:
+        per_pid[pid] = per_pid.get(pid, 0) + 1  # type: ignore[index]
+    assert max(per_pid.values()) <= 5 and len(per_pid) >= 8
+    assert "recycled (max_tasks_per_child)" in workers.log(proc)
+    wait_until(lambda: len(children(proc)) == 2, 20, "two children again")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def test_a_task_module_that_fails_to_import_exits_78_before_any_child_starts(workers: Workers) -> None:
+    proc = workers.start("-c", "3", MINICELERY_TASKS='["no_such_module_here"]')
+    assert proc.wait(timeout=30) == 78
+    assert "no_such_module_here" in workers.log(proc) and "worker child" not in workers.log(proc)
+
+
+def test_children_that_keep_dying_at_start_up_make_the_supervisor_give_up(tmp_path: Path, queue: str) -> None:
+    with RedisServer(password="right") as server:
+        pool = Workers(server.url.replace(":right@", ":wrong@"), queue, tmp_path)
+        try:
+            proc = pool.start("-c", "2")
+            code = proc.wait(timeout=60)
+        finally:
+            pool.stop_all()
+    assert code == 78, pool.log(proc)  # refused credentials: a config error, not restarted by systemd
+    assert "died 5 times before they were ready" in pool.log(proc)
