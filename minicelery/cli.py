@@ -291,7 +291,7 @@ def _worker(args: argparse.Namespace) -> int:
     if args.pool_child is not None:  # one child of a supervisor (below), started fresh
         from .pool_child import run_child
 
-        return run_child(settings, args.pool_child)
+        return run_child(settings, args.pool_child, os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     if settings.worker.processes() > 1:
         return _supervise(args, settings)
     app = build_worker_app(settings)
@@ -312,8 +312,11 @@ def _supervise(args: argparse.Namespace, settings: Settings) -> int:
     flags["--log-format"] = args.log_format
     child_argv = [part for flag, value in flags.items() if value for part in (flag, value)]
     supervisor = Supervisor(settings, child_argv)
-    serve_pool_metrics(supervisor)
-    return supervisor.run()
+    done = serve_pool_metrics(supervisor)
+    try:
+        return supervisor.run()
+    finally:
+        done()
 
 
 def build_worker_app(settings: Settings) -> Any:

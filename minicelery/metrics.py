@@ -8,6 +8,7 @@ name, outcome, exception type; never a task id.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -61,8 +62,24 @@ class TaskSeries:
     outcomes: dict[str, Any]
 
 
+def record_for_supervisor(directory: str) -> None:
+    """In a child of `minicelery worker -c N`: every metric made from now on is kept in files in
+    `directory` (prometheus-client's multiprocess mode), which the supervisor sums and serves."""
+    from prometheus_client import values
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    WorkerMetrics.multiprocess = True
+
+
 class WorkerMetrics:
-    """The worker's metrics; `registry` is what /metrics serves."""
+    """The worker's metrics; `registry` is what /metrics serves.
+
+    In a child of a supervisor (`multiprocess`, set by record_for_supervisor) the counters and
+    histograms go to files the supervisor sums; tasks in progress, the start time and the queue
+    depths are the supervisor's own series, so a child makes none of them."""
+
+    multiprocess = False
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -103,13 +120,16 @@ class WorkerMetrics:
             "Tasks whose name no task module of this worker registers, given back for a worker that has it",
             ["queue"], registry=r,
         )  # fmt: skip
-        self.in_progress = Gauge("minicelery_tasks_in_progress", "Tasks running in this worker now", registry=r)
+        self.in_progress: Gauge | None = None
+        if not self.multiprocess:
+            self.in_progress = Gauge("minicelery_tasks_in_progress", "Tasks running in this worker now", registry=r)
         self._series: dict[tuple[str, str], TaskSeries] = {}
         self.redis_errors = Counter("minicelery_redis_errors", "Redis calls that failed", registry=r)
         self.reconnects = Counter("minicelery_redis_reconnects", "Times the worker got Redis back", registry=r)
         self.info = Info("minicelery_worker", "This worker: version, queues, hostname", registry=r)
-        self.start_time = Gauge("minicelery_worker_start_time_seconds", "Unix time the worker started", registry=r)
-        self.start_time.set(time.time())
+        if not self.multiprocess:
+            start_time = Gauge("minicelery_worker_start_time_seconds", "Unix time the worker started", registry=r)
+            start_time.set(time.time())
         for kind in ("wakeup", "late_finish"):
             self.contention.labels(kind)
 
@@ -125,7 +145,8 @@ class WorkerMetrics:
 
     def count_running(self, running: Callable[[], int]) -> None:
         """tasks_in_progress is read at scrape time: nothing to update per task."""
-        self.in_progress.set_function(running)
+        if self.in_progress is not None:
+            self.in_progress.set_function(running)
 
     def expect_tasks(self, names: Iterable[str]) -> None:
         """Export every outcome of every registered task from the start, at 0: a rate() or a
@@ -136,7 +157,8 @@ class WorkerMetrics:
 
     def watch_queues(self, depths: Callable[[str], dict[str, int]], queues: Iterable[str]) -> None:
         queues = list(queues)
-        self.registry.register(QueueDepthCollector(depths, queues))
+        if not self.multiprocess:
+            self.registry.register(QueueDepthCollector(depths, queues))
         for queue in queues:
             self.handoffs.labels(queue)  # at 0 from the start, like the outcomes
             self.unknown_tasks.labels(queue)

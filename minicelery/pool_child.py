@@ -57,6 +57,9 @@ class SupervisorLink(Notifier):
         self._message(ready=True)
 
     def watchdog(self) -> None:
+        self.report()
+
+    def report(self) -> None:
         worker = self.worker
         if worker is None:
             return
@@ -85,18 +88,22 @@ def forget_inherited_connections() -> None:
             redis_client.connection_pool.reset()
 
 
-def run_child(settings: Settings, fd: int) -> int:
-    """Run one worker reporting on `fd`; returns its exit code (as `minicelery worker` does)."""
+def run_child(settings: Settings, fd: int, metrics_dir: str | None) -> int:
+    """Run one worker reporting on `fd`; returns its exit code (as `minicelery worker` does).
+    Its metrics go to files in `metrics_dir` for the supervisor to serve (None: metrics off)."""
     from .cli import build_worker_app
+    from .metrics import record_for_supervisor
     from .worker import Worker
 
     for variable in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         os.environ.pop(variable, None)
     die_with_parent()
     forget_inherited_connections()
-    # The supervisor serves /metrics, /healthz and /readyz for the whole unit.
-    settings = settings.model_copy(update={"metrics": settings.metrics.model_copy(update={"enabled": False})})
+    if metrics_dir:
+        record_for_supervisor(metrics_dir)  # and the supervisor serves /metrics, /healthz, /readyz
     link = SupervisorLink(fd)
     worker = Worker(build_worker_app(settings), settings, notifier=link)
     link.worker = worker
-    return worker.run(max_tasks=settings.worker.max_tasks_per_child)
+    code = worker.run(max_tasks=settings.worker.max_tasks_per_child)
+    link.report()  # the final counts, for the per-slot series
+    return code

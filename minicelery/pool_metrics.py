@@ -1,18 +1,37 @@
 """/metrics, /healthz and /readyz of `minicelery worker -c N`, served by the supervisor.
 
 /healthz is 200 while every child pings (a child stuck past its time limit stops pinging);
-/readyz while every slot has a ready child. /metrics has the pool's own series, per slot (a
-child's place, 0..N-1, kept by its replacements: a bounded label, unlike a PID), and the queue
-depths, read once per scrape by the supervisor.
+/readyz while every slot has a ready child. /metrics has:
+
+- the children's counters and histograms, summed: each child writes its own file in a private
+  directory (prometheus-client's multiprocess mode; $RUNTIME_DIRECTORY/metrics under systemd,
+  else a temporary directory; emptied at start, removed at exit). When a child exits its files
+  are folded into one archive file per type and deleted, so nothing is lost or reset when a
+  child is replaced, and the files (and the cost of a scrape) do not grow with every respawn;
+- the pool's own series, per slot (a child's place, 0..N-1, kept by its replacements: a
+  bounded label, unlike a PID): ready, busy, tasks run, restarts by reason;
+- tasks in progress (the sum of the children's last pings, at most a second old), the
+  supervisor's start time and info, and the queue depths, read once per scrape.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterator
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 from .errors import ConfigError
@@ -22,12 +41,66 @@ from .supervisor import Supervisor
 log = logging.getLogger("minicelery.pool")
 
 
+# Types whose values add up across processes: a gone child's are folded into an archive file.
+ARCHIVED_TYPES = ("counter", "histogram")
+
+
+class ChildMetricFiles(Collector):
+    """The children's metric files, summed at scrape time; a gone child's folded into the archive."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._lock = threading.Lock()  # a scrape never sees a child's values twice or not at all
+        self._files = MultiProcessCollector(None, path=directory)
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            metrics = list(self._files.collect())
+        yield from metrics
+
+    def child_exited(self, pid: int) -> None:
+        with self._lock:
+            mark_process_dead(pid, self.directory)  # live gauges (none today; harmless)
+            for typ in ARCHIVED_TYPES:
+                path = os.path.join(self.directory, f"{typ}_{pid}.db")
+                if not os.path.exists(path):
+                    continue
+                archive = MmapedDict(os.path.join(self.directory, f"{typ}_archive.db"))
+                try:
+                    for key, value, *_ in MmapedDict.read_all_values_from_file(path):
+                        archive.write_value(key, archive.read_value(key)[0] + value, 0.0)
+                finally:
+                    archive.close()
+                os.remove(path)
+
+
+def metrics_directory() -> str:
+    """A private, empty directory for the children's metric files."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime:
+        path = Path(runtime) / "metrics"
+        shutil.rmtree(path, ignore_errors=True)  # a previous run's files would be summed in
+        path.mkdir(mode=0o700)
+        return str(path)
+    return tempfile.mkdtemp(prefix="minicelery-metrics-")
+
+
 class PoolCollector(Collector):
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
+        self.started = time.time()
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
+        from . import __version__
+
         sup = self.supervisor
+        queues = ",".join(sup.settings.worker.queues)
+        info = InfoMetricFamily("minicelery_worker", "This worker: version, queues, hostname")
+        info.add_metric([], {"version": __version__, "queues": queues, "hostname": socket.gethostname()})
+        yield info
+        yield GaugeMetricFamily("minicelery_worker_start_time_seconds", "Unix time the worker started", self.started)
+        busy_now = sum(c.busy for c in sup.children.values())
+        yield GaugeMetricFamily("minicelery_tasks_in_progress", "Tasks running in this worker now", busy_now)
         yield GaugeMetricFamily("minicelery_pool_concurrency", "Worker children this pool runs", value=sup.n)
         ready = GaugeMetricFamily("minicelery_pool_child_ready", "1 while the slot's child is ready", labels=["slot"])
         busy = GaugeMetricFamily("minicelery_pool_child_busy", "1 while the slot's child runs a task", labels=["slot"])
@@ -51,16 +124,21 @@ class PoolCollector(Collector):
         yield from (ready, busy, tasks, restarts)
 
 
-def serve_pool_metrics(supervisor: Supervisor) -> MetricsServer | None:
+def serve_pool_metrics(supervisor: Supervisor) -> Callable[[], None]:
     """Take the metrics port now (a taken port set in the config exits 78 before any fork); serve
-    once the children are forked (the supervisor forks only while it has no thread)."""
+    once the children are forked (the supervisor forks only while it has no thread). Returns
+    what to call when the supervisor is done (removes the metric files)."""
     from .broker import RedisBroker
 
     settings = supervisor.settings
     config = settings.metrics
     if not config.enabled:
-        return None
+        return lambda: None
+    directory = supervisor.metrics_dir = metrics_directory()
+    files = ChildMetricFiles(directory)
+    supervisor.on_child_exit.append(files.child_exited)
     registry = CollectorRegistry()
+    registry.register(files)
     registry.register(PoolCollector(supervisor))
     server = MetricsServer(registry, supervisor.healthy, supervisor.all_ready)
     try:
@@ -82,4 +160,10 @@ def serve_pool_metrics(supervisor: Supervisor) -> MetricsServer | None:
         log.info("metrics for %d worker children on http://%s:%d/metrics", supervisor.n, config.bind, port)
 
     supervisor.after_forks.append(start)
-    return server
+
+    def done() -> None:
+        server.stop()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(directory)
+
+    return done

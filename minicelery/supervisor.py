@@ -71,6 +71,7 @@ class Child:
     retried: int = 0
     busy: bool = False
     asked_to_stop: bool = False
+    reported_unhealthy: bool = False
     buffer: bytes = b""
 
     def healthy(self, now: float) -> bool:
@@ -116,6 +117,8 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe()
         self.after_forks: list[Callable[[], None]] = []  # e.g. the metrics server's start
         self.close_in_children: list[int] = []  # e.g. the metrics server's listening socket
+        self.on_child_exit: list[Callable[[int], None]] = []  # called with the PID, once reaped
+        self.metrics_dir: str | None = None  # where children keep their metrics (None: off)
 
     # --- signals: flags only ---------------------------------------------------------------------
 
@@ -149,7 +152,7 @@ class Supervisor:
                 inherited = [reader, self._wake_r, self._wake_w, *self.close_in_children]
                 for fd in inherited + [c.reader for c in self.children.values()]:
                     os.close(fd)
-                code = run_child(self.settings, writer)
+                code = run_child(self.settings, writer, self.metrics_dir)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException as exc:
@@ -167,7 +170,10 @@ class Supervisor:
         """A fresh interpreter: re-reads the config and re-imports the task modules."""
         reader, writer = os.pipe()
         os.set_inheritable(writer, True)
-        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        skip = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "PROMETHEUS_MULTIPROC_DIR")
+        env = {k: v for k, v in os.environ.items() if k not in skip}
+        if self.metrics_dir:
+            env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         argv = child_command([*self.child_argv, "--pool-child", str(writer)])
         try:
             pid = os.posix_spawn(argv[0], argv, env, setpgroup=0)
@@ -196,6 +202,7 @@ class Supervisor:
                 continue
             if message.get("ready") and not child.ready:
                 child.ready = True
+                child.last_ping = time.monotonic()  # from now on judged by its pings
                 self.slots[child.slot].failures_before_ready = 0
                 log.info("worker child %d (slot %d) is ready", child.pid, child.slot)
             if message.get("ping"):
@@ -220,6 +227,8 @@ class Supervisor:
             record = self.slots[child.slot]
             record.done += child.done
             record.failed += child.failed
+            for hook in self.on_child_exit:
+                hook(pid)
             self._exited(child, code)
 
     def _exited(self, child: Child, code: int) -> None:
@@ -374,6 +383,20 @@ class Supervisor:
 
     # --- what the outside sees -------------------------------------------------------------------
 
+    def _log_health(self) -> None:
+        now = time.monotonic()
+        for child in self.children.values():
+            healthy = child.healthy(now)
+            if healthy == child.reported_unhealthy:
+                child.reported_unhealthy = not healthy
+                if healthy:
+                    log.info("worker child %d (slot %d) pings again", child.pid, child.slot)
+                else:
+                    log.error(
+                        "worker child %d (slot %d) stopped pinging (stuck past a time limit, or frozen): "
+                        "unhealthy, no watchdog ping for the unit", child.pid, child.slot,
+                    )  # fmt: skip
+
     def working(self) -> list[Child]:
         return [c for c in self.children.values() if c.retiring is None]
 
@@ -392,6 +415,7 @@ class Supervisor:
         return done, failed, sum(c.busy for c in self.children.values())
 
     def _notify(self) -> None:
+        self._log_health()
         if not self.announced_ready and self.all_ready():
             self.announced_ready = True
             log.info("all %d worker children ready", self.n)

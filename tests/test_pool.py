@@ -8,6 +8,8 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 import redis
 from conftest import Workers, wait_until
 from helpers import NotifySocket
+from prometheus_client.parser import text_string_to_metric_families
 from worktasks import executions
 
 from minicelery import Client
@@ -209,3 +212,95 @@ def test_children_that_keep_dying_at_start_up_make_the_supervisor_give_up(tmp_pa
             pool.stop_all()
     assert code == 78, pool.log(proc)  # refused credentials: a config error, not restarted by systemd
     assert "died 5 times before they were ready" in pool.log(proc)
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(v for (n, have), v in samples(text).items() if n == name and wanted <= have)
+
+
+def test_metrics_are_summed_across_children_and_kept_when_children_are_replaced(
+    app: Client, workers: Workers, tmp_path: Path
+) -> None:
+    port = free_port()
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    proc = start_pool(
+        workers, 2,
+        MINICELERY_METRICS__ENABLED="true", MINICELERY_METRICS__PORT=str(port), RUNTIME_DIRECTORY=str(runtime),
+        MINICELERY_WORKER__MAX_TASKS_PER_CHILD="4", MINICELERY_WORKER__BATCH_SIZE="1",
+    )  # fmt: skip
+    assert scrape(port, "/readyz")[0] == 200 and scrape(port, "/healthz")[0] == 200
+    handles = app.start_many([app.tasks["echo"](i) for i in range(40)])
+    assert [h.result(timeout=60) for h in handles] == list(range(40))
+    succeeded = {"task": "echo", "outcome": "succeeded"}
+    wait_until(lambda: value(scrape(port)[1], "minicelery_task_outcomes_total", **succeeded) == 40, 20, "40 counted")
+    started = time.monotonic()
+    text = scrape(port)[1]
+    print(f"scrape after {len(re.findall('recycled', workers.log(proc)))} recycles: {time.monotonic() - started:.4f} s")
+    assert value(text, "minicelery_task_run_seconds_count", task="echo") == 40  # histograms too
+    assert value(text, "minicelery_pool_child_tasks_total") == 40  # per slot, summed over replacements
+    assert value(text, "minicelery_pool_child_restarts_total", reason="recycled") >= 8  # 40 tasks, 4 per child
+    depth = [key for key in samples(text) if key[0] == "minicelery_queue_depth" and ("state", "ready") in key[1]]
+    assert len(depth) == 1  # read once, by the supervisor, not once per child
+    assert "pid=" not in text  # no per-process series piling up
+    # A gone child's files are folded into one archive per type: files do not grow per respawn.
+    files = sorted(p.name for p in (runtime / "metrics").iterdir())
+    assert len(files) <= 2 * 2 + 2, files
+    assert {"counter_archive.db", "histogram_archive.db"} <= set(files)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert not (runtime / "metrics").exists()  # removed at exit
+
+
+def test_a_child_above_max_memory_per_child_is_recycled_and_tasks_still_run(app: Client, workers: Workers) -> None:
+    proc = start_pool(workers, 2, MINICELERY_WORKER__MAX_MEMORY_PER_CHILD="1")  # every child is above 1 MiB
+    wait_until(lambda: "recycled (memory)" in workers.log(proc), 30, "a recycle by memory")
+    assert app.tasks["echo"]("still").start().result(timeout=60) == "still"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) in (0, 75)  # a recycled child may be stopped mid-start
+
+
+def test_healthz_fails_and_the_watchdog_starves_while_a_child_is_stuck(workers: Workers, notify: NotifySocket) -> None:
+    """A child stuck past its time limit stops pinging its supervisor (as a single worker stops
+    feeding systemd's watchdog); SIGSTOP is the surest way to get a child that pings no more."""
+    port = free_port()
+    proc = start_pool(
+        workers, 2, MINICELERY_METRICS__ENABLED="true", MINICELERY_METRICS__PORT=str(port),
+        NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="1000000",
+    )  # fmt: skip
+    assert scrape(port, "/healthz")[0] == 200
+    stuck = min(children(proc))
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        # (Draining the socket, as systemd does: a full socket would block the supervisor's sends.)
+        wait_until(lambda: notify.drain() and scrape(port, "/healthz")[0] == 503, 30, "/healthz to fail")
+        pings = len(notify.seen("WATCHDOG=1"))
+        # Watch for two watchdog intervals (a window to see an absence in, not a synchronisation).
+        window_ends = time.monotonic() + 2.0
+        while time.monotonic() < window_ends:
+            notify.drain()
+            assert scrape(port, "/healthz")[0] == 503
+        assert len(notify.seen("WATCHDOG=1")) == pings  # no ping while a child is stuck
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+    wait_until(lambda: scrape(port, "/healthz")[0] == 200, 30, "/healthz to recover")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0

@@ -157,7 +157,7 @@ class Observer:
 
     def serve_metrics(self, healthy: Callable[[], bool], ready: Callable[[], bool]) -> MetricsServer | None:
         config = self.settings.metrics
-        if not config.enabled:
+        if not config.enabled or self.metrics.multiprocess:  # a supervisor's child: it serves them
             return None
         server = MetricsServer(self.metrics.registry, healthy, ready)
         try:
