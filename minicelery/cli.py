@@ -294,8 +294,23 @@ def _worker(args: argparse.Namespace) -> int:
         return run_child(settings, args.pool_child, os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     if settings.worker.processes() > 1:
         return _supervise(args, settings)
+    _no_reload()
     app = build_worker_app(settings)
     return Worker(app, settings).run(burst=args.burst)
+
+
+def _no_reload() -> None:
+    """`systemctl reload` sends SIGHUP, whose default action would kill a single worker mid-task:
+    say what to do instead. (With concurrency > 1 it is the supervisor's rolling reload.)"""
+    import logging
+    import signal
+
+    def on_hup(signum: int, frame: Any) -> None:
+        logging.getLogger("minicelery.worker").warning(
+            "SIGHUP ignored: reload needs worker.concurrency > 1; restart a single worker to reload it"
+        )
+
+    signal.signal(signal.SIGHUP, on_hup)
 
 
 def _supervise(args: argparse.Namespace, settings: Settings) -> int:

@@ -77,12 +77,18 @@ class ChildMetricFiles(Collector):
 def metrics_directory() -> str:
     """A private, empty directory for the children's metric files."""
     runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    if runtime:
-        path = Path(runtime) / "metrics"
-        shutil.rmtree(path, ignore_errors=True)  # a previous run's files would be summed in
-        path.mkdir(mode=0o700)
-        return str(path)
-    return tempfile.mkdtemp(prefix="minicelery-metrics-")
+    try:
+        if runtime:
+            path = Path(runtime) / "metrics"
+            shutil.rmtree(path, ignore_errors=True)  # a previous run's files would be summed in
+            path.mkdir(mode=0o700)
+            return str(path)
+        return tempfile.mkdtemp(prefix="minicelery-metrics-")
+    except OSError as exc:
+        raise ConfigError(
+            f"worker.concurrency > 1 with metrics needs a writable directory for the children's metrics "
+            f"($RUNTIME_DIRECTORY, else {tempfile.gettempdir()}; in a container, a tmpfs on /tmp): {exc}"
+        ) from exc
 
 
 class PoolCollector(Collector):

@@ -304,3 +304,13 @@ def test_healthz_fails_and_the_watchdog_starves_while_a_child_is_stuck(workers: 
     wait_until(lambda: scrape(port, "/healthz")[0] == 200, 30, "/healthz to recover")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
+
+
+def test_a_single_worker_logs_and_ignores_sighup_instead_of_dying(app: Client, workers: Workers) -> None:
+    proc = workers.start()
+    workers.wait_ready(proc)
+    proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "SIGHUP ignored" in workers.log(proc), 10, "the warning")
+    assert app.tasks["echo"]("alive").start().result(timeout=20) == "alive"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
