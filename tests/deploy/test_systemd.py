@@ -214,3 +214,49 @@ def test_a_missing_credential_file_fails_the_unit_once_with_a_clear_reason(machi
     assert props == {"ActiveState": "failed", "SubState": "failed", "NRestarts": "0", "Result": "exit-code"}, props
     assert "status=243/CREDENTIALS" in machine.run("systemctl", "status", unit).stdout
     assert "Failed to set up credentials" in machine.journal(unit)
+
+
+def test_concurrency_3_starts_three_children_survives_a_killed_one_reloads_and_stop_drains(machine: Machine) -> None:
+    """The shipped unit with `concurrency = 3` under a real systemd: READY=1 once three children
+    are ready; kill -9 of a child gets a new one while the unit stays active (no restart);
+    `systemctl reload` during a stream of tasks replaces every child with no task lost;
+    `systemctl stop` drains them all and the unit ends `success`."""
+    unit, queue, port = "minicelery@pool.service", f"q-{uuid.uuid4().hex[:8]}", free_port()
+    install_instance(machine, "pool", port, queue, concurrency=3, batch_size=1)
+    with RedisServer(port, password=PASSWORD) as server:
+        assert machine.run("systemctl", "start", unit).returncode == 0  # returns on READY=1
+        main = int(machine.show(unit, "MainPID")["MainPID"])
+
+        def children() -> set[int]:
+            return {int(pid) for pid in machine.run("cat", f"/proc/{main}/task/{main}/children").stdout.split()}
+
+        first = children()
+        assert len(first) == 3 and machine.show(unit, "ActiveState")["ActiveState"] == "active"
+        app = client_for(server, queue)
+        assert sorted(h.result(timeout=30) for h in app.start_many([app.tasks["add"](i, 1) for i in range(30)])) == [
+            i + 1 for i in range(30)
+        ]
+        victim = min(first)
+        assert machine.run("/bin/sh", "-c", f"kill -9 {victim}").returncode == 0  # (minbase: no /bin/kill)
+        wait_until(lambda: len(children()) == 3 and victim not in children(), 30, "a new child")
+        wait_until(lambda: "3/3 children ready" in machine.show(unit, "StatusText")["StatusText"], 30, "3 ready")
+        assert machine.show(unit, "ActiveState", "NRestarts") == {"ActiveState": "active", "NRestarts": "0"}
+
+        before = children()
+        handles = app.start_many([app.tasks["pid_after"](0.05) for _ in range(100)])
+        began = time.monotonic()
+        assert machine.run("systemctl", "reload", unit).returncode == 0
+        wait_until(lambda: "reload done" in machine.journal(unit), 60, "the reload to finish")
+        print(f"\nsystemd: reload of 3 children took {time.monotonic() - began:.2f} s")
+        assert len(children()) == 3 and not children() & before  # all replaced
+        assert int(machine.show(unit, "MainPID")["MainPID"]) == main  # the same service, no restart
+        assert len([h.result(timeout=60) for h in handles]) == 100  # none lost
+
+        slow = [app.tasks["sleep_for"](3).start() for _ in range(3)]
+        wait_until(lambda: all(h.state == "running" for h in slow), 30, "a slow task in every child")
+        assert machine.run("systemctl", "stop", unit).returncode == 0
+        assert [h.result(timeout=1) for h in slow] == [3, 3, 3]  # each child finished its task
+        final = machine.show(unit, "ActiveState", "Result", "ExecMainStatus")
+        assert final == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, final
+        assert "Traceback" not in machine.journal(unit)
+        app.broker.close()
