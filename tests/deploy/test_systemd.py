@@ -260,3 +260,26 @@ def test_concurrency_3_starts_three_children_survives_a_killed_one_reloads_and_s
         assert final == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, final
         assert "Traceback" not in machine.journal(unit)
         app.broker.close()
+
+
+def test_with_concurrency_a_hung_child_starves_the_watchdog_and_the_unit_is_restarted(machine: Machine) -> None:
+    unit, queue = "minicelery@poolhang.service", f"q-{uuid.uuid4().hex[:8]}"
+    with RedisServer(password=PASSWORD) as server:
+        # One child holds the GIL in C code: it stops pinging its supervisor, which stops feeding
+        # systemd's watchdog although the other child is fine.
+        install_instance(machine, "poolhang", server.port, queue, concurrency=2, lease_seconds=2.0,
+                         idle_block_max=1.0, default_time_limit=1.0, shutdown_grace=1.0)  # fmt: skip
+        machine.write(f"/etc/systemd/system/{unit}.d/watchdog.conf", "[Service]\nWatchdogSec=3\n")
+        assert machine.run("systemctl", "daemon-reload").returncode == 0
+        assert machine.run("systemctl", "start", unit).returncode == 0
+        first_pid = machine.show(unit, "MainPID")["MainPID"]
+        app = client_for(server, queue)
+        app.tasks["hold_gil"](600).start()
+        wait_until(lambda: "stopped pinging" in machine.journal(unit), 60, "the supervisor to see the hang")
+        wait_until(lambda: "Failed with result 'watchdog'" in machine.journal(unit), 60, "the watchdog to fire")
+        app.broker.purge(queue)  # or the stuck task hangs the next pool too (until dead-lettered)
+        wait_until(lambda: machine.show(unit, "NRestarts")["NRestarts"] != "0", 30, "a restart")
+        wait_until(lambda: machine.show(unit, "ActiveState")["ActiveState"] == "active", 60, "the new pool")
+        assert machine.show(unit, "MainPID")["MainPID"] != first_pid
+        machine.run("systemctl", "stop", unit)
+        app.broker.close()
