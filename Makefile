@@ -37,6 +37,7 @@ bench: $(RUNTIME)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/drain.py
 	$(BIN)/python bench/metrics_overhead.py
+	$(BIN)/python bench/pool.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
