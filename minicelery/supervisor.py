@@ -333,13 +333,12 @@ class Supervisor:
                 self._spawn(slot)
 
     def _reload_step(self) -> None:
-        if self.reload_requested:
+        if self.reload_requested and self.reload_started is None:  # one during a reload: after it
             self.reload_requested = False
-            if self.reload_started is None:
-                log.info("reload: replacing %d worker children one at a time", self.n)
-                self.notifier.reloading()
-                self.reload_started = time.monotonic()
-                self.reload_queue = list(range(self.n))
+            log.info("reload: replacing %d worker children one at a time", self.n)
+            self.notifier.reloading()
+            self.reload_started = time.monotonic()
+            self.reload_queue = list(range(self.n))
         if self.reload_started is None:
             return
         if any(self._replacing(slot) for slot in range(self.n)):

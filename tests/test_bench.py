@@ -44,3 +44,13 @@ def test_minicelery_runs_every_side_by_side_scenario(bench_redis_url: str) -> No
     assert 0 <= scheduled["lateness p50 ms"] <= scheduled["lateness p99 ms"]  # never early
     dag = scenario(bench_redis_url, "dependencies", "20")
     assert dag["completion s"] > 0
+
+
+def test_the_pool_benchmark_runs_every_mode_on_tiny_sizes() -> None:
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench/pool.py"), "--tasks", "200", "--runs", "1", "--pings", "5"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "tasks/s" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["1 process", "-c 2", "2 processes"]
