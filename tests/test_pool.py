@@ -314,3 +314,21 @@ def test_a_single_worker_logs_and_ignores_sighup_instead_of_dying(app: Client, w
     assert app.tasks["echo"]("alive").start().result(timeout=20) == "alive"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
+
+
+def test_a_reload_whose_fresh_child_fails_to_start_keeps_the_old_children_working(
+    app: Client, workers: Workers, tmp_path: Path
+) -> None:
+    module = tmp_path / "deployed_tasks.py"
+    module.write_text("import worktasks  # noqa: F401  (registers the test tasks)\n")
+    path = os.pathsep.join([str(tmp_path), workers.env()["PYTHONPATH"]])
+    proc = start_pool(workers, 2, MINICELERY_TASKS='["deployed_tasks"]', PYTHONPATH=path)
+    old = children(proc)
+    module.write_text("raise RuntimeError('a broken deploy')\n")  # what the fresh child imports
+    proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload abandoned" in workers.log(proc), 30, "the reload to give up")
+    assert "a broken deploy" in workers.log(proc)
+    assert children(proc) == old  # the old children keep working
+    assert app.tasks["echo"]("still here").start().result(timeout=20) == "still here"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
