@@ -126,6 +126,21 @@ class Admin:
             orphan["swept_in_seconds"] = max(0.0, ttl - orphan["waited_seconds"])
         return orphans
 
+    def cancel(self, task_ids: Sequence[str], queue: str | None, *, cascade: bool) -> int:
+        """Cancel each task; exit 0 if every one was cancelled or had already finished."""
+        unknown = 0
+        for task_id in task_ids:
+            handle = self.app.handle(task_id, queue=queue)
+            state = handle.state
+            if state == "unknown":
+                unknown += 1
+                print(f"minicelery: {task_id} is not stored on queue {handle.queue!r}", file=sys.stderr)
+            elif handle.cancel(cascade=cascade, by="cli"):
+                print(f"{task_id} cancelled (it was {state})")
+            else:
+                print(f"{task_id} had already finished ({handle.state}): nothing changed")
+        return EXIT_FAILED if unknown else 0
+
     def retry_dead(self, queues: Sequence[str], task_ids: Sequence[str]) -> int:
         """Put dead letters back: the given ids, or every dead letter of the queues."""
         missing = set(task_ids)

@@ -54,6 +54,7 @@ SCRIPT_NAMES = (
     "revive",
     "watch",
     "orphans",
+    "cancel",
 )
 # A blocking call must end before its connection's socket times out: this much slack.
 BLOCKING_SOCKET_SLACK = 5.0
@@ -390,10 +391,33 @@ class RedisBroker:
     def renew(self, queue: str, task_id: str, token: str, lease_ms: int) -> bool:
         return script_status(self._run("renew", queue_keys(queue), [task_id, token, lease_ms])) is ScriptStatus.OK
 
-    def renew_many(self, leases: Sequence[Lease], lease_ms: int) -> list[bool]:
+    def cancel(self, queue: str, task_ids: Sequence[str], envelope: bytes, by: str) -> list[ScriptStatus]:
+        """Cancel these tasks (cancel.lua; for a cascade, parents before children). Each gets
+        CANCELLED, FINISHED (nothing changed) or UNKNOWN."""
+        keys = queue_keys(queue)
+        args = [int(self.result_ttl * 1000), envelope, by, *task_ids]
+        reply = self._run("cancel", keys, args, extra_keys=[keys.done(i) for i in task_ids])
+        return [script_status(status) for status in reply]
+
+    def descendants(self, queue: str, task_id: str) -> list[str]:
+        """The task's children, theirs, and so on, parents before children (one round trip
+        per generation)."""
+        info = queue_keys(queue).info
+        found: list[str] = []
+        seen = {task_id}
+        generation = [task_id]
+        with translate_errors("read children"):
+            while generation:
+                lists = self.redis.hmget(info, [f"{i}:c" for i in generation])
+                generation = [c for csv in lists if csv for c in _text(csv).split(",") if c not in seen]
+                seen.update(generation)
+                found += generation
+        return found
+
+    def renew_many(self, leases: Sequence[Lease], lease_ms: int) -> list[ScriptStatus]:
         """Renew several (queue, id, token) leases in one pipelined round trip."""
         calls = [("renew", queue_keys(q).as_list(), [task_id, token, lease_ms]) for q, task_id, token in leases]
-        return [script_status(reply) is ScriptStatus.OK for reply in self._pipelined("renew", calls)]
+        return [script_status(reply) for reply in self._pipelined("renew", calls)]
 
     def dead_letters(self, queue: str) -> list[str]:
         """Ids of every task in the queue's dead-letter set, oldest first."""
@@ -525,7 +549,8 @@ class RedisBroker:
             pipe.zcard(keys.running)
             pipe.zcard(keys.dead)
             pipe.zcard(keys.expiry)
-            ready, scheduled, waiting, running, dead, finished = pipe.execute()
+            pipe.hget(keys.info, "#cancelled")
+            ready, scheduled, waiting, running, dead, finished, cancelled = pipe.execute()
         return {
             "ready": ready,
             "scheduled": scheduled,
@@ -533,6 +558,7 @@ class RedisBroker:
             "running": running,
             "dead": dead,
             "finished": finished,
+            "cancelled": int(cancelled or 0),  # (included in finished, kept until their result TTL)
         }
 
     def queue_report(self, queue: str, lease_seconds: float, dead_shown: int = 20) -> dict[str, Any]:

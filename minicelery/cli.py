@@ -104,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
     result.add_argument("--queue", "-q")
     result.add_argument("--timeout", type=_seconds, default=0.0, help="seconds to wait (default: do not wait)")
 
+    cancel = command("cancel", "Cancel tasks not finished yet; exit 0 if each was cancelled or had already finished.")
+    cancel.add_argument("ids", nargs="+", metavar="ID", help="task ids")
+    cancel.add_argument("--queue", "-q", help="their queue (default: the first of worker.queues)")
+    cancel.add_argument("--cascade", action="store_true", help="also cancel their unfinished descendants")
+
     retry_dead = command("retry-dead", "Put dead letters back in their queue to run again.")
     retry_dead.add_argument("ids", nargs="*", metavar="ID", help="task ids (default: every dead letter)")
     retry_dead.add_argument("--queue", "-q", action="append", help="queue (repeatable; default: worker.queues)")
@@ -204,6 +209,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         except TaskNotFound as exc:
             print(f"minicelery: {exc}", file=sys.stderr)
             return EXIT_FAILED
+    if args.command == "cancel":
+        return admin.cancel(args.ids, args.queue, cascade=args.cascade)
     if args.command == "retry-dead":
         return admin.retry_dead(args.queue or settings.worker.queues, args.ids)
     if args.command == "purge":

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import BrokerUnavailable, DependencyError, TaskError, TaskNotFound
-from .records import FINISHED_STATES
+from .errors import BrokerUnavailable, Cancelled, DependencyError, TaskError, TaskNotFound
+from .records import FINISHED_STATES, ScriptStatus
 from .transport import TaskMessage
 
 if TYPE_CHECKING:
@@ -216,11 +216,28 @@ class Task:
 
     @property
     def state(self) -> str:
-        """created (not sent), waiting, scheduled, ready, running, succeeded, failed or unknown."""
+        """created (not sent), waiting, scheduled, ready, running, succeeded, failed, cancelled or unknown."""
         if not self._sent:
             return CREATED
         state, _ = self.definition.app.broker.outcome(self.queue, self.id)
         return state or "unknown"
+
+    def cancel(self, *, cascade: bool = False, by: str = "api") -> bool:
+        """Cancel the task if it has not finished; True if this stopped it.
+
+        A waiting, scheduled or ready task never runs; a running one is interrupted within
+        about a second (Cancelled is raised inside it). Its state becomes "cancelled" and
+        `.result()` raises Cancelled; its children receive Cancelled as that argument, or, with
+        `cascade=True`, are cancelled too, and theirs. A finished task is left as it is
+        (False), except a dead letter, which is cancelled out of the dead letters. The cancel
+        is kept in Redis: it holds even if no worker runs now. `by` is recorded as who did it.
+        """
+        if not self._sent:
+            return False  # never sent: nothing in Redis to cancel
+        broker = self.definition.app.broker
+        ids = [self.id, *(broker.descendants(self.queue, self.id) if cascade else [])]
+        envelope = broker.transport.dumps_error(Cancelled(f"task cancelled (by {by})"))
+        return broker.cancel(self.queue, ids, envelope, by)[0] is ScriptStatus.CANCELLED
 
     def result(self, timeout: float | None = None) -> Any:
         """Block until the task finishes; return its value or raise its error.

@@ -9,6 +9,8 @@ were swept; after every step the data model must hold together:
   holds exactly its waiting tasks,
 - nothing is ready before it is due, a failed task is a dead letter,
 - a late finish changes nothing, and nothing of a task is left once its result TTL has passed,
+- a cancel stops exactly the unfinished tasks (dead letters included) and leaves a cancelled
+  task in no waiting, ready, scheduled or running structure, its children's counts right,
 - the orphan sweep takes exactly the waiting tasks none of whose unfinished parents was sent,
   and a never-started parent lists only children still waiting.
 Time is moved by editing scores (Redis's clock cannot be wound), as a real wait would.
@@ -27,7 +29,7 @@ from minicelery import JSONTransport, RedisBroker
 from minicelery.keys import QueueKeys
 from minicelery.records import Claim, RetryPlan
 
-FINISHED = {b"succeeded", b"failed"}
+FINISHED = {b"succeeded", b"failed", b"cancelled"}
 HOUR_MS = 3_600_000
 
 
@@ -122,9 +124,28 @@ class BrokerModel(RuleBasedStateMachine):
         token = self.stale.pop(task_id)
         before = (self.r.hget(self.keys.result, task_id), self.state(task_id), self.r.zscore(self.keys.dead, task_id))
         status = self.broker.finish(self.queue, task_id, token, succeeded=False, envelope=b'{"late":1}')
-        assert status == ("late" if before[1] is not None else "gone")  # gone: swept since (result TTL)
+        # gone: swept since (result TTL); cancelled: cancel.lua took the lease away
+        assert status == ("gone" if before[1] is None else "cancelled" if before[1] == b"cancelled" else "late")
         after = (self.r.hget(self.keys.result, task_id), self.state(task_id), self.r.zscore(self.keys.dead, task_id))
         assert before == after, "a late finish changed the task"
+
+    @precondition(lambda self: self.parents)
+    @rule(data=st.data(), cascade=st.booleans())
+    def cancel(self, data: st.DataObject, cascade: bool) -> None:
+        task_id = data.draw(st.sampled_from(sorted(self.parents)))
+        state = self.state(task_id)
+        ids = [task_id, *(self.broker.descendants(self.queue, task_id) if cascade else [])]
+        unfinished = {i for i in ids if self.state(i) not in FINISHED or self.r.zscore(self.keys.dead, i) is not None}
+        unfinished = {i for i in unfinished if self.state(i) is not None}
+        statuses = self.broker.cancel(self.queue, ids, b'{"ok":false,"error":{"type":"Cancelled"}}', "prop")
+        expected = "unknown" if state is None else "cancelled" if task_id in unfinished else "finished"
+        assert statuses[0] == expected, (task_id, state, statuses)
+        assert {i for i, s in zip(ids, statuses, strict=True) if s == "cancelled"} == unfinished
+        for cancelled in unfinished:
+            assert self.state(cancelled) == b"cancelled"
+            for tokens in (self.held, self.expiring):  # our lease on it is gone: a finish is refused
+                if cancelled in tokens:
+                    self.stale[cancelled] = tokens.pop(cancelled)
 
     @rule()
     def time_passes(self) -> None:

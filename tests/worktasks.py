@@ -168,10 +168,13 @@ def register(app: Client) -> None:
         return "finally"
 
     @app.task
-    def hold_gil(seconds: int) -> str:
+    def hold_gil(seconds: int, tag: str = "") -> str:
         """Stuck in C code that never returns to Python and holds the GIL (a C extension in a
-        tight loop): neither a signal handler nor the heartbeat thread can run meanwhile."""
+        tight loop): neither a signal handler nor the heartbeat thread can run meanwhile.
+        Records `tag` in Redis just before it goes in."""
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        if tag:
+            _r().set(f"test:in_c:{tag}", 1)
         ctypes.PyDLL(None).sleep(seconds)  # PyDLL: the call keeps the GIL
         return "done"
 
