@@ -177,6 +177,12 @@ class Client:
             worker_overrides["queues"] = list(queues)
         try:
             settings = load_settings(worker=worker_overrides)
+            # The broker was made before these overrides: the ones it uses go to it too.
+            self.broker.configure(
+                result_ttl=settings.worker.result_ttl if "result_ttl" in worker_settings else None,
+                max_block=settings.worker.idle_block_max if "idle_block_max" in worker_settings else None,
+                dead_letter_ttl=settings.worker.dead_letter_ttl if "dead_letter_ttl" in worker_settings else None,
+            )
             if not logging.getLogger().handlers:
                 configure_logging(settings.logging.level, settings.logging.format)
             Worker(self, settings).run()

@@ -154,6 +154,7 @@ class RedisBroker:
         self.max_block = float(max_block)
         options.setdefault("socket_timeout", 5.0)
         options.setdefault("socket_connect_timeout", 5.0)
+        self._options = options
         self.redis = redis.Redis.from_url(url, **options)
         blocking_options = {**options, "socket_timeout": self.max_block + BLOCKING_SOCKET_SLACK}
         # Blocking calls get their own pool whose socket timeout outlasts the longest block.
@@ -161,6 +162,21 @@ class RedisBroker:
         self._scripts: dict[str, Script] = {
             name: self.redis.register_script(_script_source(name)) for name in SCRIPT_NAMES
         }
+
+    def configure(
+        self, *, result_ttl: float | None = None, max_block: float | None = None, dead_letter_ttl: float | None = None
+    ) -> None:
+        """Change what the broker was made with (app.start() overrides); None keeps a value."""
+        if result_ttl is not None:
+            self.result_ttl = float(result_ttl)
+        if dead_letter_ttl is not None:
+            self.dead_letter_ttl = float(dead_letter_ttl)
+        if max_block is not None and max_block != self.max_block:
+            self.max_block = float(max_block)
+            # The blocking connections' socket timeout must outlast the longest block.
+            self.blocking_redis.close()
+            options = {**self._options, "socket_timeout": self.max_block + BLOCKING_SOCKET_SLACK}
+            self.blocking_redis = redis.Redis.from_url(self.url, **options)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisBroker:

@@ -256,7 +256,6 @@ class Task:
             except BrokerUnavailable as exc:
                 backoff = self._wait_for_redis(exc, deadline, backoff)
                 continue
-            backoff = _RECONNECT_FIRST
             if state in FINISHED_STATES and envelope is not None:
                 ok, value = broker.transport.loads_outcome(envelope)
                 if ok:
@@ -269,6 +268,7 @@ class Task:
                 raise TimeoutError(f"{self!r} did not finish within {timeout} s (state: {state})")
             try:
                 broker.wait_done(self.queue, self.id, remaining)
+                backoff = _RECONNECT_FIRST  # a whole round went through: Redis is back
             except BrokerUnavailable as exc:
                 backoff = self._wait_for_redis(exc, deadline, backoff)
 
