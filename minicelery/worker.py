@@ -29,6 +29,7 @@ from .heartbeat import Heartbeat, Running
 from .interrupts import HandBack, StopSignals, TaskAlarm
 from .metrics import MetricsServer, WorkerMetrics
 from .notify import Notifier
+from .periodic import Schedules
 from .runner import Outcome, TaskRunner
 from .settings import Settings
 from .transport import JSONTransport
@@ -116,6 +117,7 @@ class Worker:
         self.metrics.watch_queues(self.broker.depths, self.queues)
         self.metrics.expect_tasks(app.tasks)
         self.metrics.count_running(lambda: 0 if self.running is None else 1)
+        self.schedules = Schedules(app, settings, self.metrics)  # periodic tasks: upsert() and begin()
         self.metrics.info.info(
             {"version": _version(), "queues": ",".join(self.queues), "hostname": socket.gethostname()}
         )
@@ -323,6 +325,8 @@ class Worker:
     # --- running -------------------------------------------------------------------------------
 
     def _run_claim(self, claim: Claim) -> None:
+        if not self.schedules.begin(claim):
+            return  # a schedule's occurrence that is not to run now (periodic.py)
         default_limit = self.settings.worker.default_time_limit
         self.running = Running(claim.queue, claim.id, claim.token, time.monotonic(), default_limit)
 
@@ -650,6 +654,7 @@ class Worker:
             try:
                 self.broker.ping()
                 self.broker.load_scripts()
+                self.schedules.upsert()
                 policy = self.broker.eviction_policy()
                 if policy not in ("noeviction", "unknown"):
                     log.warning(
