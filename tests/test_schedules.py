@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import redis
-from conftest import wait_until
+from conftest import Workers, require_tool, wait_until
 
 from minicelery import Client, RedisBroker
 from minicelery.broker import Claim
@@ -286,3 +286,202 @@ def test_a_schedules_table_overrides_the_code_schedule_of_the_same_name(app: Cli
     settings = load_settings(schedules=[{"task": "nightly", "cron": "0 4 * * *", "tz": "Europe/Berlin"}])
     (spec,) = declared_specs({"nightly": nightly}, settings).values()
     assert (spec.cron, spec.tz, spec.queue) == ("0 4 * * *", "Europe/Berlin", queue)
+
+
+# --- real worker processes ----------------------------------------------------------------------
+
+
+def _schedule_env(tag: str, seconds: float = 0.0, **options: object) -> str:
+    return json.dumps([{"task": "slot_run", "every": 1, "args": [tag, seconds], **options}])
+
+
+def _runs(r: redis.Redis, kind: str, tag: str) -> dict[int, int]:
+    """slot ms -> how many runs of it started (kind "starts") or ended ("ends")."""
+    runs = {}
+    for task_id, count in r.hgetall(f"test:slot_{kind}:{tag}").items():
+        parsed = parse_occurrence(task_id.decode())
+        assert parsed is not None, task_id
+        runs[parsed[1]] = int(count)
+    return runs
+
+
+def _redis_ms(r: redis.Redis) -> int:
+    seconds, micros = r.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _settled(r: redis.Redis, queue: str) -> bool:
+    """Nothing of the queue runs or waits to run (the schedule is paused)."""
+    prefix = f"minicelery:{{{queue}}}:"
+    return r.zcard(prefix + "running") == 0 and r.llen(prefix + "ready") == 0 and r.zcard(prefix + "scheduled") == 0
+
+
+def test_three_workers_run_each_slot_of_a_one_second_schedule_once_though_one_is_killed_mid_run(
+    app: Client, workers: Workers, queue: str, r: redis.Redis
+) -> None:
+    """The exactly-once test: every slot from the first to the last completed once, none
+    twice, none missed. The run the kill interrupted is run again for its slot once its lease
+    expires (delivery is at least once, as for every task): it started twice, ended once. Catch
+    up "all" replays the slots that fell due while that lease held the schedule back (without
+    overlap, a slot waits for the run before it)."""
+    tag = f"exact-{queue}"
+    env = workers.env(MINICELERY_SCHEDULES=_schedule_env(tag, 0.4, catch_up="all"))
+    procs = [workers.start(env=env) for _ in range(3)]
+    for proc in procs:
+        workers.wait_ready(proc)
+    wait_until(lambda: len(_runs(r, "ends", tag)) >= 5, 30, "five slots run")
+
+    def victim() -> tuple[int, int] | None:  # a worker in the middle of a run, and that run's slot
+        held = r.get(f"test:slot_pid:{tag}")
+        if not held:
+            return None
+        pid, task_id = held.decode().split()
+        parsed = parse_occurrence(task_id)
+        return (int(pid), parsed[1]) if parsed and parsed[1] not in _runs(r, "ends", tag) else None
+
+    pid, killed_slot = wait_until(victim, 20, "a run in progress")  # type: ignore[misc]
+    (killed,) = [p for p in procs if p.pid == pid]
+    killed.send_signal(9)
+    killed.wait()
+    wait_until(lambda: len(_runs(r, "ends", tag)) >= 25, 90, "twenty-five slots run")
+    assert upsert(app.broker, _spec_named(app, "slot_run"), paused="1", keep_spec=True)[0] == "paused"
+    wait_until(lambda: _settled(r, queue), 30, "the paused schedule to settle")
+
+    starts, ends = _runs(r, "starts", tag), _runs(r, "ends", tag)
+    slots = sorted(ends)
+    expected = list(range(slots[0], slots[-1] + 1000, 1000))
+    twice = [slot for slot, count in ends.items() if count > 1]
+    missed = sorted(set(expected) - set(ends))
+    restarted = sorted(slot for slot, count in starts.items() if count > 1)
+    print(
+        f"\nexactly-once: slots {len(expected)}, runs completed {sum(ends.values())}, runs started "
+        f"{sum(starts.values())}, duplicates {len(twice)}, misses {len(missed)}, kills 1 (slot {killed_slot}, "
+        f"started {starts.get(killed_slot)}x, completed {ends.get(killed_slot)}x)"
+    )
+    assert twice == [] and missed == []
+    assert set(starts) == set(ends)  # every run started was completed (the killed one by its re-run)
+    assert restarted in ([killed_slot], [])  # only the killed run was started again
+    assert ends[killed_slot] == 1
+
+
+def _spec_named(app: Client, name: str) -> ScheduleSpec:
+    stored = app.broker.schedule_spec(app.default_queue, name)
+    assert stored is not None
+    return ScheduleSpec.from_json(stored)
+
+
+def test_after_every_worker_was_down_across_slots_one_run_stands_for_the_missed_ones(
+    app: Client, workers: Workers, queue: str, r: redis.Redis
+) -> None:
+    tag = f"down-{queue}"
+    env = workers.env(MINICELERY_SCHEDULES=_schedule_env(tag))
+    first = workers.start(env=env)
+    workers.wait_ready(first)
+    wait_until(lambda: len(_runs(r, "ends", tag)) >= 2, 20, "two slots run")
+    first.send_signal(15)
+    assert first.wait(30) == 0
+    pending_slot = int(r.hget(f"minicelery:{{{queue}}}:schedule_state", "slot_run:d") or 0)
+    # Every worker is down while three more slots pass on the Redis clock.
+    wait_until(lambda: _redis_ms(r) > pending_slot + 3000, 10, "three slots to pass")
+    before = set(_runs(r, "ends", tag))
+    second = workers.start(env=env)
+    workers.wait_ready(second)
+    wait_until(lambda: len(set(_runs(r, "ends", tag)) - before) >= 2, 20, "two runs after the restart")
+    after = sorted(set(_runs(r, "ends", tag)) - before)
+    assert after[0] == pending_slot  # the late slot runs once, for all the missed ones
+    assert after[1] - after[0] > 3000  # then the first slot still to come: no burst of the missed
+    missed = int(r.hget(f"minicelery:{{{queue}}}:schedule_state", "slot_run:m") or 0)
+    assert missed == (after[1] - after[0]) // 1000 - 1
+
+
+def test_a_worker_without_the_schedule_neither_removes_nor_changes_it(
+    app: Client, workers: Workers, queue: str, r: redis.Redis
+) -> None:
+    tag = f"keep-{queue}"
+    declaring = workers.start(MINICELERY_SCHEDULES=_schedule_env(tag))
+    workers.wait_ready(declaring)
+    wait_until(lambda: _runs(r, "ends", tag), 20, "a run")
+    spec_before = r.hget(f"minicelery:{{{queue}}}:schedules", "slot_run")
+    other = workers.start()  # deployed without any [[schedules]]
+    workers.wait_ready(other)
+    declaring.send_signal(9)
+    declaring.wait()
+    done = len(_runs(r, "ends", tag))
+    wait_until(lambda: len(_runs(r, "ends", tag)) >= done + 3, 30, "the other worker to run later slots")
+    assert r.hget(f"minicelery:{{{queue}}}:schedules", "slot_run") == spec_before
+
+
+@pytest.mark.parametrize("skew", ["+1d", "-1d"])
+def test_a_worker_with_a_skewed_clock_runs_slots_on_the_redis_clock(
+    app: Client, workers: Workers, queue: str, r: redis.Redis, skew: str
+) -> None:
+    faketime = require_tool("faketime", "apt-get install faketime")
+    tag = f"skew-{queue}"
+    proc = workers.start(wrapper=[faketime, "-f", skew], MINICELERY_SCHEDULES=_schedule_env(tag))
+    workers.wait_ready(proc)
+    wait_until(lambda: len(_runs(r, "ends", tag)) >= 3, 30, "three slots run")
+    slots = sorted(_runs(r, "ends", tag))
+    now = _redis_ms(r)
+    assert all(now - 60_000 < slot <= now for slot in slots), (now, slots)  # not a day off
+    assert slots == list(range(slots[0], slots[-1] + 1000, 1000))
+
+
+def test_an_older_worker_restarting_with_another_definition_wins_without_a_duplicate_slot(
+    app: Client, workers: Workers, queue: str, r: redis.Redis
+) -> None:
+    tag = f"upgrade-{queue}"
+    new = workers.start(MINICELERY_SCHEDULES=_schedule_env(tag, catch_up="skip"))
+    workers.wait_ready(new)
+    wait_until(lambda: _runs(r, "ends", tag), 20, "a run")
+    old = workers.start(MINICELERY_SCHEDULES=_schedule_env(tag))  # the older definition
+    workers.wait_ready(old)
+    assert json.loads(r.hget(f"minicelery:{{{queue}}}:schedules", "slot_run"))["catch_up"] == "one"  # type: ignore[arg-type]
+    done = len(_runs(r, "ends", tag))
+    wait_until(lambda: len(_runs(r, "ends", tag)) >= done + 3, 30, "three more slots")
+    assert r.zcard(f"minicelery:{{{queue}}}:scheduled") <= 1
+    assert all(count == 1 for count in _runs(r, "starts", tag).values())
+
+
+@pytest.mark.parametrize(
+    ("entry", "complaint"),
+    [
+        ({"task": "slot_run", "cron": "0 25 * * *"}, "schedules.0.cron"),
+        ({"task": "slot_run", "cron": "0 3 * * *", "tz": "Nowhere/Atlantis"}, "schedules.0.tz"),
+        ({"task": "slot_run", "cron": "0 3 * * *", "every": 60}, "exactly one of cron and every"),
+        ({"task": "slot_run"}, "exactly one of cron and every"),
+        ({"task": "no_such_task", "every": 60}, "schedules.0: task 'no_such_task' is not registered"),
+    ],
+)
+def test_a_worker_with_a_bad_schedules_table_exits_78_naming_it(
+    workers: Workers, entry: dict[str, object], complaint: str
+) -> None:
+    proc = workers.start(MINICELERY_SCHEDULES=json.dumps([entry]))
+    assert proc.wait(30) == 78
+    log = workers.log(proc)
+    assert complaint in log and "Traceback" not in log, log
+
+
+def test_the_schedules_command_lists_pauses_resumes_runs_and_removes(
+    app: Client, workers: Workers, queue: str, r: redis.Redis
+) -> None:
+    from test_cli import run_cli
+
+    env = workers.env()
+    tag = f"cli-{queue}"
+    upsert(app.broker, ScheduleSpec("nightly", "slot_run", queue, cron="30 2 * * *", tz="Europe/Berlin", args=[tag]))
+    listed = run_cli("schedules", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "nightly: cron 30 2 * * * (Europe/Berlin), task slot_run" in listed.stdout
+    assert " UTC)" in listed.stdout and "last run: never" in listed.stdout
+    assert run_cli("schedules", "pause", "nightly", env=env).returncode == 0
+    rows = json.loads(run_cli("schedules", "--json", env=env).stdout)
+    assert rows[0]["paused"] and rows[0]["next_due_ms"] is None
+    assert run_cli("schedules", "resume", "nightly", env=env).returncode == 0
+    assert json.loads(run_cli("schedules", "--json", env=env).stdout)[0]["next_due_ms"] is not None
+    sent = run_cli("schedules", "run", "nightly", env=env)
+    assert sent.returncode == 0, sent.stderr
+    assert app.handle(sent.stdout.strip()).state == "ready"  # one run now, besides the schedule
+    assert run_cli("schedules", "remove", "nightly", env=env).returncode == 0
+    assert "no schedules" in run_cli("schedules", env=env).stdout
+    missing = run_cli("schedules", "pause", "nightly", env=env)
+    assert missing.returncode == 1 and "no schedule 'nightly'" in missing.stderr
