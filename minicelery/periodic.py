@@ -104,6 +104,8 @@ class Schedules:
         self.metrics = metrics
         if metrics is not None:
             metrics.watch_schedules(lambda queue: schedule_rows(self.broker, queue), settings.worker.queues)
+            for name in self.specs:  # at 0 from the start, so increase() works from the first scrape
+                metrics.schedule_missed.labels(name)
 
     def upsert(self) -> None:
         """Declare this worker's schedules in Redis (at start and after Redis comes back)."""
