@@ -140,9 +140,11 @@ def translate_errors(what: str) -> Iterator[None]:
 
 
 def _script_source(name: str) -> str:
+    """The script with the shared steps it uses prepended: _common.lua for all, and
+    _schedules.lua for the schedule scripts."""
     folder = resources.files("minicelery") / "scripts"
-    common = (folder / "_common.lua").read_text()
-    return common + "\n" + (folder / f"{name}.lua").read_text()
+    shared = ["_common", "_schedules"] if name.startswith("schedule_") else ["_common"]
+    return "\n".join((folder / f"{part}.lua").read_text() for part in [*shared, name])
 
 
 def _text(value: Any) -> str:

@@ -260,17 +260,6 @@ local function make_due(id, due, now, fresh_payload)
   return 'scheduled'
 end
 
--- Delete what is stored for a task that never finished and never will: a schedule's
--- occurrence given up (schedule_*.lua). The caller takes it out of its sorted set first.
-local function forget_task(id)
-  local fields = {}
-  for i, f in ipairs(INFO_FIELDS) do
-    fields[i] = id .. ':' .. f
-  end
-  redis.call('HDEL', K_INFO, unpack(fields))
-  redis.call('HDEL', K_PAYLOAD, id)
-end
-
 -- Give each waiting child (`children`: the parent's "c" field) this parent's envelope;
 -- release those with no parent left, adding their ids to `released`: the caller takes them
 -- out of the waiting set with forget_waiting, once for a whole batch.

@@ -9,7 +9,7 @@
 -- replaced), nothing is written and the worker plans again from the one returned.
 --
 -- KEYS: the queue key set (see _common.lua), then KEYS[15] schedules, KEYS[16] schedule_state
--- (see schedule_upsert.lua)
+-- (see _schedules.lua)
 -- ARGV[1] id         the occurrence claimed
 -- ARGV[2] token      the claim's lease token
 -- ARGV[3] name       its schedule
@@ -30,7 +30,6 @@
 --   {'late', false}     the lease is no longer this worker's (nothing written)
 --   {'removed', false}, {'paused', false}, {'skipped', false}: dropped, not run
 
-local K_SCHEDULES, K_STATE = KEYS[15], KEYS[16]
 local id, token, name, slot = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now = now_ms()
 

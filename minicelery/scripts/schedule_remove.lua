@@ -4,12 +4,11 @@
 -- that still declares the schedule creates it again when it starts.
 --
 -- KEYS: the queue key set (see _common.lua), then KEYS[15] schedules, KEYS[16] schedule_state
--- (see schedule_upsert.lua)
+-- (see _schedules.lua)
 -- ARGV[1] name  schedule name
 --
 -- Returns 1 if the schedule existed, else 0.
 
-local K_SCHEDULES, K_STATE = KEYS[15], KEYS[16]
 local name = ARGV[1]
 local existed = redis.call('HDEL', K_SCHEDULES, name)
 local pending = redis.call('HGET', K_STATE, name .. ':n')

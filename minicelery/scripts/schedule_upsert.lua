@@ -7,13 +7,8 @@
 -- spec's next slot. At most one occurrence is pending per schedule (field n), so workers that
 -- race, or an old and a new version mid-upgrade, never leave two for one schedule.
 --
--- KEYS: the queue key set (see _common.lua), then
---   KEYS[15] schedules       hash  schedule name -> spec (JSON, opaque to Lua)
---   KEYS[16] schedule_state  hash  "<name>:<f>" -> f one of
---                                  n pending occurrence id   d its slot (ms)
---                                  c occurrence last started s its start (ms)   S its slot (ms)
---                                  p "1" while paused         m slots missed (given up), total
---                                  r runs started, total
+-- KEYS: the queue key set (see _common.lua), then KEYS[15] schedules, KEYS[16] schedule_state
+-- (see _schedules.lua)
 -- ARGV[1] name       schedule name
 -- ARGV[2] spec       spec JSON; "" to keep the stored one (the schedule must exist)
 -- ARGV[3] paused     "1" pause, "0" resume, "" leave as it is
@@ -25,7 +20,6 @@
 -- 'replaced' (a changed spec replaced the pending one), 'paused', or 'missing' (ARGV[2] was ""
 -- and there is no such schedule).
 
-local K_SCHEDULES, K_STATE = KEYS[15], KEYS[16]
 local name, spec, paused = ARGV[1], ARGV[2], ARGV[3]
 local next_id, next_slot, payload = ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local now = now_ms()
