@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .app import DEFAULT_QUEUE
 from .broker import Claim, RedisBroker, _text
-from .errors import ConfigError, MiniceleryError
+from .errors import BrokerError, ConfigError, MiniceleryError
 from .schedules import ScheduleSpec, occurrence_id, parse_occurrence
 from .settings import ScheduleSettings, Settings
 from .task import TaskDefinition
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # An occurrence held back by an unfinished earlier run looks again at least this often.
 OVERLAP_RECHECK_MS = 1000
+# How many later slots to try when the next one already ran (Redis's clock went back).
+TAKEN_RETRIES = 20
 
 
 def declared_specs(tasks: Mapping[str, TaskDefinition], settings: Settings) -> dict[str, ScheduleSpec]:
@@ -89,10 +91,15 @@ def upsert(
     """Store `spec` (or, with keep_spec, only change `paused`) and make sure its next
     occurrence exists: the first slot after Redis's now."""
     slot = spec.after(broker.server_time_ms())
-    task_id = occurrence_id(spec.name, slot)
-    payload = occurrence_payload(broker, spec, task_id)
     text = "" if keep_spec else spec.to_json()
-    return broker.schedule_upsert(spec.queue, spec.name, text, task_id, slot, payload, paused=paused)
+    for _ in range(TAKEN_RETRIES):
+        task_id = occurrence_id(spec.name, slot)
+        payload = occurrence_payload(broker, spec, task_id)
+        status, pending = broker.schedule_upsert(spec.queue, spec.name, text, task_id, slot, payload, paused=paused)
+        if status != "taken":
+            return status, pending
+        slot = spec.after(slot)
+    raise BrokerError(f"schedule {spec.name}: the next {TAKEN_RETRIES} slots all ran already")
 
 
 class Schedules:
@@ -125,18 +132,22 @@ class Schedules:
         name, slot = parsed
         own = self.specs.get(name)
         text = own.to_json() if own is not None and own.queue == claim.queue else None
-        for _ in range(3):  # (a spec replaced meanwhile: plan again with the stored one)
+        floor = 0  # the next slot must be later than this (see 'taken')
+        for _ in range(TAKEN_RETRIES):
             if text is None:
                 stored = self.broker.schedule_spec(claim.queue, name)
                 text = "" if stored is None else _text(stored)
-            status, detail = self._begin(claim, name, slot, text)
-            if status != "changed":
+            status, detail = self._begin(claim, name, slot, text, floor)
+            if status == "changed":  # the spec was replaced meanwhile: plan again with the stored one
+                text = _text(detail)
+            elif status == "taken":  # the next slot already ran: plan the one after it
+                floor = int(detail)
+            else:
                 return status == "run"
-            text = _text(detail)
-        log.warning("occurrence %s: its schedule keeps changing; it runs on the next claim", claim.id)
+        log.warning("occurrence %s: its schedule kept changing, or its next slots all ran; not run now", claim.id)
         return False
 
-    def _begin(self, claim: Claim, name: str, slot: int, text: str) -> tuple[str, Any]:
+    def _begin(self, claim: Claim, name: str, slot: int, text: str, floor: int) -> tuple[str, Any]:
         try:
             spec = ScheduleSpec.from_json(text) if text else None
         except (ValueError, TypeError) as exc:
@@ -145,12 +156,17 @@ class Schedules:
         plan_args: list[Any] = [1, "", 0, b"", 0, 1]
         if spec is not None:
             plan = spec.plan(slot, claim.now_ms)
-            next_id = occurrence_id(name, plan.next_slot)
+            next_slot = plan.next_slot
+            while next_slot <= floor:
+                next_slot = spec.after(next_slot)
+            next_id = occurrence_id(name, next_slot)
             payload = occurrence_payload(self.broker, spec, next_id)
-            plan_args = [1 if plan.run else 0, next_id, plan.next_slot, payload, plan.missed, 1 if spec.overlap else 0]
+            plan_args = [1 if plan.run else 0, next_id, next_slot, payload, plan.missed, 1 if spec.overlap else 0]
         args = [claim.id, claim.token, name, slot, text, *plan_args, OVERLAP_RECHECK_MS]
         reply = self.broker.schedule_begin(claim.queue, args)
         status, detail = reply[0], reply[1]
+        if status == "taken":
+            return status, plan_args[2]
         advanced = status == "skipped" or (status == "run" and len(reply) > 2 and int(reply[2]) == 1)
         if spec is not None and advanced and plan.missed and self.metrics is not None:
             self.metrics.schedule_missed.labels(name).inc(plan.missed)

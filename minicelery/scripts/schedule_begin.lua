@@ -27,8 +27,11 @@
 --   {'run', now, advanced}  run it; advanced is 1 if this start created the next occurrence
 --   {'wait', due}       an earlier run still runs: given back, due again then (not run)
 --   {'changed', spec}   the stored spec differs: plan again with it (nothing written)
+--   {'taken', false}    the next slot's occurrence exists already (it ran: Redis's clock went
+--                       back): plan a later one (nothing written)
 --   {'late', false}     the lease is no longer this worker's (nothing written)
---   {'removed', false}, {'paused', false}, {'skipped', false}: dropped, not run
+--   {'removed', false}, {'paused', false}, {'skipped', false}, {'stale', false}: dropped, not run
+--                       (stale: an occurrence neither pending nor started before)
 
 local id, token, name, slot = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now = now_ms()
@@ -62,6 +65,13 @@ if held[3] then
   return { 'paused', false }
 end
 
+if pending ~= id and current ~= id and not getf(id, 'l') and tonumber(getf(id, 'a') or 0) <= 1 then
+  -- Neither the pending occurrence nor a re-run: a stray left ready when its schedule was
+  -- removed (or paused) and declared again, which made a new pending one. It does not run.
+  drop()
+  return { 'stale', false }
+end
+
 if ARGV[11] ~= '1' and current and current ~= id then
   local state = getf(current, 's')
   if state == 'running' or state == 'ready' or state == 'scheduled' then
@@ -82,10 +92,11 @@ end
 
 if pending == id then
   local next_id, next_slot = ARGV[7], tonumber(ARGV[8])
-  if not getf(next_id, 's') then
-    redis.call('HSET', K_PAYLOAD, next_id, ARGV[9])
-    make_due(next_id, math.max(now, next_slot), now, ARGV[9])
+  if getf(next_id, 's') then
+    return { 'taken', false } -- that slot ran or runs already (a clock that went back): plan a later one
   end
+  redis.call('HSET', K_PAYLOAD, next_id, ARGV[9])
+  make_due(next_id, math.max(now, next_slot), now, ARGV[9])
   redis.call('HSET', K_STATE, name .. ':n', next_id, name .. ':d', next_slot)
   if tonumber(ARGV[10]) > 0 then
     redis.call('HINCRBY', K_STATE, name .. ':m', ARGV[10])

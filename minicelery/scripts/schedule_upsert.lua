@@ -17,12 +17,17 @@
 -- ARGV[6] payload    that occurrence's task payload (JSON)
 --
 -- Returns {status, pending id or false}: status 'created', 'kept' (one was pending already),
--- 'replaced' (a changed spec replaced the pending one), 'paused', or 'missing' (ARGV[2] was ""
--- and there is no such schedule).
+-- 'replaced' (a changed spec replaced the pending one), 'paused', 'missing' (ARGV[2] was ""
+-- and there is no such schedule), or 'taken' (next_id exists and is not the pending one: it
+-- ran or runs already; nothing written, and the caller asks again with a later slot).
 
 local name, spec, paused = ARGV[1], ARGV[2], ARGV[3]
 local next_id, next_slot, payload = ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local now = now_ms()
+
+if getf(next_id, 's') and redis.call('HGET', K_STATE, name .. ':n') ~= next_id then
+  return { 'taken', false } -- that slot ran already (a clock that went back): plan a later one
+end
 
 local stored = redis.call('HGET', K_SCHEDULES, name)
 if spec == '' then
@@ -72,9 +77,7 @@ if pending_state then
   status = 'replaced'
 end
 
-if not getf(next_id, 's') then -- (a finished occurrence of that slot is never made again)
-  redis.call('HSET', K_PAYLOAD, next_id, payload)
-  make_due(next_id, math.max(now, next_slot), now, payload)
-end
+redis.call('HSET', K_PAYLOAD, next_id, payload) -- (next_id is new: see 'taken' above)
+make_due(next_id, math.max(now, next_slot), now, payload)
 redis.call('HSET', K_STATE, name .. ':n', next_id, name .. ':d', next_slot)
 return { status, next_id }
