@@ -44,13 +44,16 @@ def periodic(bench: Bench, workers: int, seconds: float, every: float) -> dict[s
     late.sort()
     gaps = [ms for _, ms in late[2:]]  # not the first slots, which start-up may hold up
     slots = [slot for slot, _ in late]
-    contiguous = slots == list(range(slots[0], slots[-1] + 1, round(every * 1000)))
+    every_ms = round(every * 1000)
+    expected = set(range(slots[0], slots[-1] + 1, every_ms))
     return {
         "slots": float(len(gaps)),
         "p50 ms": statistics.median(gaps),
         "p99 ms": statistics.quantiles(gaps, n=100, method="inclusive")[98],
         "max ms": max(gaps),
-        "every slot once": float(contiguous),
+        # slots with no run of their own: a run started over a slot late, and catch-up "one"
+        # (the default) let it stand for the next (counted in minicelery_schedule_missed_slots)
+        "slots collapsed": float(len(expected - set(slots))),
     }
 
 
@@ -73,8 +76,8 @@ def main() -> None:
     for workers, runs in results.items():
         p50 = statistics.median(r["p50 ms"] for r in runs)
         p99 = statistics.median(r["p99 ms"] for r in runs)
-        ok = all(r["every slot once"] for r in runs)
-        print(f"  {workers} worker(s): lateness p50 {p50:.2f} ms, p99 {p99:.2f} ms; every slot run once: {ok}")
+        collapsed = sum(r["slots collapsed"] for r in runs)
+        print(f"  {workers} worker(s): lateness p50 {p50:.2f} ms, p99 {p99:.2f} ms; slots collapsed {collapsed:g}")
 
 
 if __name__ == "__main__":
