@@ -55,6 +55,9 @@ SCRIPT_NAMES = (
     "watch",
     "orphans",
     "cancel",
+    "schedule_upsert",
+    "schedule_begin",
+    "schedule_remove",
 )
 # A blocking call must end before its connection's socket times out: this much slack.
 BLOCKING_SOCKET_SLACK = 5.0
@@ -100,9 +103,11 @@ def translate_errors(what: str) -> Iterator[None]:
 
 
 def _script_source(name: str) -> str:
+    """The script with the shared steps it uses prepended: _common.lua for all, and
+    _schedules.lua for the schedule scripts."""
     folder = resources.files("minicelery") / "scripts"
-    common = (folder / "_common.lua").read_text()
-    return common + "\n" + (folder / f"{name}.lua").read_text()
+    shared = ["_common", "_schedules"] if name.startswith("schedule_") else ["_common"]
+    return "\n".join((folder / f"{part}.lua").read_text() for part in [*shared, name])
 
 
 def _text(value: Any) -> str:
@@ -551,6 +556,58 @@ class RedisBroker:
         timeout = max(0.001, min(timeout, self.max_block))
         with translate_errors("BLMOVE"):
             return self.blocking_redis.blmove(key, key, timeout, "RIGHT", "LEFT") is not None  # type: ignore[arg-type]
+
+    # --- schedules (see periodic.py and scripts/schedule_*.lua) --------------------------------
+
+    def server_time_ms(self) -> int:
+        """Now on the Redis clock, in ms: the one clock slots are computed on."""
+        with translate_errors("TIME"):
+            seconds, micros = self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def schedule_upsert(
+        self, queue: str, name: str, spec: str, next_id: str, next_slot: int, payload: bytes, *, paused: str = ""
+    ) -> tuple[str, str | None]:
+        """Declare (spec) or pause/resume (paused "1"/"0", spec "" to keep the stored one) a
+        schedule and make sure its next occurrence exists; see schedule_upsert.lua."""
+        keys = queue_keys(queue)
+        args = [name, spec, paused, next_id, next_slot, payload]
+        status, pending = self._run("schedule_upsert", keys, args, keys.schedule_keys())
+        return _text(status), (_text(pending) if pending else None)
+
+    def schedule_begin(self, queue: str, args: Sequence[Any]) -> list[Any]:
+        """Start a claimed occurrence (ARGV of schedule_begin.lua); returns its reply, the
+        status (text) first."""
+        keys = queue_keys(queue)
+        reply = self._run("schedule_begin", keys, args, keys.schedule_keys())
+        return [_text(reply[0]), *reply[1:]]
+
+    def schedule_remove(self, queue: str, name: str) -> bool:
+        keys = queue_keys(queue)
+        return int(self._run("schedule_remove", keys, [name], keys.schedule_keys())) == 1
+
+    def schedule_spec(self, queue: str, name: str) -> bytes | None:
+        with translate_errors("read schedule"):
+            return self.redis.hget(queue_keys(queue).schedules, name)  # type: ignore[return-value]
+
+    def schedule_table(self, queue: str) -> tuple[int, dict[str, bytes], dict[str, bytes]]:
+        """(Redis now ms, name -> spec JSON, state field -> value) of a queue's schedules, plus
+        the state of each last-started occurrence as state field "<name>:o"."""
+        keys = queue_keys(queue)
+        with translate_errors("read schedules"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.time()
+            pipe.hgetall(keys.schedules)
+            pipe.hgetall(keys.schedule_state)
+            (seconds, micros), specs, state = pipe.execute()
+            specs = {_text(k): v for k, v in specs.items()}
+            state = {_text(k): v for k, v in state.items()}
+            current = {name: _text(state[f"{name}:c"]) for name in specs if f"{name}:c" in state}
+            if current:
+                outcomes = self.redis.hmget(keys.info, [f"{task_id}:s" for task_id in current.values()])
+                for name, outcome in zip(current, outcomes, strict=True):
+                    state[f"{name}:o"] = outcome or b"expired"
+        return int(seconds) * 1000 + int(micros) // 1000, specs, state
 
     # --- inspection ----------------------------------------------------------------------------
 

@@ -117,6 +117,16 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--queue", "-q", action="append")
     purge.add_argument("--yes", "-y", action="store_true", help="do not ask")
 
+    schedules = command(
+        "schedules",
+        "List the periodic schedules (no ACTION), or pause, resume, run (once now, besides the schedule) "
+        "or remove (for good: also drop it from the code or config that declares it) the one named.",
+    )
+    schedules.add_argument("action", nargs="?", choices=["pause", "resume", "run", "remove"], metavar="ACTION")
+    schedules.add_argument("name", nargs="?", metavar="NAME", help="schedule name (with ACTION)")
+    schedules.add_argument("--queue", "-q", action="append", help="queue (repeatable; default: worker.queues)")
+    schedules.add_argument("--json", action="store_true", help="print JSON (the list)")
+
     health = command("health", "Ask the local worker's /healthz (or /readyz); exit 0 if it answers 200.")
     health.add_argument("--ready", action="store_true", help="ask /readyz: Redis reachable and tasks loaded")
     health.add_argument("--timeout", type=_seconds, default=3.0, help="seconds to wait for the answer")
@@ -213,6 +223,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return admin.cancel(args.ids, args.queue, cascade=args.cascade)
     if args.command == "retry-dead":
         return admin.retry_dead(args.queue or settings.worker.queues, args.ids)
+    if args.command == "schedules":
+        if args.action and not args.name:
+            print(f"minicelery: schedules {args.action} needs a schedule NAME", file=sys.stderr)
+            return 2
+        queues = args.queue or settings.worker.queues
+        if args.action:
+            return admin.schedule_action(args.action, args.name, queues)
+        return admin.schedules(queues, as_json=args.json)
     if args.command == "purge":
         return admin.purge(args.queue or settings.worker.queues, assume_yes=args.yes)
     raise AssertionError(args.command)

@@ -51,6 +51,42 @@ class QueueDepthCollector(Collector):
         yield family
 
 
+class ScheduleCollector(Collector):
+    """Each schedule's state, read from Redis at scrape time (one round trip per queue): every
+    worker exports the same values, so `max by (schedule)` works whichever worker ran it."""
+
+    def __init__(self, rows: Callable[[str], list[dict[str, Any]]], queues: Iterable[str]) -> None:
+        self.rows = rows
+        self.queues = list(queues)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["queue", "schedule"]
+        last = GaugeMetricFamily(
+            "minicelery_schedule_last_start_timestamp_seconds", "When a schedule's last run started", labels=labels
+        )
+        due = GaugeMetricFamily(
+            "minicelery_schedule_next_due_timestamp_seconds", "When a schedule's next slot falls due", labels=labels
+        )
+        interval = GaugeMetricFamily(
+            "minicelery_schedule_interval_seconds", "Seconds between a schedule's next two slots", labels=labels
+        )
+        paused = GaugeMetricFamily("minicelery_schedule_paused", "1 while a schedule is paused", labels=labels)
+        for queue in self.queues:
+            try:
+                rows = self.rows(queue)
+            except BrokerError:
+                continue
+            for row in rows:
+                key = [queue, row["name"]]
+                if row["last_start_ms"] is not None:
+                    last.add_metric(key, row["last_start_ms"] / 1000)
+                if row["next_due_ms"] is not None:
+                    due.add_metric(key, row["next_due_ms"] / 1000)
+                interval.add_metric(key, row["interval_ms"] / 1000)
+                paused.add_metric(key, 1 if row["paused"] else 0)
+        yield from (last, due, interval, paused)
+
+
 @dataclass(frozen=True)
 class TaskSeries:
     """One (queue, task)'s labelled children, looked up once: labels() costs ~3 µs a call, a
@@ -103,6 +139,16 @@ class WorkerMetrics:
             "Tasks whose name no task module of this worker registers, given back for a worker that has it",
             ["queue"], registry=r,
         )  # fmt: skip
+        self.schedule_lag = Histogram(
+            "minicelery_schedule_lag_seconds",
+            "Seconds from a schedule's slot to the start of its run",
+            ["schedule"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.schedule_missed = Counter(
+            "minicelery_schedule_missed_slots",
+            "Slots of a schedule given up by its catch-up policy (no run for them)",
+            ["schedule"], registry=r,
+        )  # fmt: skip
         self.in_progress = Gauge("minicelery_tasks_in_progress", "Tasks running in this worker now", registry=r)
         self._series: dict[tuple[str, str], TaskSeries] = {}
         self.redis_errors = Counter("minicelery_redis_errors", "Redis calls that failed", registry=r)
@@ -140,6 +186,9 @@ class WorkerMetrics:
         for queue in queues:
             self.handoffs.labels(queue)  # at 0 from the start, like the outcomes
             self.unknown_tasks.labels(queue)
+
+    def watch_schedules(self, rows: Callable[[str], list[dict[str, Any]]], queues: Iterable[str]) -> None:
+        self.registry.register(ScheduleCollector(rows, queues))
 
 
 class _QuietHandler(WSGIRequestHandler):

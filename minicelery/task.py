@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import BrokerUnavailable, Cancelled, DependencyError, TaskError, TaskNotFound
 from .records import FINISHED_STATES, ScriptStatus
+from .schedules import ScheduleSpec
 from .transport import TaskMessage
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class TaskDefinition:
     retry_backoff: float = 1.0  # seconds before the first retry; doubles each time
     retry_backoff_max: float = 600.0
     retry_jitter: bool = True
+    schedule: ScheduleSpec | None = None  # @app.periodic: when it runs by itself
 
     def __call__(self, *args: Any, **kwargs: Any) -> Task:
         return Task(self, args, kwargs)

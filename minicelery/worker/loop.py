@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from ..errors import BrokerError, ConfigError, MiniceleryError, TaskTimeout, UnknownTask
 from ..interrupts import HandBack, StopSignals, TaskAlarm, signals_captured
 from ..notify import Notifier
+from ..periodic import Schedules
 from ..records import Claim, FinishItem, Lease, Running, ScriptStatus
 from ..runner import TaskRunner
 from ..settings import Settings
@@ -53,7 +54,9 @@ class Worker:
         self.running: Running | None = None  # read by the heartbeat thread
         self.metrics = build_metrics(app.tasks, self.broker, self.queues, lambda: self.running)
         self.observer = Observer(app.tasks, settings, self.notifier, self.metrics)
-        self.connection = Connection(self.broker, self.signals, self.observer, w.reconnect_max_delay)
+        self.connection = Connection(
+            self.broker, self.signals, self.observer, w.reconnect_max_delay, on_connect=lambda: self.schedules.upsert()
+        )
         self.results = ResultBuffer(
             self.broker, self.observer, self.signals, self.connection.sleep,
             batch=w.batch_size, retry_max_delay=w.reconnect_max_delay,
@@ -65,6 +68,7 @@ class Worker:
             sleep_until=self.connection.sleep_until, stopping=lambda: self.signals.requested,
         )  # fmt: skip
         self.upkeep = Upkeep(self.broker, w, self.metrics)
+        self.schedules = Schedules(app, settings, self.metrics)  # periodic tasks: upsert() and begin()
         # Tasks held here (claimed, not started) whose cancel the heartbeat learned of: not run.
         self.cancelled_ids: set[str] = set()
 
@@ -149,6 +153,8 @@ class Worker:
             self.cancelled_ids.discard(claim.id)  # cancel.lua finished it: nothing to store
             self.observer.cancelled_unstarted(self.runner.name_of(claim))
             return
+        if not self.schedules.begin(claim):
+            return  # a schedule's occurrence that is not to run now (periodic.py)
         default_limit = self.settings.worker.default_time_limit
         self.running = Running(claim.queue, claim.id, claim.token, time.monotonic(), default_limit)
 
