@@ -240,11 +240,18 @@ def _check_config(settings: Settings) -> int:
     """Print the effective settings; import the task modules, as a worker would, so a module
     that fails to import fails here too (exit 78)."""
     from .loader import NO_TASKS_HINT, load_task_modules
+    from .periodic import declared_specs
 
     tasks = load_task_modules(settings.tasks) if settings.tasks else {}
+    schedules = declared_specs(tasks, settings) if tasks else {}  # an unknown [[schedules]] task: 78
     print(json.dumps(settings.masked(), indent=2))
     if tasks:
         print(f"tasks: {', '.join(sorted(tasks))}", file=sys.stderr)
+    for spec in schedules.values():
+        print(
+            f"schedule {spec.name}: task {spec.task}, {spec.describe()} ({spec.tz}), queue {spec.queue}",
+            file=sys.stderr,
+        )
     else:
         print(f"no task modules configured (a worker needs them: {NO_TASKS_HINT})", file=sys.stderr)
     return EXIT_OK

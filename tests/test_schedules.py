@@ -485,3 +485,13 @@ def test_the_schedules_command_lists_pauses_resumes_runs_and_removes(
     assert "no schedules" in run_cli("schedules", env=env).stdout
     missing = run_cli("schedules", "pause", "nightly", env=env)
     assert missing.returncode == 1 and "no schedule 'nightly'" in missing.stderr
+
+
+def test_check_config_lists_the_schedules_and_rejects_one_for_an_unregistered_task(workers: Workers) -> None:
+    from test_cli import run_cli
+
+    good = run_cli("check-config", env=workers.env(MINICELERY_SCHEDULES=_schedule_env("x")))
+    assert good.returncode == 0, good.stderr
+    assert "schedule slot_run: task slot_run, every 1s (UTC)" in good.stderr
+    bad = run_cli("check-config", env=workers.env(MINICELERY_SCHEDULES='[{"task": "nope", "every": 5}]'))
+    assert bad.returncode == 78 and "schedules.0: task 'nope' is not registered" in bad.stderr
