@@ -51,7 +51,7 @@ class Bench:
 
         app = Client(RedisBroker(JSONTransport(), url=self.url, max_block=1), default_queue=queue)
         Client.instances.remove(app)
-        for name in ("noop", "stamp", "node"):
+        for name in ("noop", "stamp", "node", "sleep_until_cancelled"):
             definition = scenarios.app.tasks[name]
             app.task(name=name)(definition.fn)
         return app

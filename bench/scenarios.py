@@ -23,3 +23,19 @@ def stamp() -> float:
 @app.task
 def node(*inputs: object) -> int:
     return len(inputs)
+
+
+@app.task
+def sleep_until_cancelled(key: str) -> None:
+    """Marks that it started (a Redis SET, on the worker's own settings), then sleeps: a
+    cancel interrupts it; its `finally` records when it stopped."""
+    import redis
+
+    from minicelery.settings import load_settings
+
+    client = redis.Redis.from_url(load_settings().redis.url)
+    client.set(f"{key}:started", time.time())
+    try:
+        time.sleep(600)
+    finally:
+        client.set(f"{key}:stopped", time.time())

@@ -13,6 +13,7 @@ from .broker import RedisBroker
 from .errors import (
     BrokerError,
     BrokerUnavailable,
+    Cancelled,
     ConfigError,
     DependencyError,
     DuplicateTaskError,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BrokerError",
     "BrokerUnavailable",
+    "Cancelled",
     "Client",
     "ConfigError",
     "DependencyError",

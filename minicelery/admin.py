@@ -6,15 +6,20 @@ import dataclasses
 import datetime as dt
 import json
 import sys
+import uuid
 from collections.abc import Sequence
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from .app import DEFAULT_QUEUE, Client
 from .broker import RedisBroker
 from .errors import TaskNotFound
 from .loader import load_task_modules
+from .periodic import schedule_rows, upsert
 from .records import FINISHED_STATES
+from .schedules import ScheduleSpec
 from .settings import Settings
+from .transport import TaskMessage
 
 EXIT_FAILED = 1  # the task failed, or there is no such task
 EXIT_NOT_FINISHED = 75  # EX_TEMPFAIL: the task has not finished yet; ask again later
@@ -126,6 +131,21 @@ class Admin:
             orphan["swept_in_seconds"] = max(0.0, ttl - orphan["waited_seconds"])
         return orphans
 
+    def cancel(self, task_ids: Sequence[str], queue: str | None, *, cascade: bool) -> int:
+        """Cancel each task; exit 0 if every one was cancelled or had already finished."""
+        unknown = 0
+        for task_id in task_ids:
+            handle = self.app.handle(task_id, queue=queue)
+            state = handle.state
+            if state == "unknown":
+                unknown += 1
+                print(f"minicelery: {task_id} is not stored on queue {handle.queue!r}", file=sys.stderr)
+            elif handle.cancel(cascade=cascade, by="cli"):
+                print(f"{task_id} cancelled (it was {state})")
+            else:
+                print(f"{task_id} had already finished ({handle.state}): nothing changed")
+        return EXIT_FAILED if unknown else 0
+
     def retry_dead(self, queues: Sequence[str], task_ids: Sequence[str]) -> int:
         """Put dead letters back: the given ids, or every dead letter of the queues."""
         missing = set(task_ids)
@@ -138,6 +158,50 @@ class Admin:
         for task_id in sorted(missing):
             print(f"minicelery: {task_id} is not a dead letter on {', '.join(queues)}", file=sys.stderr)
         return 1 if missing else 0
+
+    def schedules(self, queues: Sequence[str], *, as_json: bool) -> int:
+        """List every schedule of the queues: spec, zone, next due, last run, paused."""
+        rows = [row for queue in queues for row in schedule_rows(self.broker, queue)]
+        if as_json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        if not rows:
+            print(f"no schedules on {', '.join(queues)}")
+            return 0
+        for row in rows:
+            paused = "  PAUSED" if row["paused"] else ""
+            print(f"{row['name']}: {row['spec']} ({row['tz']}), task {row['task']}, queue {row['queue']}{paused}")
+            due = row["next_due_ms"]
+            print(f"  next due: {_both_zones(due, row['tz']) if due is not None else 'none pending'}")
+            if row["last_start_ms"] is None:
+                print("  last run: never")
+            else:
+                print(f"  last run: {_both_zones(row['last_start_ms'], row['tz'])}, {row['last_outcome']}")
+            policies = f"catch-up {row['catch_up']}, overlap {'allowed' if row['overlap'] else 'no'}"
+            print(f"  runs {row['runs']}, missed slots {row['missed']}, {policies}")
+        return 0
+
+    def schedule_action(self, action: str, name: str, queues: Sequence[str]) -> int:
+        """pause, resume, run or remove the schedule `name` (found on one of the queues)."""
+        for queue in queues:
+            stored = self.broker.schedule_spec(queue, name)
+            if stored is None:
+                continue
+            spec = ScheduleSpec.from_json(stored)
+            if action == "remove":
+                self.broker.schedule_remove(queue, name)
+                print(f"schedule {name} removed from queue {queue}")
+            elif action == "run":
+                message = TaskMessage(uuid.uuid4().hex, spec.task, list(spec.args), dict(spec.kwargs))
+                message = dataclasses.replace(message, time_limit=spec.time_limit, retries=spec.retries)
+                self.broker.enqueue(queue, message.id, self.broker.transport.dumps_message(message))
+                print(message.id)
+            else:
+                status, pending = upsert(self.broker, spec, paused="1" if action == "pause" else "0", keep_spec=True)
+                print(f"schedule {name} on queue {queue}: {status}{f', next {pending}' if pending else ''}")
+            return 0
+        print(f"minicelery: no schedule {name!r} on {', '.join(queues)}", file=sys.stderr)
+        return EXIT_FAILED
 
     def purge(self, queues: Sequence[str], *, assume_yes: bool) -> int:
         if not assume_yes:
@@ -180,3 +244,10 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def _both_zones(ms: int, zone: str) -> str:
+    """A time in the schedule's zone and in UTC: 2030-01-27 03:00 CET (02:00 UTC)."""
+    at = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+    local = at.astimezone(ZoneInfo(zone))
+    return f"{local:%Y-%m-%d %H:%M:%S %Z} ({at:%Y-%m-%d %H:%M:%S} UTC)"

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, overload
 from .broker import RedisBroker
 from .errors import ConfigError, DuplicateTaskError, Retry
 from .keys import check_queue_name
+from .schedules import ScheduleSpec, every_ms
 from .task import Task, TaskDefinition, attach
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,55 @@ class Client:
 
         return register(fn) if fn is not None else register
 
+    def periodic(
+        self,
+        *,
+        cron: str | None = None,
+        every: float | dt.timedelta | None = None,
+        tz: str = "UTC",
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        overlap: bool = False,
+        catch_up: str = "one",
+        **task_options: Any,
+    ) -> Callable[[Callable[..., Any]], TaskDefinition]:
+        """Register a task that also runs by itself: `@app.periodic(cron="0 3 * * *",
+        tz="Europe/Berlin")` or `@app.periodic(every=30)` (seconds or a timedelta).
+
+        Each slot runs once, on whichever worker of the task's queue is free (no scheduler
+        process): the schedule lives in Redis, declared there by every worker that imports
+        it. `args`/`kwargs` are the call's arguments; the other options are `@app.task`'s
+        (name, queue, retries, time_limit, ...). `overlap=True` lets a slot start while the
+        previous run still runs; `catch_up` says what runs for slots missed while no worker
+        was up: "one" run (the default), "all" of them, or "skip" them. The schedule's name is
+        the task's. The result is a task like any other: it can be called and started by hand.
+        """
+        every_in_ms = None if every is None else every_ms(every)
+        # Checked here, at import time, before the task is registered.
+        ScheduleSpec("check", "check", self.default_queue, cron, every_in_ms, tz, overlap=overlap, catch_up=catch_up)
+
+        def register(function: Callable[..., Any]) -> TaskDefinition:
+            definition = self.task(**task_options)(function)
+            spec = ScheduleSpec(
+                name=definition.name,
+                task=definition.name,
+                queue=definition.queue,
+                cron=cron,
+                every_ms=every_in_ms,
+                tz=tz,
+                args=list(args),
+                kwargs=dict(kwargs or {}),
+                overlap=overlap,
+                catch_up=catch_up,
+                time_limit=definition.time_limit,
+                retries=definition.retries,
+            )
+            definition = dataclasses.replace(definition, schedule=spec)
+            self.tasks[definition.name] = definition
+            return definition
+
+        return register
+
     def send_task(
         self,
         name: str,
@@ -177,6 +227,12 @@ class Client:
             worker_overrides["queues"] = list(queues)
         try:
             settings = load_settings(worker=worker_overrides)
+            # The broker was made before these overrides: the ones it uses go to it too.
+            self.broker.configure(
+                result_ttl=settings.worker.result_ttl if "result_ttl" in worker_settings else None,
+                max_block=settings.worker.idle_block_max if "idle_block_max" in worker_settings else None,
+                dead_letter_ttl=settings.worker.dead_letter_ttl if "dead_letter_ttl" in worker_settings else None,
+            )
             if not logging.getLogger().handlers:
                 configure_logging(settings.logging.level, settings.logging.format)
             Worker(self, settings).run()

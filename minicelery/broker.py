@@ -54,6 +54,10 @@ SCRIPT_NAMES = (
     "revive",
     "watch",
     "orphans",
+    "cancel",
+    "schedule_upsert",
+    "schedule_begin",
+    "schedule_remove",
 )
 # A blocking call must end before its connection's socket times out: this much slack.
 BLOCKING_SOCKET_SLACK = 5.0
@@ -99,9 +103,11 @@ def translate_errors(what: str) -> Iterator[None]:
 
 
 def _script_source(name: str) -> str:
+    """The script with the shared steps it uses prepended: _common.lua for all, and
+    _schedules.lua for the schedule scripts."""
     folder = resources.files("minicelery") / "scripts"
-    common = (folder / "_common.lua").read_text()
-    return common + "\n" + (folder / f"{name}.lua").read_text()
+    shared = ["_common", "_schedules"] if name.startswith("schedule_") else ["_common"]
+    return "\n".join((folder / f"{part}.lua").read_text() for part in [*shared, name])
 
 
 def _text(value: Any) -> str:
@@ -153,6 +159,7 @@ class RedisBroker:
         self.max_block = float(max_block)
         options.setdefault("socket_timeout", 5.0)
         options.setdefault("socket_connect_timeout", 5.0)
+        self._options = options
         self.redis = redis.Redis.from_url(url, **options)
         blocking_options = {**options, "socket_timeout": self.max_block + BLOCKING_SOCKET_SLACK}
         # Blocking calls get their own pool whose socket timeout outlasts the longest block.
@@ -160,6 +167,21 @@ class RedisBroker:
         self._scripts: dict[str, Script] = {
             name: self.redis.register_script(_script_source(name)) for name in SCRIPT_NAMES
         }
+
+    def configure(
+        self, *, result_ttl: float | None = None, max_block: float | None = None, dead_letter_ttl: float | None = None
+    ) -> None:
+        """Change what the broker was made with (app.start() overrides); None keeps a value."""
+        if result_ttl is not None:
+            self.result_ttl = float(result_ttl)
+        if dead_letter_ttl is not None:
+            self.dead_letter_ttl = float(dead_letter_ttl)
+        if max_block is not None and max_block != self.max_block:
+            self.max_block = float(max_block)
+            # The blocking connections' socket timeout must outlast the longest block.
+            self.blocking_redis.close()
+            options = {**self._options, "socket_timeout": self.max_block + BLOCKING_SOCKET_SLACK}
+            self.blocking_redis = redis.Redis.from_url(self.url, **options)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisBroker:
@@ -390,10 +412,33 @@ class RedisBroker:
     def renew(self, queue: str, task_id: str, token: str, lease_ms: int) -> bool:
         return script_status(self._run("renew", queue_keys(queue), [task_id, token, lease_ms])) is ScriptStatus.OK
 
-    def renew_many(self, leases: Sequence[Lease], lease_ms: int) -> list[bool]:
+    def cancel(self, queue: str, task_ids: Sequence[str], envelope: bytes, by: str) -> list[ScriptStatus]:
+        """Cancel these tasks (cancel.lua; for a cascade, parents before children). Each gets
+        CANCELLED, FINISHED (nothing changed) or UNKNOWN."""
+        keys = queue_keys(queue)
+        args = [int(self.result_ttl * 1000), envelope, by, *task_ids]
+        reply = self._run("cancel", keys, args, extra_keys=[keys.done(i) for i in task_ids])
+        return [script_status(status) for status in reply]
+
+    def descendants(self, queue: str, task_id: str) -> list[str]:
+        """The task's children, theirs, and so on, parents before children (one round trip
+        per generation)."""
+        info = queue_keys(queue).info
+        found: list[str] = []
+        seen = {task_id}
+        generation = [task_id]
+        with translate_errors("read children"):
+            while generation:
+                lists = self.redis.hmget(info, [f"{i}:c" for i in generation])
+                generation = [c for csv in lists if csv for c in _text(csv).split(",") if c not in seen]
+                seen.update(generation)
+                found += generation
+        return found
+
+    def renew_many(self, leases: Sequence[Lease], lease_ms: int) -> list[ScriptStatus]:
         """Renew several (queue, id, token) leases in one pipelined round trip."""
         calls = [("renew", queue_keys(q).as_list(), [task_id, token, lease_ms]) for q, task_id, token in leases]
-        return [script_status(reply) is ScriptStatus.OK for reply in self._pipelined("renew", calls)]
+        return [script_status(reply) for reply in self._pipelined("renew", calls)]
 
     def dead_letters(self, queue: str) -> list[str]:
         """Ids of every task in the queue's dead-letter set, oldest first."""
@@ -512,6 +557,58 @@ class RedisBroker:
         with translate_errors("BLMOVE"):
             return self.blocking_redis.blmove(key, key, timeout, "RIGHT", "LEFT") is not None  # type: ignore[arg-type]
 
+    # --- schedules (see periodic.py and scripts/schedule_*.lua) --------------------------------
+
+    def server_time_ms(self) -> int:
+        """Now on the Redis clock, in ms: the one clock slots are computed on."""
+        with translate_errors("TIME"):
+            seconds, micros = self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def schedule_upsert(
+        self, queue: str, name: str, spec: str, next_id: str, next_slot: int, payload: bytes, *, paused: str = ""
+    ) -> tuple[str, str | None]:
+        """Declare (spec) or pause/resume (paused "1"/"0", spec "" to keep the stored one) a
+        schedule and make sure its next occurrence exists; see schedule_upsert.lua."""
+        keys = queue_keys(queue)
+        args = [name, spec, paused, next_id, next_slot, payload]
+        status, pending = self._run("schedule_upsert", keys, args, keys.schedule_keys())
+        return _text(status), (_text(pending) if pending else None)
+
+    def schedule_begin(self, queue: str, args: Sequence[Any]) -> list[Any]:
+        """Start a claimed occurrence (ARGV of schedule_begin.lua); returns its reply, the
+        status (text) first."""
+        keys = queue_keys(queue)
+        reply = self._run("schedule_begin", keys, args, keys.schedule_keys())
+        return [_text(reply[0]), *reply[1:]]
+
+    def schedule_remove(self, queue: str, name: str) -> bool:
+        keys = queue_keys(queue)
+        return int(self._run("schedule_remove", keys, [name], keys.schedule_keys())) == 1
+
+    def schedule_spec(self, queue: str, name: str) -> bytes | None:
+        with translate_errors("read schedule"):
+            return self.redis.hget(queue_keys(queue).schedules, name)  # type: ignore[return-value]
+
+    def schedule_table(self, queue: str) -> tuple[int, dict[str, bytes], dict[str, bytes]]:
+        """(Redis now ms, name -> spec JSON, state field -> value) of a queue's schedules, plus
+        the state of each last-started occurrence as state field "<name>:o"."""
+        keys = queue_keys(queue)
+        with translate_errors("read schedules"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.time()
+            pipe.hgetall(keys.schedules)
+            pipe.hgetall(keys.schedule_state)
+            (seconds, micros), specs, state = pipe.execute()
+            specs = {_text(k): v for k, v in specs.items()}
+            state = {_text(k): v for k, v in state.items()}
+            current = {name: _text(state[f"{name}:c"]) for name in specs if f"{name}:c" in state}
+            if current:
+                outcomes = self.redis.hmget(keys.info, [f"{task_id}:s" for task_id in current.values()])
+                for name, outcome in zip(current, outcomes, strict=True):
+                    state[f"{name}:o"] = outcome or b"expired"
+        return int(seconds) * 1000 + int(micros) // 1000, specs, state
+
     # --- inspection ----------------------------------------------------------------------------
 
     def depths(self, queue: str) -> dict[str, int]:
@@ -525,7 +622,8 @@ class RedisBroker:
             pipe.zcard(keys.running)
             pipe.zcard(keys.dead)
             pipe.zcard(keys.expiry)
-            ready, scheduled, waiting, running, dead, finished = pipe.execute()
+            pipe.hget(keys.info, "#cancelled")
+            ready, scheduled, waiting, running, dead, finished, cancelled = pipe.execute()
         return {
             "ready": ready,
             "scheduled": scheduled,
@@ -533,6 +631,7 @@ class RedisBroker:
             "running": running,
             "dead": dead,
             "finished": finished,
+            "cancelled": int(cancelled or 0),  # (included in finished, kept until their result TTL)
         }
 
     def queue_report(self, queue: str, lease_seconds: float, dead_shown: int = 20) -> dict[str, Any]:

@@ -110,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
     result.add_argument("--queue", "-q")
     result.add_argument("--timeout", type=_seconds, default=0.0, help="seconds to wait (default: do not wait)")
 
+    cancel = command("cancel", "Cancel tasks not finished yet; exit 0 if each was cancelled or had already finished.")
+    cancel.add_argument("ids", nargs="+", metavar="ID", help="task ids")
+    cancel.add_argument("--queue", "-q", help="their queue (default: the first of worker.queues)")
+    cancel.add_argument("--cascade", action="store_true", help="also cancel their unfinished descendants")
+
     retry_dead = command("retry-dead", "Put dead letters back in their queue to run again.")
     retry_dead.add_argument("ids", nargs="*", metavar="ID", help="task ids (default: every dead letter)")
     retry_dead.add_argument("--queue", "-q", action="append", help="queue (repeatable; default: worker.queues)")
@@ -117,6 +122,16 @@ def _parser() -> argparse.ArgumentParser:
     purge = command("purge", "Delete every task of a queue (asks first).")
     purge.add_argument("--queue", "-q", action="append")
     purge.add_argument("--yes", "-y", action="store_true", help="do not ask")
+
+    schedules = command(
+        "schedules",
+        "List the periodic schedules (no ACTION), or pause, resume, run (once now, besides the schedule) "
+        "or remove (for good: also drop it from the code or config that declares it) the one named.",
+    )
+    schedules.add_argument("action", nargs="?", choices=["pause", "resume", "run", "remove"], metavar="ACTION")
+    schedules.add_argument("name", nargs="?", metavar="NAME", help="schedule name (with ACTION)")
+    schedules.add_argument("--queue", "-q", action="append", help="queue (repeatable; default: worker.queues)")
+    schedules.add_argument("--json", action="store_true", help="print JSON (the list)")
 
     health = command("health", "Ask the local worker's /healthz (or /readyz); exit 0 if it answers 200.")
     health.add_argument("--ready", action="store_true", help="ask /readyz: Redis reachable and tasks loaded")
@@ -224,8 +239,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         except TaskNotFound as exc:
             print(f"minicelery: {exc}", file=sys.stderr)
             return EXIT_FAILED
+    if args.command == "cancel":
+        return admin.cancel(args.ids, args.queue, cascade=args.cascade)
     if args.command == "retry-dead":
         return admin.retry_dead(args.queue or settings.worker.queues, args.ids)
+    if args.command == "schedules":
+        if args.action and not args.name:
+            print(f"minicelery: schedules {args.action} needs a schedule NAME", file=sys.stderr)
+            return 2
+        queues = args.queue or settings.worker.queues
+        if args.action:
+            return admin.schedule_action(args.action, args.name, queues)
+        return admin.schedules(queues, as_json=args.json)
     if args.command == "purge":
         return admin.purge(args.queue or settings.worker.queues, assume_yes=args.yes)
     raise AssertionError(args.command)
@@ -235,11 +260,18 @@ def _check_config(settings: Settings) -> int:
     """Print the effective settings; import the task modules, as a worker would, so a module
     that fails to import fails here too (exit 78)."""
     from .loader import NO_TASKS_HINT, load_task_modules
+    from .periodic import declared_specs
 
     tasks = load_task_modules(settings.tasks) if settings.tasks else {}
+    schedules = declared_specs(tasks, settings) if tasks else {}  # an unknown [[schedules]] task: 78
     print(json.dumps(settings.masked(), indent=2))
     if tasks:
         print(f"tasks: {', '.join(sorted(tasks))}", file=sys.stderr)
+    for spec in schedules.values():
+        print(
+            f"schedule {spec.name}: task {spec.task}, {spec.describe()} ({spec.tz}), queue {spec.queue}",
+            file=sys.stderr,
+        )
     else:
         print(f"no task modules configured (a worker needs them: {NO_TASKS_HINT})", file=sys.stderr)
     return EXIT_OK

@@ -85,6 +85,11 @@ class TaskTimeout(TaskError):
     """A task ran past its time limit (what its result and its children get)."""
 
 
+class Cancelled(TaskError):
+    """The task was cancelled (`handle.cancel()`, `minicelery cancel`): what its result, its
+    children and `.result()` get, and what is raised inside it if it was running."""
+
+
 class TaskAborted(TaskError):
     """A task raised SystemExit, KeyboardInterrupt or another BaseException that is not an
     Exception (e.g. it called sys.exit()). The worker records it as the task's failure, with

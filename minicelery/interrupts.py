@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from types import FrameType
 
-from .errors import TimeLimitExceeded
+from .errors import Cancelled, TimeLimitExceeded
 
 
 class HandBack(BaseException):
@@ -24,18 +24,20 @@ class HandBack(BaseException):
 
 
 # A task that swallows its interruption gets it again this often, until it stops (or the
-# heartbeat ends the worker: see Worker.abandon_stuck_task).
+# heartbeat ends the worker: see Worker.end_stuck_task).
 INTERRUPT_REPEAT = 1.0
 
 
 class TaskAlarm:
-    """Arms SIGALRM for the earlier of a task's time limit and the shutdown deadline.
+    """Arms SIGALRM for the earliest of a task's time limit, the shutdown deadline and a
+    cancel the heartbeat learned of.
 
     At the limit the task gets TimeLimitExceeded (an async task is cancelled first, so its
-    `finally` blocks and context managers run at an await); at the shutdown deadline HandBack.
-    Either is raised again every INTERRUPT_REPEAT seconds while the task goes on, and
-    `timed_out` / `handing_back` stay set, so a task that catches everything and returns is
-    still recorded as timed out (or handed back), never as succeeded.
+    `finally` blocks and context managers run at an await); at the shutdown deadline HandBack;
+    on a cancel, Cancelled. Each is raised again every INTERRUPT_REPEAT seconds while the task
+    goes on, and `timed_out` / `handing_back` / `cancelled` stay set, so a task that catches
+    everything and returns is still recorded as timed out, handed back or cancelled, never as
+    succeeded.
     """
 
     def __init__(self) -> None:
@@ -47,6 +49,10 @@ class TaskAlarm:
         self._armed = False  # a timer may be pending (most tasks have no limit: no syscall to end them)
         self.timed_out = False  # the running task passed its time limit
         self.handing_back = False  # the running task must be handed back (stopping now)
+        self.cancelled = False  # the running task was cancelled and told so
+        self._token: str | None = None  # the running task's lease token
+        self._cancel_at: float | None = None  # when to raise Cancelled (monotonic)
+        self.cancelled_since: float | None = None  # when the running task's cancel arrived
         # Set while an async task runs: asks its event loop to cancel it; True if it will.
         self.cancel_task: Callable[[], bool] | None = None
 
@@ -54,10 +60,11 @@ class TaskAlarm:
         signal.signal(signal.SIGALRM, self._on_alarm)
         self.installed = True
 
-    def task_started(self, time_limit: float | None) -> None:
+    def task_started(self, time_limit: float | None, token: str | None = None) -> None:
         self._limit = time_limit
         self._limit_at = None if time_limit is None else time.monotonic() + time_limit
-        self.timed_out = self.handing_back = False
+        self.timed_out = self.handing_back = self.cancelled = False
+        self._token, self._cancel_at, self.cancelled_since = token, None, None
         self._active = True
         self._arm()
 
@@ -68,20 +75,26 @@ class TaskAlarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
             self._armed = False
 
+    def cancel(self, token: str) -> bool:
+        """Called by the heartbeat thread: the task with this lease token was cancelled; if it is
+        the one running, interrupt it now (a signal to the main thread, whose handler raises).
+        True the first time for that task."""
+        if not (self._active and self.installed and token == self._token) or self.cancelled_since is not None:
+            return False
+        self.cancelled_since = self._cancel_at = time.monotonic()
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
+        return True
+
     def stop_by(self, seconds: float) -> None:
         """The running task (if any) must end within `seconds`, else it is handed back."""
         deadline = time.monotonic() + seconds
         self._stop_at = deadline if self._stop_at is None else min(self._stop_at, deadline)
         self._arm()
 
-    @property
-    def task_running(self) -> bool:
-        return self._active
-
     def _arm(self) -> None:
         if not (self._active and self.installed):
             return
-        deadlines = [d for d in (self._limit_at, self._stop_at) if d is not None]
+        deadlines = [d for d in (self._limit_at, self._stop_at, self._cancel_at) if d is not None]
         if deadlines:
             self._armed = True
             signal.setitimer(signal.ITIMER_REAL, max(1e-6, min(deadlines) - time.monotonic()))
@@ -95,6 +108,14 @@ class TaskAlarm:
             self._stop_at = now + INTERRUPT_REPEAT  # again, should the task swallow this one
             self._arm()
             raise HandBack()
+        if self._cancel_at is not None and now >= self._cancel_at:
+            first = not self.cancelled
+            self.cancelled = True
+            self._cancel_at = now + INTERRUPT_REPEAT
+            self._arm()
+            if first and self.cancel_task is not None and self.cancel_task():
+                return  # an async task: cancelled at its next await
+            raise Cancelled("task cancelled while it ran")
         if self._limit_at is not None and now >= self._limit_at:
             first = not self.timed_out
             self.timed_out = True
@@ -126,10 +147,6 @@ class StopSignals:
     @property
     def immediate(self) -> bool:
         return self.count > 1
-
-    def request(self) -> None:
-        """Stop as if signalled (for tests and burst mode)."""
-        self._on_signal(signal.SIGTERM, None)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.count += 1

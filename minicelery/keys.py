@@ -92,6 +92,20 @@ class QueueKeys:
     def waiting(self) -> str:
         return self.prefix + "waiting"
 
+    @property
+    def schedules(self) -> str:
+        """hash: schedule name -> its spec (JSON); see scripts/schedule_upsert.lua"""
+        return self.prefix + "schedules"
+
+    @property
+    def schedule_state(self) -> str:
+        """hash: "<schedule name>:<f>" -> what the schedule scripts keep of its runs"""
+        return self.prefix + "schedule_state"
+
+    def schedule_keys(self) -> list[str]:
+        """KEYS[15], KEYS[16] of the schedule scripts, after the queue key set."""
+        return [self.schedules, self.schedule_state]
+
     def inbox(self, worker_id: str) -> str:
         """Where tasks handed to an idle worker of this queue wait for it (see hand_off in
         scripts/_common.lua); the worker blocks on it."""

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # From 100 µs (a claim on an idle queue) to 30 min (a long batch job).
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)  # fmt: skip
-OUTCOMES = ("succeeded", "failed", "retried", "timed_out", "dead_lettered", "handed_back")
+OUTCOMES = ("succeeded", "failed", "retried", "timed_out", "cancelled", "dead_lettered", "handed_back")
 
 
 class QueueDepthCollector(Collector):
@@ -50,6 +50,42 @@ class QueueDepthCollector(Collector):
             for state in ("ready", "scheduled", "waiting", "running", "dead"):
                 family.add_metric([queue, state], depths[state])
         yield family
+
+
+class ScheduleCollector(Collector):
+    """Each schedule's state, read from Redis at scrape time (one round trip per queue): every
+    worker exports the same values, so `max by (schedule)` works whichever worker ran it."""
+
+    def __init__(self, rows: Callable[[str], list[dict[str, Any]]], queues: Iterable[str]) -> None:
+        self.rows = rows
+        self.queues = list(queues)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["queue", "schedule"]
+        last = GaugeMetricFamily(
+            "minicelery_schedule_last_start_timestamp_seconds", "When a schedule's last run started", labels=labels
+        )
+        due = GaugeMetricFamily(
+            "minicelery_schedule_next_due_timestamp_seconds", "When a schedule's next slot falls due", labels=labels
+        )
+        interval = GaugeMetricFamily(
+            "minicelery_schedule_interval_seconds", "Seconds between a schedule's next two slots", labels=labels
+        )
+        paused = GaugeMetricFamily("minicelery_schedule_paused", "1 while a schedule is paused", labels=labels)
+        for queue in self.queues:
+            try:
+                rows = self.rows(queue)
+            except BrokerError:
+                continue
+            for row in rows:
+                key = [queue, row["name"]]
+                if row["last_start_ms"] is not None:
+                    last.add_metric(key, row["last_start_ms"] / 1000)
+                if row["next_due_ms"] is not None:
+                    due.add_metric(key, row["next_due_ms"] / 1000)
+                interval.add_metric(key, row["interval_ms"] / 1000)
+                paused.add_metric(key, 1 if row["paused"] else 0)
+        yield from (last, due, interval, paused)
 
 
 @dataclass(frozen=True)
@@ -120,6 +156,16 @@ class WorkerMetrics:
             "Tasks whose name no task module of this worker registers, given back for a worker that has it",
             ["queue"], registry=r,
         )  # fmt: skip
+        self.schedule_lag = Histogram(
+            "minicelery_schedule_lag_seconds",
+            "Seconds from a schedule's slot to the start of its run",
+            ["schedule"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.schedule_missed = Counter(
+            "minicelery_schedule_missed_slots",
+            "Slots of a schedule given up by its catch-up policy (no run for them)",
+            ["schedule"], registry=r,
+        )  # fmt: skip
         self.in_progress: Gauge | None = None
         if not self.multiprocess:
             self.in_progress = Gauge("minicelery_tasks_in_progress", "Tasks running in this worker now", registry=r)
@@ -162,6 +208,10 @@ class WorkerMetrics:
         for queue in queues:
             self.handoffs.labels(queue)  # at 0 from the start, like the outcomes
             self.unknown_tasks.labels(queue)
+
+    def watch_schedules(self, rows: Callable[[str], list[dict[str, Any]]], queues: Iterable[str]) -> None:
+        if not self.multiprocess:  # a supervisor's child: the supervisor reads them, once per scrape
+            self.registry.register(ScheduleCollector(rows, queues))
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -11,7 +11,7 @@
 - the pool's own series, per slot (a child's place, 0..N-1, kept by its replacements: a
   bounded label, unlike a PID): ready, busy, tasks run, restarts by reason;
 - tasks in progress (the sum of the children's last pings, at most a second old), the
-  supervisor's start time and info, and the queue depths, read once per scrape.
+  supervisor's start time and info, and the queue depths and schedules, read once per scrape.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from .errors import ConfigError
-from .metrics import MetricsServer, QueueDepthCollector
+from .metrics import MetricsServer, QueueDepthCollector, ScheduleCollector
 from .supervisor import Supervisor
 
 log = logging.getLogger("minicelery.pool")
@@ -160,8 +160,11 @@ def serve_pool_metrics(supervisor: Supervisor) -> Callable[[], None]:
     supervisor.close_in_children.append(server.server.fileno())
 
     def start() -> None:
+        from .periodic import schedule_rows
+
         broker = RedisBroker.from_settings(settings)  # connects at the first scrape, after the forks
         registry.register(QueueDepthCollector(broker.depths, settings.worker.queues))
+        registry.register(ScheduleCollector(lambda queue: schedule_rows(broker, queue), settings.worker.queues))
         server.serve()
         log.info("metrics for %d worker children on http://%s:%d/metrics", supervisor.n, config.bind, port)
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     BadArguments,
+    Cancelled,
     Retry,
     SerializationError,
     TaskAborted,
@@ -33,7 +34,7 @@ from .transport import TaskMessage
 
 # Failures that running again cannot fix: the payload, the name, the arguments or the result
 # itself is wrong, or the task already killed its workers too often.
-NEVER_RETRIED = (SerializationError, UnknownTask, BadArguments, WorkerLost)
+NEVER_RETRIED = (SerializationError, UnknownTask, BadArguments, WorkerLost, Cancelled)
 
 if TYPE_CHECKING:
     from .app import Client
@@ -64,9 +65,13 @@ class TaskRunner:
         try:
             return self._run(claim, on_start, started)
         except TimeLimitExceeded:
-            # Raised again (INTERRUPT_REPEAT) just as the task ended, while its outcome was being
-            # built: the task timed out all the same.
+            # A repeated interruption that fired inside alarm.task_ended(), before it disarmed
+            # the timer: the task timed out all the same.
             return self._failure(self.name_of(claim), self._timeout(None), started)
+        finally:
+            # Idempotent; disarms the timer that such an interruption re-armed (it would raise
+            # into worker code a second later). Most tasks' timer is disarmed already: no syscall.
+            self.alarm.task_ended()
 
     def _run(self, claim: Claim, on_start: Callable[[float | None], None] | None, started: float) -> Outcome:
         name = "?"
@@ -94,20 +99,22 @@ class TaskRunner:
             time_limit = message.time_limit or definition.time_limit or self.default_time_limit
             if on_start is not None:
                 on_start(time_limit)
-            value = self._call(definition.fn, args, kwargs, time_limit)
+            value = self._call(definition.fn, args, kwargs, time_limit, claim.token)
             envelope = self.transport.dumps_value(value)
             return Outcome(name, True, envelope, time.monotonic() - started)
         except Exception as exc:
             return self._failure(name, exc, started, self._retry_plan(definition, message, exc))
 
-    def _call(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], time_limit: float | None) -> Any:
+    def _call(
+        self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], time_limit: float | None, token: str
+    ) -> Any:
         """Call the task function under its time limit; an async one runs on this worker's event loop.
 
         Whatever the task raises comes out as an Exception: a time limit it swallowed or not as
         TaskTimeout, SystemExit / KeyboardInterrupt / other BaseExceptions as TaskAborted (a task
         must not stop its worker). Only HandBack, the worker's own stop, passes through."""
         error: BaseException | None = None
-        self.alarm.task_started(time_limit)
+        self.alarm.task_started(time_limit, token)
         try:
             value = fn(*args, **kwargs)
             if inspect.iscoroutine(value):  # an async def task (or a function that returns one)
@@ -120,6 +127,8 @@ class TaskRunner:
             self.alarm.task_ended()
         if self.alarm.handing_back:
             raise HandBack()  # the task swallowed it and ended: hand it back all the same
+        if self.alarm.cancelled:
+            raise Cancelled("task cancelled while it ran") from error
         if self.alarm.timed_out:
             raise self._timeout(time_limit) from error
         if error is None:

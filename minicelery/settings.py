@@ -34,6 +34,7 @@ from pydantic_settings import (
 
 from .errors import ConfigError
 from .keys import check_queue_name
+from .schedules import check_cron, check_schedule_name, check_zone
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,48 @@ class LoggingSettings(_Section):
         return level.upper() if isinstance(level, str) else level
 
 
+class ScheduleSettings(_Section):
+    """One [[schedules]] table: run `task` at the slots of `cron` (in `tz`) or `every` N seconds.
+    Declares the schedule, or overrides one of the same name declared in code (@app.periodic)."""
+
+    task: str = Field(description="a registered task's name")
+    name: str | None = Field(None, description="the schedule's name (default: the task's)")
+    cron: str | None = None
+    every: float | None = Field(None, gt=0, description="seconds between slots")
+    tz: str = "UTC"
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    queue: str | None = None
+    overlap: bool = False
+    catch_up: Literal["one", "all", "skip"] = "one"
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, cron: str | None) -> str | None:
+        return None if cron is None else check_cron(cron)
+
+    @field_validator("tz")
+    @classmethod
+    def _valid_zone(cls, tz: str) -> str:
+        return check_zone(tz)
+
+    @field_validator("queue")
+    @classmethod
+    def _valid_queue(cls, queue: str | None) -> str | None:
+        return None if queue is None else check_queue_name(queue)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str | None) -> str | None:
+        return None if name is None else check_schedule_name(name)
+
+    @model_validator(mode="after")
+    def _cron_or_every(self) -> ScheduleSettings:
+        if (self.cron is None) == (self.every is None):
+            raise ValueError(f"schedule of task {self.task!r}: give exactly one of cron and every")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything a worker or producer can be told. See config/tasks.toml for each key."""
 
@@ -203,6 +246,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    schedules: list[ScheduleSettings] = Field(default_factory=list, description="[[schedules]] tables")
 
     @model_validator(mode="after")
     def _lease_outlives_block(self) -> Settings:

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import BrokerUnavailable, DependencyError, TaskError, TaskNotFound
-from .records import FINISHED_STATES
+from .errors import BrokerUnavailable, Cancelled, DependencyError, TaskError, TaskNotFound
+from .records import FINISHED_STATES, ScriptStatus
+from .schedules import ScheduleSpec
 from .transport import TaskMessage
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class TaskDefinition:
     retry_backoff: float = 1.0  # seconds before the first retry; doubles each time
     retry_backoff_max: float = 600.0
     retry_jitter: bool = True
+    schedule: ScheduleSpec | None = None  # @app.periodic: when it runs by itself
 
     def __call__(self, *args: Any, **kwargs: Any) -> Task:
         return Task(self, args, kwargs)
@@ -216,11 +218,28 @@ class Task:
 
     @property
     def state(self) -> str:
-        """created (not sent), waiting, scheduled, ready, running, succeeded, failed or unknown."""
+        """created (not sent), waiting, scheduled, ready, running, succeeded, failed, cancelled or unknown."""
         if not self._sent:
             return CREATED
         state, _ = self.definition.app.broker.outcome(self.queue, self.id)
         return state or "unknown"
+
+    def cancel(self, *, cascade: bool = False, by: str = "api") -> bool:
+        """Cancel the task if it has not finished; True if this stopped it.
+
+        A waiting, scheduled or ready task never runs; a running one is interrupted within
+        about a second (Cancelled is raised inside it). Its state becomes "cancelled" and
+        `.result()` raises Cancelled; its children receive Cancelled as that argument, or, with
+        `cascade=True`, are cancelled too, and theirs. A finished task is left as it is
+        (False), except a dead letter, which is cancelled out of the dead letters. The cancel
+        is kept in Redis: it holds even if no worker runs now. `by` is recorded as who did it.
+        """
+        if not self._sent:
+            return False  # never sent: nothing in Redis to cancel
+        broker = self.definition.app.broker
+        ids = [self.id, *(broker.descendants(self.queue, self.id) if cascade else [])]
+        envelope = broker.transport.dumps_error(Cancelled(f"task cancelled (by {by})"))
+        return broker.cancel(self.queue, ids, envelope, by)[0] is ScriptStatus.CANCELLED
 
     def result(self, timeout: float | None = None) -> Any:
         """Block until the task finishes; return its value or raise its error.
@@ -239,7 +258,6 @@ class Task:
             except BrokerUnavailable as exc:
                 backoff = self._wait_for_redis(exc, deadline, backoff)
                 continue
-            backoff = _RECONNECT_FIRST
             if state in FINISHED_STATES and envelope is not None:
                 ok, value = broker.transport.loads_outcome(envelope)
                 if ok:
@@ -252,6 +270,7 @@ class Task:
                 raise TimeoutError(f"{self!r} did not finish within {timeout} s (state: {state})")
             try:
                 broker.wait_done(self.queue, self.id, remaining)
+                backoff = _RECONNECT_FIRST  # a whole round went through: Redis is back
             except BrokerUnavailable as exc:
                 backoff = self._wait_for_redis(exc, deadline, backoff)
 

@@ -26,6 +26,7 @@ _OWN_ERRORS: dict[str, type[BaseException]] = {
     for cls in (
         errors.TaskTimeout,
         errors.TaskAborted,
+        errors.Cancelled,
         errors.UnknownTask,
         errors.BadArguments,
         errors.WorkerLost,

@@ -61,6 +61,9 @@ def build_wheelhouse(dest: Path) -> Path:
     """Wheels of the project and everything it needs, for installs that cannot reach PyPI
     (pip inside the rootfs cannot verify PyPI's certificate here)."""
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    # setuptools builds in the checkout's build/ and keeps what an earlier build left there: a
+    # module since deleted or moved (worker.py became worker/) would ship in the wheel.
+    shutil.rmtree(REPO / "build", ignore_errors=True)
     subprocess.run([*pip, "wheel", "--wheel-dir", str(dest), str(REPO)], check=True)
     # setuptools: to build the project from source (the Containerfile does). async-timeout:
     # redis-py needs it below Python 3.11.3, and Debian 12 has 3.11.2 while this host may not.

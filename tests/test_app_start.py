@@ -74,3 +74,30 @@ def test_an_explicit_metrics_port_that_is_taken_exits_78_in_one_line(workers: Wo
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("minicelery: ")]
     assert len(errors) == 1 and f"metrics.port: cannot listen on 127.0.0.1:{port}" in errors[0], result.stderr
+
+
+def test_app_start_settings_reach_the_broker_the_task_module_made(workers: Workers, tmp_path: Path) -> None:
+    """app.start(result_ttl=...) keeps results that long, though the module's RedisBroker()
+    was made (with the default day) before start() saw the override."""
+    import redis
+
+    from minicelery import Client, JSONTransport, RedisBroker
+    from minicelery.keys import QueueKeys
+
+    script = tmp_path / "worker.py"
+    script.write_text("import sys\nfrom worktasks import app\n\napp.start(queues=[sys.argv[1]], result_ttl=60)\n")
+    with open(tmp_path / "ttl.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(script), workers.queue], env=workers.env(), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    proc.log_path = tmp_path / "ttl.log"  # type: ignore[attr-defined]
+    workers.procs.append(proc)
+    producer = Client(RedisBroker(JSONTransport(), url=workers.redis_url, max_block=1), default_queue=workers.queue)
+    Client.instances.remove(producer)
+    echo = producer.task(name="echo")(lambda value: value)
+    handle = echo("kept a minute").start()
+    assert handle.result(timeout=30) == "kept a minute"
+    r = redis.Redis.from_url(workers.redis_url)
+    seconds, micros = r.time()
+    expires_in = float(r.zscore(QueueKeys(workers.queue).expiry, handle.id) or 0) / 1000 - (seconds + micros / 1e6)
+    assert 0 < expires_in <= 60  # not the day the broker was made with
+    producer.broker.close()

@@ -111,7 +111,10 @@ class Prometheus:
 @pytest.fixture
 def scraped_worker(app: Client, workers: Workers, tmp_path: Path) -> Iterator[Prometheus]:
     port = free_port()
-    worker = workers.start(MINICELERY_METRICS__ENABLED="true", MINICELERY_METRICS__PORT=str(port))
+    schedule = '[{"task": "add", "every": 3, "args": [1, 2]}]'  # the schedule panels need one
+    worker = workers.start(
+        MINICELERY_METRICS__ENABLED="true", MINICELERY_METRICS__PORT=str(port), MINICELERY_SCHEDULES=schedule
+    )
     wait_until(lambda: _get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 20, "worker /readyz")
     prometheus = Prometheus(tmp_path, f"127.0.0.1:{port}")
     try:
@@ -159,11 +162,14 @@ def test_prometheus_scrapes_the_worker_and_every_dashboard_query_and_alert_works
     p99 = prometheus.value("histogram_quantile(0.99, sum by (le) (rate(minicelery_queue_latency_seconds_bucket[1m])))")
     assert p99 is not None and 0 <= p99 < 30
 
+    wait_until(
+        lambda: (prometheus.value("sum(minicelery_schedule_lag_seconds_count)") or 0) >= 2, 30, "two scheduled runs"
+    )
     empty = [(title, expr) for title, expr in _dashboard_queries(app.default_queue) if not prometheus.query(expr)]
     assert not empty, f"dashboard panels with no data: {empty}"
 
     rules = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
-    assert len(rules) == 7 and all(rule["health"] == "ok" for rule in rules), rules
+    assert len(rules) == 8 and all(rule["health"] == "ok" for rule in rules), rules
     # Every run of `boom` failed and left a dead letter: those two alerts evaluate on the real
     # series and go pending (they fire after their `for:`); nothing else about this worker is wrong.
     expected = {"MiniceleryFailureRatioHigh", "MiniceleryDeadLettersGrowing"}

@@ -9,6 +9,8 @@ were swept; after every step the data model must hold together:
   holds exactly its waiting tasks,
 - nothing is ready before it is due, a failed task is a dead letter,
 - a late finish changes nothing, and nothing of a task is left once its result TTL has passed,
+- a cancel stops exactly the unfinished tasks (dead letters included) and leaves a cancelled
+  task in no waiting, ready, scheduled or running structure, its children's counts right,
 - the orphan sweep takes exactly the waiting tasks none of whose unfinished parents was sent,
   and a never-started parent lists only children still waiting.
 Time is moved by editing scores (Redis's clock cannot be wound), as a real wait would.
@@ -26,8 +28,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from minicelery import JSONTransport, RedisBroker
 from minicelery.keys import QueueKeys
 from minicelery.records import Claim, RetryPlan
+from minicelery.schedules import ScheduleSpec, parse_occurrence
 
-FINISHED = {b"succeeded", b"failed"}
+FINISHED = {b"succeeded", b"failed", b"cancelled"}
 HOUR_MS = 3_600_000
 
 
@@ -122,9 +125,28 @@ class BrokerModel(RuleBasedStateMachine):
         token = self.stale.pop(task_id)
         before = (self.r.hget(self.keys.result, task_id), self.state(task_id), self.r.zscore(self.keys.dead, task_id))
         status = self.broker.finish(self.queue, task_id, token, succeeded=False, envelope=b'{"late":1}')
-        assert status == ("late" if before[1] is not None else "gone")  # gone: swept since (result TTL)
+        # gone: swept since (result TTL); cancelled: cancel.lua took the lease away
+        assert status == ("gone" if before[1] is None else "cancelled" if before[1] == b"cancelled" else "late")
         after = (self.r.hget(self.keys.result, task_id), self.state(task_id), self.r.zscore(self.keys.dead, task_id))
         assert before == after, "a late finish changed the task"
+
+    @precondition(lambda self: self.parents)
+    @rule(data=st.data(), cascade=st.booleans())
+    def cancel(self, data: st.DataObject, cascade: bool) -> None:
+        task_id = data.draw(st.sampled_from(sorted(self.parents)))
+        state = self.state(task_id)
+        ids = [task_id, *(self.broker.descendants(self.queue, task_id) if cascade else [])]
+        unfinished = {i for i in ids if self.state(i) not in FINISHED or self.r.zscore(self.keys.dead, i) is not None}
+        unfinished = {i for i in unfinished if self.state(i) is not None}
+        statuses = self.broker.cancel(self.queue, ids, b'{"ok":false,"error":{"type":"Cancelled"}}', "prop")
+        expected = "unknown" if state is None else "cancelled" if task_id in unfinished else "finished"
+        assert statuses[0] == expected, (task_id, state, statuses)
+        assert {i for i, s in zip(ids, statuses, strict=True) if s == "cancelled"} == unfinished
+        for cancelled in unfinished:
+            assert self.state(cancelled) == b"cancelled"
+            for tokens in (self.held, self.expiring):  # our lease on it is gone: a finish is refused
+                if cancelled in tokens:
+                    self.stale[cancelled] = tokens.pop(cancelled)
 
     @rule()
     def time_passes(self) -> None:
@@ -222,5 +244,179 @@ def test_broker_scripts_keep_the_data_model_consistent(redis_url: str) -> None:
         lambda: BrokerModel(redis_url),
         settings=settings(
             max_examples=100, stateful_step_count=50, deadline=None, suppress_health_check=list(HealthCheck)
+        ),
+    )
+
+
+class ScheduleModel(RuleBasedStateMachine):
+    """The schedule scripts under random declarations (changing definitions: last writer wins),
+    pauses, resumes, removals, claims and starts of occurrences, finishes, lease expiries and
+    the passing of time. After every step:
+    - a declared, unpaused schedule has exactly one pending occurrence (field n), never run, and
+      every other unfinished occurrence of it was started before (a re-run), never a second new one;
+    - a paused or removed schedule has no occurrence waiting for its slot;
+    - without overlap, no run starts while another run of its schedule holds a live lease;
+    - a slot runs again only after the lease of its earlier run was lost."""
+
+    NAMES = ("s0", "s1")
+    EVERY = (1, HOUR_MS)  # a slot every millisecond (always late: catch-up decides) or hour
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        from minicelery.periodic import Schedules
+        from minicelery.settings import load_settings
+
+        self.broker = RedisBroker(JSONTransport(), url=url, result_ttl=3600, max_block=1)
+        self.r: redis.Redis = self.broker.redis
+        self.queue = f"prop-{uuid.uuid4().hex[:10]}"
+        self.keys = QueueKeys(self.queue)
+        host = type("Host", (), {"broker": self.broker, "tasks": {}})()
+        self.schedules = Schedules(host, load_settings(worker={"queues": [self.queue]}))  # type: ignore[arg-type]
+        self.specs: dict[str, ScheduleSpec] = {}  # declared, as last written
+        self.paused: set[str] = set()
+        # occurrence -> (schedule, token, whether its schedule allowed overlap then): runs we hold
+        self.live: dict[str, tuple[str, str, bool]] = {}
+        self.lost: set[str] = set()  # occurrences whose run lost its lease (may run again)
+        self.started: set[str] = set()  # occurrences begun (run) at least once
+        self.last_started: dict[str, str] = {}  # schedule -> the occurrence that started last
+        self.ever_overlap: set[str] = set()  # schedules declared with overlap=True at some point
+
+    def state(self, task_id: str) -> bytes | None:
+        return self.r.hget(self.keys.info, f"{task_id}:s")  # type: ignore[return-value]
+
+    def field(self, name: str, f: str) -> str | None:
+        value = self.r.hget(self.keys.schedule_state, f"{name}:{f}")
+        return None if value is None else value.decode()  # type: ignore[union-attr]
+
+    @rule(
+        name=st.sampled_from(NAMES),
+        every=st.sampled_from(EVERY),
+        overlap=st.booleans(),
+        catch_up=st.sampled_from(["one", "all", "skip"]),
+        own=st.booleans(),
+    )
+    def declare(self, name: str, every: int, overlap: bool, catch_up: str, own: bool) -> None:
+        from minicelery.periodic import upsert
+
+        if every == 1 and catch_up == "skip":
+            catch_up = "one"  # (whether a 1 ms slot is late depends on timing: skip would make runs random)
+        spec = ScheduleSpec(name, "job", self.queue, every_ms=every, overlap=overlap, catch_up=catch_up)
+        status, _ = upsert(self.broker, spec)
+        assert status in ("created", "kept", "replaced", "paused"), status
+        assert (status == "paused") == (name in self.paused)
+        self.specs[name] = spec
+        if overlap:
+            self.ever_overlap.add(name)
+        if own:  # this worker declares it too (begin plans from its own copy first)
+            self.schedules.specs[name] = spec
+
+    @rule(name=st.sampled_from(NAMES), pause=st.booleans())
+    def pause_or_resume(self, name: str, pause: bool) -> None:
+        from minicelery.periodic import upsert
+
+        if name not in self.specs:
+            return
+        status, _ = upsert(self.broker, self.specs[name], paused="1" if pause else "0", keep_spec=True)
+        assert (status == "paused") == pause
+        (self.paused.add if pause else self.paused.discard)(name)
+
+    @rule(name=st.sampled_from(NAMES))
+    def remove(self, name: str) -> None:
+        assert self.broker.schedule_remove(self.queue, name) == (name in self.specs)
+        self.specs.pop(name, None)
+        self.schedules.specs.pop(name, None)
+        self.paused.discard(name)
+        self.last_started.pop(name, None)
+        # Removed means forgotten: declared again, it starts afresh even while an old run runs on.
+        self.live = {i: (n if n != name else f"{n}#removed", t, o) for i, (n, t, o) in self.live.items()}
+        assert not any(k.decode().startswith(f"{name}:") for k in self.r.hkeys(self.keys.schedule_state))
+
+    @rule()
+    def claim_and_start(self) -> None:
+        self.time_passes()  # what can be claimed must not depend on timing (hypothesis replays runs)
+        claimed = self.broker.claim(self.queue, uuid.uuid4().hex, HOUR_MS, "worker")
+        if not isinstance(claimed, list):
+            return
+        for claim in claimed:
+            parsed = parse_occurrence(claim.id)
+            assert parsed is not None, claim.id
+            assert claim.id not in self.live, "an occurrence we hold under a live lease was handed out again"
+            was_pending = self.field(parsed[0], "n") == claim.id
+            overlap = self.specs[parsed[0]].overlap if parsed[0] in self.specs else True
+            if self.schedules.begin(claim):
+                # Without overlap no run starts while the last one started still runs; and a
+                # schedule that never allowed overlap never has two runs. (Runs started while it
+                # was allowed may run on after the spec changed: the script tracks the last one.)
+                others = [i for i, (n, _, _) in self.live.items() if n == parsed[0]]
+                last = self.last_started.get(parsed[0])
+                assert overlap or last not in self.live or last == claim.id, f"{claim.id} started while {last} runs"
+                if parsed[0] not in self.ever_overlap:
+                    assert not others, f"{claim.id} started while {others} still run"
+                self.last_started[parsed[0]] = claim.id
+                assert claim.id not in self.started or claim.id in self.lost, f"{claim.id} ran twice"
+                assert was_pending or claim.id in self.lost, f"{claim.id} ran, neither pending nor a re-run"
+                self.lost.discard(claim.id)
+                self.started.add(claim.id)
+                self.live[claim.id] = (parsed[0], claim.token, overlap)
+
+    @rule(pick=st.integers(0, 1000))
+    def finish(self, pick: int) -> None:
+        # (A rule argument, not data.draw over the runs held: how many there are depends on
+        # the Redis clock, and hypothesis must draw the same way when it replays a run.)
+        if not self.live:
+            return
+        task_id = sorted(self.live)[pick % len(self.live)]
+        _, token, _ = self.live.pop(task_id)
+        status = self.broker.finish(self.queue, task_id, token, succeeded=True, envelope=b'{"ok":true}')
+        assert status == "ok", status
+
+    @rule(pick=st.integers(0, 1000))
+    def lease_expires(self, pick: int) -> None:
+        """The run's worker dies: the next claim reclaims the occurrence, to run again."""
+        if not self.live:
+            return
+        task_id = sorted(self.live)[pick % len(self.live)]
+        self.live.pop(task_id)
+        self.lost.add(task_id)
+        self.r.zadd(self.keys.running, {task_id: 0})
+
+    @rule()
+    def time_passes(self) -> None:
+        due = self.r.zrange(self.keys.scheduled, 0, -1)
+        if due:
+            self.r.zadd(self.keys.scheduled, {task_id: 0 for task_id in due})
+
+    def occurrences(self, name: str) -> set[str]:
+        """Unfinished occurrences of a schedule: in the ready list, the schedule or running."""
+        ids = [t.decode() for t in self.r.lrange(self.keys.ready, 0, -1)]
+        ids += [t.decode() for t in self.r.zrange(self.keys.scheduled, 0, -1)]
+        ids += [t.decode() for t in self.r.zrange(self.keys.running, 0, -1)]
+        return {i for i in ids if (parse_occurrence(i) or ("", 0))[0] == name}
+
+    @invariant()
+    def one_pending_occurrence_per_schedule(self) -> None:
+        for name in self.NAMES:
+            unfinished = self.occurrences(name)
+            never_started = unfinished - self.started
+            pending = self.field(name, "n")
+            if name in self.specs and name not in self.paused:
+                assert pending is not None and self.state(pending) in (b"scheduled", b"ready", b"running"), name
+                strays = {i for i in never_started - {pending} if self.state(i) != b"ready"}
+                assert not strays, (name, strays, pending)  # (a ready stray is dropped when it starts)
+            else:  # none waits for its slot (one already due is dropped when it starts)
+                waiting = {i for i in never_started if self.state(i) == b"scheduled"}
+                assert not waiting, (name, waiting)
+
+    def teardown(self) -> None:
+        for key in self.r.scan_iter(match=self.keys.all_keys_pattern(), count=1000):
+            self.r.delete(key)
+        self.broker.close()
+
+
+def test_schedule_scripts_keep_one_pending_occurrence_and_start_no_overlapping_run(redis_url: str) -> None:
+    run_state_machine_as_test(
+        lambda: ScheduleModel(redis_url),
+        settings=settings(
+            max_examples=100, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
         ),
     )

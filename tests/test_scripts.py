@@ -16,7 +16,7 @@ from minicelery.records import Claim, FinishItem, Idle, NextClaim
 
 def test_every_lua_file_is_a_registered_script_and_loads(redis_url: str) -> None:
     files = {p.name[:-4] for p in (resources.files("minicelery") / "scripts").iterdir() if p.name.endswith(".lua")}
-    assert files - {"_common"} == set(SCRIPT_NAMES)
+    assert {f for f in files if not f.startswith("_")} == set(SCRIPT_NAMES)  # _*.lua: shared steps
     broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
     broker.load_scripts()
     assert all(broker.redis.script_exists(s.sha)[0] for s in broker._scripts.values())
@@ -234,3 +234,19 @@ def test_the_orphan_sweep_dead_letters_only_a_child_whose_unfinished_parents_wer
     assert {m.decode() for m in r.zrange(keys.waiting, 0, -1)} == {"kept", "young"}
     again = sweep(keys=[*keys.as_list(), *(keys.done(i) for i in ids)], args=[60_000, 600_000, "60", *ids])
     assert again == []
+
+
+def test_every_package_folder_is_listed_for_the_wheel() -> None:
+    """A subpackage missing from pyproject's packages works in a checkout (and an editable
+    install) but is left out of the wheel, so the installed worker fails to import."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {
+        ".".join(p.relative_to(root).parts)
+        for p in (root / "minicelery").rglob("*")
+        if p.is_dir() and p.name != "__pycache__" and any(p.glob("*.py")) | any(p.glob("*.lua"))
+    }
+    assert folders | {"minicelery"} == listed

@@ -64,6 +64,18 @@ class _CustomBase(BaseException):
     pass
 
 
+def _running_task_id() -> str:
+    """The id of the task this call runs in, found in the runner's frame (tests only: the
+    schedule tests record the slot each run was for, and the slot is in the occurrence id)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        claim = frame.f_locals.get("claim")
+        if claim is not None and hasattr(claim, "token"):
+            return str(claim.id)
+        frame = frame.f_back  # type: ignore[assignment]
+    return "?"
+
+
 def register(app: Client) -> None:
     @app.task
     def echo(value: Any) -> Any:
@@ -168,10 +180,13 @@ def register(app: Client) -> None:
         return "finally"
 
     @app.task
-    def hold_gil(seconds: int) -> str:
+    def hold_gil(seconds: int, tag: str = "") -> str:
         """Stuck in C code that never returns to Python and holds the GIL (a C extension in a
-        tight loop): neither a signal handler nor the heartbeat thread can run meanwhile."""
+        tight loop): neither a signal handler nor the heartbeat thread can run meanwhile.
+        Records `tag` in Redis just before it goes in."""
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        if tag:
+            _r().set(f"test:in_c:{tag}", 1)
         ctypes.PyDLL(None).sleep(seconds)  # PyDLL: the call keeps the GIL
         return "done"
 
@@ -218,6 +233,19 @@ def register(app: Client) -> None:
             if _r().blpop([f"test:gate:{tag}"], timeout=1):
                 return tag
         raise TimeoutError(f"gate {tag} was never opened")
+
+    @app.task
+    def slot_run(tag: str, seconds: float = 0.0) -> str:
+        """Records each run's task id (a schedule's occurrence names its slot) when it starts
+        (test:slot_starts:<tag>) and when it ends (test:slot_ends:<tag>), and which process runs
+        it meanwhile (test:slot_pid:<tag>), so a test can kill that worker mid-run."""
+        task_id = _running_task_id()
+        r = _r()
+        r.hincrby(f"test:slot_starts:{tag}", task_id, 1)
+        r.set(f"test:slot_pid:{tag}", f"{os.getpid()} {task_id}")
+        time.sleep(seconds)
+        r.hincrby(f"test:slot_ends:{tag}", task_id, 1)
+        return task_id
 
     @app.task
     def marked_sleep(tag: str, seconds: float) -> str:

@@ -209,6 +209,39 @@ def dashboard() -> dict[str, Any]:
             28,
             description="Handy during a rolling upgrade.",
         ),
+        panel(
+            "Schedule lag (slot → started)",
+            quantiles("minicelery_schedule_lag_seconds", "", "schedule"),
+            "s",
+            0,
+            36,
+            description="Periodic tasks: from a slot's time to the start of its run. A run held back by "
+            "the schedule's previous run (no overlap) or replayed by catch-up shows here.",
+        ),
+        panel(
+            "Time since each schedule last ran",
+            [
+                target(
+                    f"time() - max by (queue, schedule) (minicelery_schedule_last_start_timestamp_seconds{{{QUEUE}}})",
+                    "{{schedule}} ({{queue}})",
+                ),
+                target(
+                    f"max by (queue, schedule) (minicelery_schedule_interval_seconds{{{QUEUE}}})",
+                    "interval {{schedule}}",
+                    "B",
+                ),
+                target(
+                    f"sum by (schedule) (increase(minicelery_schedule_missed_slots_total[{RATE}]))",
+                    "missed slots {{schedule}}",
+                    "C",
+                ),
+            ],
+            "s",
+            12,
+            36,
+            description="Seconds since each schedule's last run started, against its interval (the alert "
+            "MiniceleryScheduleNotRunning fires past twice the interval), and slots given up by catch-up.",
+        ),
     ]
     for number, each in enumerate(panels, start=1):
         each["id"] = number

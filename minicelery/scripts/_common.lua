@@ -11,7 +11,8 @@
 --   KEYS[5]  payload    hash  id -> task payload (JSON, opaque to Lua)
 --   KEYS[6]  result     hash  id -> result envelope (JSON, opaque to Lua)
 --   KEYS[7]  info       hash  "<id>:<f>" -> small per-task fields, f one of
---                             s state (waiting|scheduled|ready|running|succeeded|failed)
+--                             s state (waiting|scheduled|ready|running|succeeded|failed|
+--                               cancelled)
 --                             a attempts (claims)      l leases lost (reclaims)
 --                             r retries spent (failures run again)
 --                             t lease token            d time the task became due (ms)
@@ -19,6 +20,9 @@
 --                             P parent ids, "," list   c child ids, "," list
 --                             k idempotency key       w someone waits for the result
 --                             u first time a worker that lacked its task deferred it (ms)
+--                             x who cancelled it ("api", "cli"): its state is cancelled
+--                             and queue-wide fields: "#cancelled", how many cancelled tasks
+--                             are kept (until their result TTL), "#handoffs" (hand-off tokens)
 --   KEYS[8]  inputs     hash  "<child>|<parent>" -> the parent's result envelope, kept for the child
 --   KEYS[9]  expiry     zset  id -> time (ms) after which a finished task's data is deleted
 --   KEYS[10] dead       zset  id -> time (ms) the task was dead-lettered
@@ -57,12 +61,15 @@ local WORKER_FORGET_MS = 86400000
 -- by a claim for two leases and this long is dead, and nothing is handed to it.
 local IDLE_SILENCE_MS = 10000
 
-local INFO_FIELDS = { 's', 'a', 'l', 'r', 't', 'd', 'n', 'p', 'P', 'c', 'k', 'w', 'u' }
+local INFO_FIELDS = { 's', 'a', 'l', 'r', 't', 'd', 'n', 'p', 'P', 'c', 'k', 'w', 'u', 'x' }
 
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+
+-- A task in one of these states has its outcome in the result hash.
+local FINISHED = { succeeded = true, failed = true, cancelled = true }
 
 local function getf(id, f)
   return redis.call('HGET', K_INFO, id .. ':' .. f)
@@ -263,16 +270,34 @@ end
 -- Give each waiting child (`children`: the parent's "c" field) this parent's envelope;
 -- release those with no parent left, adding their ids to `released`: the caller takes them
 -- out of the waiting set with forget_waiting, once for a whole batch.
-local function release_children(id, children, envelope, now, released)
+local function release_children(id, children, envelope, now, released, skip)
   for _, child in ipairs(split(children)) do
-    redis.call('HSET', K_INPUTS, child .. '|' .. id, envelope)
-    local left = redis.call('HINCRBY', K_INFO, child .. ':p', -1)
-    local held = left <= 0 and redis.call('HMGET', K_INFO, child .. ':s', child .. ':n')
-    if held and held[1] == 'waiting' then
-      redis.call('HDEL', K_INFO, child .. ':p')
-      released[#released + 1] = child
-      make_due(child, math.max(now, tonumber(held[2] or 0)), now)
+    if not (skip and skip[child]) then -- (skip: cancelled with its parent, cancel.lua's cascade)
+      redis.call('HSET', K_INPUTS, child .. '|' .. id, envelope)
+      local left = redis.call('HINCRBY', K_INFO, child .. ':p', -1)
+      local held = left <= 0 and redis.call('HMGET', K_INFO, child .. ':s', child .. ':n')
+      if held and held[1] == 'waiting' then
+        redis.call('HDEL', K_INFO, child .. ':p')
+        released[#released + 1] = child
+        make_due(child, math.max(now, tonumber(held[2] or 0)), now)
+      end
     end
+  end
+end
+
+-- Take `child` off a parent's list of children (the list goes when empty), so the parent's
+-- finish no longer touches it (orphans.lua, cancel.lua).
+local function forget_child(parent, child)
+  local kept = {}
+  for _, other in ipairs(split(getf(parent, 'c'))) do
+    if other ~= child then
+      kept[#kept + 1] = other
+    end
+  end
+  if #kept == 0 then
+    redis.call('HDEL', K_INFO, parent .. ':c')
+  else
+    setf(parent, 'c', table.concat(kept, ','))
   end
 end
 
@@ -288,8 +313,12 @@ end
 local function sweep_expired(now, batch)
   local ids = redis.call('ZRANGEBYSCORE', K_EXPIRY, '-inf', now, 'LIMIT', 0, batch or SWEEP_BATCH)
   for _, id in ipairs(ids) do
-    for _, parent in ipairs(split(getf(id, 'P'))) do
+    local held = redis.call('HMGET', K_INFO, id .. ':P', id .. ':s')
+    for _, parent in ipairs(split(held[1])) do
       redis.call('HDEL', K_INPUTS, id .. '|' .. parent)
+    end
+    if held[2] == 'cancelled' then
+      redis.call('HINCRBY', K_INFO, '#cancelled', -1)
     end
     local fields = {}
     for i, f in ipairs(INFO_FIELDS) do

@@ -48,7 +48,7 @@ local pending = 0
 if parents ~= '' then
   for _, parent in ipairs(split(parents)) do
     local held = redis.call('HMGET', K_INFO, parent .. ':s', parent .. ':c') -- state, children
-    if held[1] == 'succeeded' or held[1] == 'failed' then
+    if FINISHED[held[1]] then
       redis.call('HSET', K_INPUTS, id .. '|' .. parent, redis.call('HGET', K_RESULT, parent))
     else
       -- Unfinished, or not sent yet: it lists this child and releases it when it finishes.

@@ -21,8 +21,8 @@
 --   base_ms, cap_ms, jitter (0.5-1), fixed_ms (-1: backoff): the delay before retry r
 --   (0-based) is fixed_ms, else min(cap_ms, base_ms * 2^r) * jitter
 --
--- Returns one finish status per task: 'ok', 'retry', 'late', or 'gone' (the task no longer
--- exists: nothing written).
+-- Returns one finish status per task: 'ok', 'retry', 'late', 'gone' (the task no longer
+-- exists: nothing written) or 'cancelled' (cancelled meanwhile: nothing written).
 
 local FIELDS = 9
 local result_ttl, dead_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -51,6 +51,8 @@ for i = 1, (#ARGV - 2) / FIELDS do
   if not held[6] then
     statuses[i] = 'gone' -- no trace of the task: purged, or Redis lost its data (a restart
     -- without persistence, a flush); writing a result now would leave an orphan
+  elseif held[6] == 'cancelled' then
+    statuses[i] = 'cancelled' -- cancel.lua won the race: its outcome stands, this run's is dropped
   elseif token == '' or held[1] ~= token or seen[id] then
     statuses[i] = 'late' -- (a repeat in this batch: its token is deleted only at the end)
   else

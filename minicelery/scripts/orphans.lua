@@ -48,22 +48,6 @@ local function never_started(id, parents)
   return unsent
 end
 
--- Take `child` off a never-started parent's list of children (the list is all that parent
--- has in Redis; it goes when empty).
-local function forget_child(parent, child)
-  local kept = {}
-  for _, other in ipairs(split(getf(parent, 'c'))) do
-    if other ~= child then
-      kept[#kept + 1] = other
-    end
-  end
-  if #kept == 0 then
-    redis.call('HDEL', K_INFO, parent .. ':c')
-  else
-    setf(parent, 'c', table.concat(kept, ','))
-  end
-end
-
 local function error_envelope(unsent)
   local which = #unsent == 1 and ('parent task ' .. unsent[1] .. ' was')
     or ('parent tasks ' .. table.concat(unsent, ', ') .. ' were')

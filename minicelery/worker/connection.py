@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 
 from ..broker import RedisBroker
 from ..errors import BrokerError, BrokerUnavailable, ConfigError
@@ -16,8 +17,16 @@ log = logging.getLogger("minicelery.worker")
 
 
 class Connection:
-    def __init__(self, broker: RedisBroker, signals: StopSignals, observer: Observer, max_delay: float) -> None:
+    def __init__(
+        self,
+        broker: RedisBroker,
+        signals: StopSignals,
+        observer: Observer,
+        max_delay: float,
+        on_connect: Callable[[], None] = lambda: None,
+    ) -> None:
         self.broker = broker
+        self.on_connect = on_connect  # once Redis answers, before the worker is ready (schedules)
         self.signals = signals
         self.observer = observer
         self.max_delay = max_delay  # cap of the reconnect backoff
@@ -30,6 +39,7 @@ class Connection:
             try:
                 self.broker.ping()
                 self.broker.load_scripts()
+                self.on_connect()
                 policy = self.broker.eviction_policy()
                 if policy not in ("noeviction", "unknown"):
                     log.warning(

@@ -18,9 +18,13 @@ import time
 from typing import Protocol
 
 from ..errors import BrokerError
-from ..records import Lease, Running
+from ..records import Lease, Running, ScriptStatus
 
 log = logging.getLogger("minicelery.heartbeat")
+
+# While it holds tasks, the heartbeat renews their leases at least this often: that is how a
+# worker learns that a task it runs (or holds, not started) was cancelled (renew.lua).
+CANCEL_CHECK_EVERY = 1.0
 
 # How often to look for results held back behind a task that usually runs briefly but runs
 # long this time (HeartbeatHost.store_held_results stores them). A busy worker's results then
@@ -44,8 +48,12 @@ class HeartbeatHost(Protocol):
         """Leases of tasks claimed but not running, or run but not stored yet."""
         ...
 
-    def renew(self, leases: list[Lease]) -> list[bool]:
-        """Renew these leases; which are still this worker's."""
+    def renew(self, leases: list[Lease]) -> list[ScriptStatus]:
+        """Renew these leases: OK, LATE (no longer this worker's) or CANCELLED each."""
+        ...
+
+    def cancelled(self, lease: Lease) -> None:
+        """This task was cancelled: interrupt it if it runs; do not start it if it waits."""
         ...
 
     def store_held_results(self) -> None: ...
@@ -123,9 +131,12 @@ class Heartbeat(threading.Thread):
         if not leases:
             return
         try:
-            owned = host.renew(leases)
+            statuses = host.renew(leases)
         except BrokerError as exc:
             log.warning("could not renew %d leases: %s", len(leases), exc)
             return
-        if running is not None and not owned[0] and host.running_task() is running:
+        for lease, status in zip(leases, statuses, strict=True):
+            if status is ScriptStatus.CANCELLED:
+                host.cancelled(lease)
+        if running is not None and statuses[0] is ScriptStatus.LATE and host.running_task() is running:
             log.warning("task %s lost its lease: another worker may run it again", running.task_id)

@@ -41,6 +41,7 @@ class Intake:
         metrics: WorkerMetrics,
         usually_brief: Callable[[Claim], bool],
         sleep_until: Callable[[float], None],
+        stopping: Callable[[], bool],
     ) -> None:
         self.broker = broker
         self.worker_id = worker_id
@@ -52,6 +53,7 @@ class Intake:
         self.metrics = metrics
         self.usually_brief = usually_brief
         self.sleep_until = sleep_until  # exact, waking for a stop signal
+        self.stopping = stopping  # a stop was requested: do not start an idle wait
         self.clocks = {queue: QueueClock() for queue in queues}
         self.local: deque[Claim] = deque()  # leased to this worker, not started yet
         self._claims = 0
@@ -67,7 +69,7 @@ class Intake:
             self.local.extend(self._claim_due())
         if self.local:
             return self.local.popleft()
-        if block:
+        if block and not self.stopping():
             self._wait_idle()
         return None
 
@@ -209,14 +211,16 @@ class Intake:
         self._idle_in.difference_update(queues)
         return handed
 
-    def give_back(self, claim: Claim) -> bool:
-        """Release one leased task to its queue at once; False if the lease was not ours."""
+    def give_back(self, claim: Claim, *, interrupted: bool = False) -> bool:
+        """Release one leased task to its queue at once; False if the lease was not ours. A
+        task given back unstarted on a clean stop is routine (INFO); one interrupted is not."""
         try:
             released = self.broker.release(claim.queue, claim.id, claim.token)
         except BrokerError as exc:
             log.error("task %s: could not hand back (%s); it runs again after its lease", claim.id, exc)
             released = False
-        log.warning("task %s handed back to queue %s%s", claim.id, claim.queue, "" if released else " (lease lost)")
+        level = logging.WARNING if interrupted or not released else logging.INFO
+        log.log(level, "task %s handed back to queue %s%s", claim.id, claim.queue, "" if released else " (lease lost)")
         return released
 
     def give_back_unstarted(self) -> None:

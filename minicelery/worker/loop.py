@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 from ..errors import BrokerError, ConfigError, MiniceleryError, TaskTimeout, UnknownTask
 from ..interrupts import HandBack, StopSignals, TaskAlarm, signals_captured
 from ..notify import Notifier
-from ..records import Claim, FinishItem, Lease, Running
+from ..periodic import Schedules
+from ..records import Claim, FinishItem, Lease, Running, ScriptStatus
 from ..runner import TaskRunner
 from ..settings import Settings
 from .connection import Connection
-from .heartbeat import Heartbeat
+from .heartbeat import CANCEL_CHECK_EVERY, Heartbeat
 from .intake import Intake
 from .observe import Counters, Observer, build_metrics
 from .results import ResultBuffer
@@ -53,7 +54,9 @@ class Worker:
         self.running: Running | None = None  # read by the heartbeat thread
         self.metrics = build_metrics(app.tasks, self.broker, self.queues, lambda: self.running)
         self.observer = Observer(app.tasks, settings, self.notifier, self.metrics)
-        self.connection = Connection(self.broker, self.signals, self.observer, w.reconnect_max_delay)
+        self.connection = Connection(
+            self.broker, self.signals, self.observer, w.reconnect_max_delay, on_connect=lambda: self.schedules.upsert()
+        )
         self.results = ResultBuffer(
             self.broker, self.observer, self.signals, self.connection.sleep,
             batch=w.batch_size, retry_max_delay=w.reconnect_max_delay,
@@ -62,9 +65,12 @@ class Worker:
             self.broker, self.id, self.queues,
             lease_ms=int(w.lease_seconds * 1000), batch=w.batch_size, sweep_interval=w.lease_seconds,
             observer=self.observer, metrics=self.metrics, usually_brief=self._usually_brief,
-            sleep_until=self.connection.sleep_until,
+            sleep_until=self.connection.sleep_until, stopping=lambda: self.signals.requested,
         )  # fmt: skip
         self.upkeep = Upkeep(self.broker, w, self.metrics)
+        self.schedules = Schedules(app, settings, self.metrics)  # periodic tasks: upsert() and begin()
+        # Tasks held here (claimed, not started) whose cancel the heartbeat learned of: not run.
+        self.cancelled_ids: set[str] = set()
 
     @property
     def counters(self) -> Counters:
@@ -81,7 +87,7 @@ class Worker:
 
     def _run(self, burst: bool, max_tasks: int | None = None) -> int:
         w = self.settings.worker
-        intervals = [w.lease_seconds / 3, *filter(None, [self.notifier.watchdog_interval])]
+        intervals = [w.lease_seconds / 3, CANCEL_CHECK_EVERY, *filter(None, [self.notifier.watchdog_interval])]
         heartbeat = Heartbeat(self, min(intervals), w.shutdown_grace)
         heartbeat.start()
         server = self.observer.serve_metrics(self.healthy, lambda: self.connection.ready)
@@ -121,7 +127,7 @@ class Worker:
         self.upkeep.sweep_orphans_if_due(now)
         if not self.intake.local:
             self._flush(claim_next=True)  # store what ran, and claim the next batch with it
-        claim = self.intake.next(block=block and not self.signals.requested)
+        claim = self.intake.next(block=block)
         if claim is None:
             return False
         self._run_claim(claim)
@@ -146,6 +152,12 @@ class Worker:
             self.intake.accept(queue, following)
 
     def _run_claim(self, claim: Claim) -> None:
+        if self.cancelled_ids and claim.id in self.cancelled_ids:
+            self.cancelled_ids.discard(claim.id)  # cancel.lua finished it: nothing to store
+            self.observer.cancelled_unstarted(self.runner.name_of(claim))
+            return
+        if not self.schedules.begin(claim):
+            return  # a schedule's occurrence that is not to run now (periodic.py)
         default_limit = self.settings.worker.default_time_limit
         self.running = Running(claim.queue, claim.id, claim.token, time.monotonic(), default_limit)
 
@@ -158,7 +170,7 @@ class Worker:
             outcome = self.runner.run(claim, on_start=started)
         except HandBack:
             self._flush(claim_next=False)
-            self.intake.give_back(claim)
+            self.intake.give_back(claim, interrupted=True)
             self.observer.handed_back(self.runner.name_of(claim))
             self.intake.give_back_unstarted()
             return
@@ -197,17 +209,34 @@ class Worker:
         return self.running
 
     def healthy(self) -> bool:
+        """Also unhealthy: a task cancelled a lease ago that still runs (it ignores Cancelled)."""
+        since = self.alarm.cancelled_since
+        if (
+            since is not None
+            and self.running is not None
+            and time.monotonic() - since > self.settings.worker.lease_seconds
+        ):
+            return False
         return self.observer.healthy(self.running, self.broker.max_block)
 
     def held_leases(self) -> list[Lease]:
         waiting = tuple(self.intake.local) + tuple(c for c, _ in self.results.held)  # atomic copies under the GIL
         return [Lease(c.queue, c.id, c.token) for c in waiting]
 
-    def renew(self, leases: list[Lease]) -> list[bool]:
+    def renew(self, leases: list[Lease]) -> list[ScriptStatus]:
         return self.broker.renew_many(leases, self.intake.lease_ms)
 
+    def cancelled(self, lease: Lease) -> None:
+        running = self.running
+        if running is not None and running.token == lease.token:
+            if self.alarm.cancel(lease.token):
+                log.info("task %s was cancelled while it ran: interrupting it", lease.task_id)
+        elif lease.task_id not in self.cancelled_ids:
+            log.info("task %s was cancelled before it started: it will not run", lease.task_id)
+            self.cancelled_ids.add(lease.task_id)
+
     def store_held_results(self) -> None:
-        self.results.store_held(self.running)
+        self.results.store_held(self.running_task)
 
     def on_stop(self) -> None:
         self.notifier.stopping()
@@ -241,7 +270,7 @@ class Worker:
             running.queue, running.task_id, running.token, False, self.broker.transport.dumps_error(error)
         )
         try:
-            self.broker.finish_many([*(FinishItem.of(c, o) for c, o in self.results.take()), stuck])
+            self.results.store_now(stuck)
         except BrokerError as exc:
             log.error("could not record it (%s): its lease expires and it is reclaimed", exc)
         self.intake.give_back_unstarted()

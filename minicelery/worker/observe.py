@@ -66,7 +66,9 @@ class Observer:
 
     def count(self, claim: Claim, outcome: Outcome, status: ScriptStatus) -> None:
         with self._lock:
-            if outcome.succeeded:
+            if status is ScriptStatus.CANCELLED:
+                pass  # counted neither done nor failed: the cancel is its outcome
+            elif outcome.succeeded:
                 self.counters.done += 1
             elif status is ScriptStatus.RETRY:
                 self.counters.retried += 1
@@ -77,6 +79,8 @@ class Observer:
         if status is ScriptStatus.LATE:
             self.metrics.contention.labels("late_finish").inc()
             log.warning("task %s: late finish rejected (its lease was reclaimed; another run owns it)", claim.id)
+        elif status is ScriptStatus.CANCELLED:
+            log.info("task %s: cancelled while it ran; this run's outcome is dropped", claim.id)
         elif status is ScriptStatus.GONE:
             log.warning(
                 "task %s: finished, but Redis no longer has the task (purged, or Redis lost its data: "
@@ -94,6 +98,10 @@ class Observer:
             self.counters.handed_back += 1
         self.metrics.outcomes.labels(self.label(name), "handed_back").inc()
 
+    def cancelled_unstarted(self, name: str) -> None:
+        """A task claimed here was cancelled before it started, and was not run."""
+        self.metrics.outcomes.labels(self.label(name), "cancelled").inc()
+
     def wasted_wakeup(self) -> None:
         self.counters.wasted_wakeups += 1  # (main thread only)
         self.metrics.contention.labels("wakeup").inc()
@@ -109,7 +117,7 @@ class Observer:
         series.latency.observe(max(0, claim.now_ms - claim.due_ms) / 1000)
         series.run_time.observe(outcome.duration)
         series.outcomes[outcome_kind(outcome, status)].inc()
-        if not outcome.succeeded:
+        if not outcome.succeeded and status is not ScriptStatus.CANCELLED:
             m.failures.labels(task, outcome.error_type or "?").inc()
             if status is ScriptStatus.OK:  # failed for good: finish.lua put it in the dead-letter set
                 series.outcomes["dead_lettered"].inc()
@@ -205,6 +213,8 @@ def outcome_kind(outcome: Outcome, status: ScriptStatus) -> str:
     """The outcome label of one run. A failed or timed_out run whose finish was recorded left its
     task in the dead-letter set, which `dead_lettered` counts besides; a retried run is
     scheduled to run again."""
+    if status is ScriptStatus.CANCELLED:
+        return "cancelled"
     if outcome.succeeded:
         return "succeeded"
     if status is ScriptStatus.RETRY:

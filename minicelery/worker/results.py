@@ -71,12 +71,15 @@ class ResultBuffer:
         held = self.held
         return held[-1][0].queue if held else None
 
-    def store_held(self, running: Running | None) -> None:
+    def store_held(self, running_task: Callable[[], Running | None]) -> None:
         """Called by the heartbeat thread: store the results held back for a batch while the
         task after them, one that usually runs briefly, has run longer than FINISH_HOLD_MAX.
         They would otherwise wait for it to end, however long it runs. If Redis fails, they
         stay held, and the main thread stores them (retrying) once the task ends."""
         with self._lock:
+            # Under the lock: the worker adds the running task's own result under it, after it
+            # cleared its running task, so that result is never taken here.
+            running = running_task()
             if running is None or not self.held or time.monotonic() - running.started < FINISH_HOLD_MAX:
                 return
             held, self.held = self.held, []
@@ -94,6 +97,13 @@ class ResultBuffer:
         with self._lock:
             held, self.held = self.held, []
         return held
+
+    def store_now(self, extra: FinishItem) -> None:
+        """Store everything held and `extra` in one call, once, counting what was held (the
+        worker is about to exit: see Worker.end_stuck_task)."""
+        held = self.take()
+        statuses, _ = self.broker.finish_many([*(FinishItem.of(c, o) for c, o in held), extra])
+        self.observer.count_all(held, statuses[: len(held)])
 
     def flush(self, next_claim: NextClaim | None = None) -> tuple[bool, list[Claim] | Idle | None]:
         """Store every held outcome (retrying while Redis is away) and, with `next_claim`, claim

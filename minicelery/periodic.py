@@ -1,0 +1,217 @@
+"""Schedules at run time: declared in Redis when a worker starts, and each slot's occurrence
+started once (scripts/schedule_*.lua). The worker calls `Schedules.upsert()` once Redis
+answers and `Schedules.begin(claim)` before it runs a claimed task; nothing else.
+
+Slots are computed here (croniter, see schedules.py) on the Redis clock: the claim reply's
+time, or Redis TIME at start-up. Redis keeps one pending occurrence per schedule, so any
+number of workers may race to create it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from .app import DEFAULT_QUEUE
+from .broker import RedisBroker, _text
+from .errors import BrokerError, ConfigError, MiniceleryError
+from .records import Claim
+from .schedules import ScheduleSpec, occurrence_id, parse_occurrence
+from .settings import ScheduleSettings, Settings
+from .task import TaskDefinition
+from .transport import TaskMessage
+
+if TYPE_CHECKING:
+    from .app import Client
+    from .metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+# An occurrence held back by an unfinished earlier run looks again at least this often.
+OVERLAP_RECHECK_MS = 1000
+# How many later slots to try when the next one already ran (Redis's clock went back).
+TAKEN_RETRIES = 20
+
+
+def declared_specs(tasks: Mapping[str, TaskDefinition], settings: Settings) -> dict[str, ScheduleSpec]:
+    """The schedules this worker declares: @app.periodic tasks, then [[schedules]] tables (which
+    override one of the same name). Raises ConfigError naming a table whose task is unknown."""
+    fallback = settings.worker.queues[0]
+    specs: dict[str, ScheduleSpec] = {}
+    for definition in tasks.values():
+        if definition.schedule is not None:
+            queue = definition.queue if definition.queue != DEFAULT_QUEUE else fallback
+            specs[definition.schedule.name] = dataclasses.replace(definition.schedule, queue=queue)
+    for index, entry in enumerate(settings.schedules):
+        found = tasks.get(entry.task)
+        if found is None:
+            raise ConfigError(
+                f"invalid setting schedules.{index}: task {entry.task!r} is not registered by the task modules "
+                f"{settings.tasks} (known: {', '.join(sorted(tasks)) or 'none'})"
+            )
+        spec = _spec_of(entry, found, fallback)
+        specs[spec.name] = spec
+    return specs
+
+
+def _spec_of(entry: ScheduleSettings, definition: TaskDefinition, fallback: str) -> ScheduleSpec:
+    own = definition.queue if definition.queue != DEFAULT_QUEUE else fallback
+    return ScheduleSpec(
+        name=entry.name or entry.task,
+        task=entry.task,
+        queue=entry.queue or own,
+        cron=entry.cron,
+        every_ms=None if entry.every is None else max(1, round(entry.every * 1000)),
+        tz=entry.tz,
+        args=list(entry.args),
+        kwargs=dict(entry.kwargs),
+        overlap=entry.overlap,
+        catch_up=entry.catch_up,
+        time_limit=definition.time_limit,
+        retries=definition.retries,
+    )
+
+
+def occurrence_payload(broker: RedisBroker, spec: ScheduleSpec, task_id: str) -> bytes:
+    message = TaskMessage(
+        id=task_id,
+        name=spec.task,
+        args=list(spec.args),
+        kwargs=dict(spec.kwargs),
+        time_limit=spec.time_limit,
+        retries=spec.retries,
+    )
+    return broker.transport.dumps_message(message)
+
+
+def upsert(
+    broker: RedisBroker, spec: ScheduleSpec, *, paused: str = "", keep_spec: bool = False
+) -> tuple[str, str | None]:
+    """Store `spec` (or, with keep_spec, only change `paused`) and make sure its next
+    occurrence exists: the first slot after Redis's now."""
+    slot = spec.after(broker.server_time_ms())
+    text = "" if keep_spec else spec.to_json()
+    for _ in range(TAKEN_RETRIES):
+        task_id = occurrence_id(spec.name, slot)
+        payload = occurrence_payload(broker, spec, task_id)
+        status, pending = broker.schedule_upsert(spec.queue, spec.name, text, task_id, slot, payload, paused=paused)
+        if status != "taken":
+            return status, pending
+        slot = spec.after(slot)
+    raise BrokerError(f"schedule {spec.name}: the next {TAKEN_RETRIES} slots all ran already")
+
+
+class Schedules:
+    """A worker's side of periodic tasks (see the module docstring for its two hooks)."""
+
+    def __init__(self, app: Client, settings: Settings, metrics: WorkerMetrics | None = None) -> None:
+        self.broker = app.broker
+        self.specs = declared_specs(app.tasks, settings)
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.watch_schedules(lambda queue: schedule_rows(self.broker, queue), settings.worker.queues)
+            for name in self.specs:  # at 0 from the start, so increase() works from the first scrape
+                metrics.schedule_missed.labels(name)
+
+    def upsert(self) -> None:
+        """Declare this worker's schedules in Redis (at start and after Redis comes back)."""
+        for spec in self.specs.values():
+            status, pending = upsert(self.broker, spec)
+            log.info("schedule %s (%s, %s) on queue %s: %s %s", spec.name, spec.describe(), spec.tz, spec.queue,
+                     status, pending or "")  # fmt: skip
+
+    def begin(self, claim: Claim) -> bool:
+        """True if the claimed task is to run now: any task but a schedule's occurrence, or an
+        occurrence schedule_begin.lua started. False: it was given back or dropped (not run)."""
+        if not claim.id.startswith("sched:"):
+            return True
+        parsed = parse_occurrence(claim.id)
+        if parsed is None:
+            return True
+        name, slot = parsed
+        own = self.specs.get(name)
+        text = own.to_json() if own is not None and own.queue == claim.queue else None
+        floor = 0  # the next slot must be later than this (see 'taken')
+        for _ in range(TAKEN_RETRIES):
+            if text is None:
+                stored = self.broker.schedule_spec(claim.queue, name)
+                text = "" if stored is None else _text(stored)
+            status, detail = self._begin(claim, name, slot, text, floor)
+            if status == "changed":  # the spec was replaced meanwhile: plan again with the stored one
+                text = _text(detail)
+            elif status == "taken":  # the next slot already ran: plan the one after it
+                floor = int(detail)
+            else:
+                return status == "run"
+        log.warning("occurrence %s: its schedule kept changing, or its next slots all ran; not run now", claim.id)
+        return False
+
+    def _begin(self, claim: Claim, name: str, slot: int, text: str, floor: int) -> tuple[str, Any]:
+        try:
+            spec = ScheduleSpec.from_json(text) if text else None
+        except (ValueError, TypeError) as exc:
+            log.error("schedule %s: unreadable spec in Redis (%s); the occurrence runs as stored", name, exc)
+            return "run", None
+        plan_args: list[Any] = [1, "", 0, b"", 0, 1]
+        if spec is not None:
+            plan = spec.plan(slot, claim.now_ms)
+            next_slot = plan.next_slot
+            while next_slot <= floor:
+                next_slot = spec.after(next_slot)
+            next_id = occurrence_id(name, next_slot)
+            payload = occurrence_payload(self.broker, spec, next_id)
+            plan_args = [1 if plan.run else 0, next_id, next_slot, payload, plan.missed, 1 if spec.overlap else 0]
+        args = [claim.id, claim.token, name, slot, text, *plan_args, OVERLAP_RECHECK_MS]
+        reply = self.broker.schedule_begin(claim.queue, args)
+        status, detail = reply[0], reply[1]
+        if status == "taken":
+            return status, plan_args[2]
+        advanced = status == "skipped" or (status == "run" and len(reply) > 2 and int(reply[2]) == 1)
+        if spec is not None and advanced and plan.missed and self.metrics is not None:
+            self.metrics.schedule_missed.labels(name).inc(plan.missed)
+        if status == "run":
+            if self.metrics is not None:
+                self.metrics.schedule_lag.labels(name).observe(max(0, int(detail) - slot) / 1000)
+        elif status == "wait":
+            log.info("occurrence %s waits for the schedule's earlier run to end", claim.id)
+        elif status != "changed":
+            log.info("occurrence %s not run: %s", claim.id, status)
+        return status, detail
+
+
+def schedule_rows(broker: RedisBroker, queue: str) -> list[dict[str, Any]]:
+    """Each schedule of a queue as the CLI and the metrics show it (times in ms, Redis clock)."""
+    now, specs, state = broker.schedule_table(queue)
+    rows = []
+    for name, text in sorted(specs.items()):
+        try:
+            spec = ScheduleSpec.from_json(text)
+        except (ValueError, TypeError, MiniceleryError):
+            continue
+        field = {f: state.get(f"{name}:{f}") for f in ("d", "s", "S", "p", "m", "r", "o")}
+        rows.append(
+            {
+                "name": name,
+                "queue": queue,
+                "task": spec.task,
+                "spec": spec.describe(),
+                "tz": spec.tz,
+                "interval_ms": spec.interval_ms(now),
+                "next_due_ms": _int(field["d"]),
+                "last_start_ms": _int(field["s"]),
+                "last_slot_ms": _int(field["S"]),
+                "last_outcome": _text(field["o"]) if field["o"] else None,
+                "paused": field["p"] is not None,
+                "missed": _int(field["m"]) or 0,
+                "runs": _int(field["r"]) or 0,
+                "overlap": spec.overlap,
+                "catch_up": spec.catch_up,
+            }
+        )
+    return rows
+
+
+def _int(value: bytes | None) -> int | None:
+    return None if value is None else int(value)

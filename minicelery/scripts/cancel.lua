@@ -1,0 +1,89 @@
+-- cancel.lua: cancel tasks that have not finished: waiting for parents, scheduled (a delay,
+-- start_at, or a retry waiting out its backoff), ready, running (or leased to a worker that
+-- has not started it yet), or dead-lettered.
+--
+-- The cancel is the task's outcome at once, kept in Redis like any result: its state becomes
+-- 'cancelled', its result the Cancelled error, result waiters wake, its idempotency key is
+-- freed, and it is swept after result_ttl. It is taken out of wherever it waits, so it never
+-- runs; a running one loses its lease token, so the worker's heartbeat learns of the cancel
+-- (renew.lua says 'cancelled') and interrupts it, and its finish changes nothing (finish.lua).
+-- Its children receive the Cancelled error as that argument, as from any failed parent,
+-- unless they are cancelled in the same call (a cascade: ARGV lists them after their parents).
+-- A dead-lettered task's children got its error already; it only leaves the dead letters.
+--
+-- KEYS: the queue key set (see _common.lua), then
+--   KEYS[14 + i] done  the result-waiters list of ARGV[3 + i] (pushed only if watched)
+-- ARGV[1] keep_ms    how long the cancelled task is kept (result_ttl)
+-- ARGV[2] envelope   the Cancelled error, as a result envelope (JSON)
+-- ARGV[3] by         who cancelled: "api", "cli" (kept in the task's 'x' field)
+-- ARGV[3 + i] id     a task to cancel; for a cascade, parents before their children
+--
+-- Returns one status per id: 'cancelled', 'finished' (succeeded, failed and not a dead
+-- letter, or cancelled already: nothing changed) or 'unknown' (no such task).
+
+local keep, envelope, by = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local now = now_ms()
+local cancelling = {}
+for i = 4, #ARGV do
+  cancelling[ARGV[i]] = true
+end
+
+-- Take the task out of the structure its state says it is in.
+local function unqueue(id, state, parents)
+  if state == 'waiting' then
+    redis.call('ZREM', K_WAITING, id)
+    redis.call('HDEL', K_INFO, id .. ':p')
+    for _, parent in ipairs(split(parents)) do
+      if redis.call('HEXISTS', K_INPUTS, id .. '|' .. parent) == 0 then
+        forget_child(parent, id) -- its finish must not release (or recreate) this task
+      end
+    end
+  elseif state == 'scheduled' then
+    redis.call('ZREM', K_SCHEDULED, id)
+  elseif state == 'ready' then
+    redis.call('LREM', K_READY, 0, id)
+  elseif state == 'running' then
+    redis.call('ZREM', K_RUNNING, id)
+  else -- a dead letter
+    redis.call('ZREM', K_DEAD, id)
+  end
+end
+
+local statuses, released, cancelled = {}, {}, 0
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local held = redis.call('HMGET', K_INFO, id .. ':s', id .. ':P', id .. ':c', id .. ':k', id .. ':w')
+  local state = held[1]
+  if not state then
+    statuses[#statuses + 1] = 'unknown'
+  elseif FINISHED[state] and not (state == 'failed' and redis.call('ZSCORE', K_DEAD, id)) then
+    statuses[#statuses + 1] = 'finished'
+  else
+    unqueue(id, state, held[2])
+    redis.call('HDEL', K_INFO, id .. ':t', id .. ':n')
+    redis.call('HSET', K_INFO, id .. ':s', 'cancelled', id .. ':x', by)
+    redis.call('HSET', K_RESULT, id, envelope)
+    redis.call('ZADD', K_EXPIRY, now + keep, id)
+    local key = held[4]
+    if key and redis.call('HGET', K_DEDUP, key) == id then
+      redis.call('HDEL', K_DEDUP, key)
+    end
+    if held[3] then
+      if state ~= 'failed' then -- (a dead letter's children got its error when it died)
+        release_children(id, held[3], envelope, now, released, cancelling)
+      end
+      redis.call('HDEL', K_INFO, id .. ':c')
+    end
+    if held[5] then
+      redis.call('LPUSH', KEYS[11 + i], '1') -- ARGV[3 + j] pairs with KEYS[14 + j]
+      redis.call('PEXPIRE', KEYS[11 + i], keep)
+    end
+    cancelled = cancelled + 1
+    statuses[#statuses + 1] = 'cancelled'
+  end
+end
+forget_waiting(released)
+if cancelled > 0 then
+  redis.call('HINCRBY', K_INFO, '#cancelled', cancelled)
+end
+return statuses
