@@ -108,6 +108,7 @@ class Supervisor:
         self._stops_passed_on = 0
         self.reload_requested = False
         self.reload_queue: list[int] = []  # slots still to replace in this reload
+        self.reload_current: int | None = None  # the slot being replaced now
         self.reload_started: float | None = None
         self.exit_codes: list[int] = []
         self.announced_ready = False
@@ -249,11 +250,12 @@ class Supervisor:
             record.restarts["recycled"] += 1
             record.restart_at = time.monotonic()
             return
-        if self._replacing(child.slot) and not child.ready:  # a reload's fresh child never got ready
+        if child.slot == self.reload_current and child.fresh and not child.ready:  # a reload's fresh child
             log.error("reload stopped: the fresh worker child %d died before it was ready (%s)", child.pid, how)
             self.reload_queue.clear()
             self._reload_finished(ok=False)
-            return
+            if self._of_slot(child.slot):
+                return  # the old child of the slot keeps working
         record.restarts["died"] += 1
         record.failures_before_ready = 0 if child.ready else record.failures_before_ready + 1
         if record.failures_before_ready >= CRASH_LOOP:
@@ -268,9 +270,6 @@ class Supervisor:
 
     def _of_slot(self, slot: int) -> list[Child]:
         return [c for c in self.children.values() if c.slot == slot]
-
-    def _replacing(self, slot: int) -> bool:
-        return self.reload_started is not None and any(c.retiring == "reload" for c in self._of_slot(slot))
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -341,27 +340,31 @@ class Supervisor:
             self.reload_queue = list(range(self.n))
         if self.reload_started is None:
             return
-        if any(self._replacing(slot) for slot in range(self.n)):
-            for slot in range(self.n):  # a fresh child ready: its old one may go
-                members = self._of_slot(slot)
-                if any(c.retiring is None and c.ready for c in members):
-                    for old in members:
-                        if old.retiring == "reload" and not old.asked_to_stop:
-                            old.asked_to_stop = True
-                            _kill(old.pid, signal.SIGTERM)
-            return
+        current = self.reload_current
+        if current is not None:
+            members = self._of_slot(current)
+            fresh_ready = any(c.retiring is None and c.ready for c in members)
+            olds = [c for c in members if c.retiring == "reload"]
+            for old in olds if fresh_ready else []:  # the fresh child is ready: the old one may go
+                if not old.asked_to_stop:
+                    old.asked_to_stop = True
+                    _kill(old.pid, signal.SIGTERM)
+            if not fresh_ready or olds:
+                return  # one slot at a time: wait for this one's fresh child, then its old one's exit
+            self.reload_current = None
         if not self.reload_queue:
             self._reload_finished(ok=True)
             return
-        slot = self.reload_queue.pop(0)
+        slot = self.reload_current = self.reload_queue.pop(0)
         for old in self._of_slot(slot):
             old.retiring = "reload"
         self.slots[slot].restarts["reloaded"] += 1
+        self.slots[slot].restart_at = None  # (a restart that was due: the fresh child is it)
         self._spawn(slot)
 
     def _reload_finished(self, *, ok: bool) -> None:
         started = self.reload_started or time.monotonic()
-        self.reload_started = None
+        self.reload_started = self.reload_current = None
         for child in self.children.values():
             if child.retiring == "reload" and not child.asked_to_stop:
                 child.retiring = None  # its replacement failed: it keeps working
