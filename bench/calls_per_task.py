@@ -12,6 +12,7 @@ import sys
 
 sys.path.insert(0, ".")
 import redis
+
 from minicelery import Client, JSONTransport, RedisBroker
 from minicelery.redis_server import RedisServer
 from minicelery.settings import load_settings
