@@ -420,6 +420,12 @@ class RedisBroker:
         reply = self._run("cancel", keys, args, extra_keys=[keys.done(i) for i in task_ids])
         return [script_status(status) for status in reply]
 
+    def cancelled_by(self, queue: str, task_id: str) -> str:
+        """Who cancelled the task, as cancel.lua recorded it ("api", "cli"; "?" if unknown)."""
+        with translate_errors("read who cancelled"):
+            by = self.redis.hget(queue_keys(queue).info, f"{task_id}:x")
+        return "?" if by is None else _text(by)
+
     def descendants(self, queue: str, task_id: str) -> list[str]:
         """The task's children, theirs, and so on, parents before children (one round trip
         per generation)."""

@@ -151,7 +151,7 @@ def test_a_running_task_is_interrupted_its_finally_runs_and_its_children_get_can
     with pytest.raises(Cancelled):
         running.result(timeout=1)  # its outcome at once, whatever the worker does next
     assert child.result(timeout=30).startswith("error:Cancelled:")
-    wait_until(lambda: "was cancelled while it ran: interrupting it" in workers.log(proc), 10, "the interrupt")
+    wait_until(lambda: "was cancelled (by api) while it ran: interrupting it" in workers.log(proc), 10, "the interrupt")
     wait_until(lambda: "cancelled while it ran; this run's outcome is dropped" in workers.log(proc), 10, "its end")
     assert r.hget("test:finished", tag) is None  # interrupted in its sleep, before its last line
     assert app.tasks["echo"]("next").start().result(timeout=30) == "next"  # no retry: the worker goes on
@@ -206,7 +206,9 @@ def test_a_task_claimed_in_a_batch_but_not_started_is_not_run_once_cancelled(
     r.rpush(f"test:gate:{tag}-a", "go")  # its finish claims the next batch: gate b and the held task
     wait_until(lambda: second.state == "running" and held.state == "running", 20, "the batch to be claimed")
     assert held.cancel()
-    wait_until(lambda: f"task {held.id} was cancelled before it started" in workers.log(proc), 20, "the heartbeat")
+    wait_until(
+        lambda: f"task {held.id} was cancelled (by api) before it started" in workers.log(proc), 20, "the heartbeat"
+    )
     r.rpush(f"test:gate:{tag}-b", "go")
     assert [h.result(timeout=30) for h in rest] == [0, 1]
     assert executions(r).get(f"{tag}-held") is None  # never ran

@@ -230,9 +230,11 @@ class Worker:
         running = self.running
         if running is not None and running.token == lease.token:
             if self.alarm.cancel(lease.token):
-                log.info("task %s was cancelled while it ran: interrupting it", lease.task_id)
+                by = self.broker.cancelled_by(lease.queue, lease.task_id)
+                log.info("task %s was cancelled (by %s) while it ran: interrupting it", lease.task_id, by)
         elif lease.task_id not in self.cancelled_ids:
-            log.info("task %s was cancelled before it started: it will not run", lease.task_id)
+            by = self.broker.cancelled_by(lease.queue, lease.task_id)
+            log.info("task %s was cancelled (by %s) before it started: it will not run", lease.task_id, by)
             self.cancelled_ids.add(lease.task_id)
 
     def store_held_results(self) -> None:
