@@ -301,6 +301,30 @@ local function forget_child(parent, child)
   end
 end
 
+-- Give a task that will not run its outcome now, outside finish.lua (an orphan's error in
+-- orphans.lua, a cancel in cancel.lua): the result, kept `keep` ms; its idempotency key freed;
+-- its children given the envelope when `release` (skipping those in `skip`) and forgotten;
+-- its result waiters woken through `done`, its done list. `held`: HMGET of the task's
+-- s, P, c, k, w fields.
+local function settle(id, held, envelope, keep, now, done, release, released, skip)
+  redis.call('HSET', K_RESULT, id, envelope)
+  redis.call('ZADD', K_EXPIRY, now + keep, id)
+  local key = held[4]
+  if key and redis.call('HGET', K_DEDUP, key) == id then
+    redis.call('HDEL', K_DEDUP, key)
+  end
+  if held[3] then
+    if release then
+      release_children(id, held[3], envelope, now, released, skip)
+    end
+    redis.call('HDEL', K_INFO, id .. ':c')
+  end
+  if held[5] then
+    redis.call('LPUSH', done, '1')
+    redis.call('PEXPIRE', done, keep)
+  end
+end
+
 -- Take tasks that no longer wait for parents out of the waiting set (in slices: unpack has
 -- a limit, and one parent may release thousands of children).
 local function forget_waiting(ids)

@@ -62,22 +62,9 @@ for i = 4, #ARGV do
     unqueue(id, state, held[2])
     redis.call('HDEL', K_INFO, id .. ':t', id .. ':n')
     redis.call('HSET', K_INFO, id .. ':s', 'cancelled', id .. ':x', by)
-    redis.call('HSET', K_RESULT, id, envelope)
-    redis.call('ZADD', K_EXPIRY, now + keep, id)
-    local key = held[4]
-    if key and redis.call('HGET', K_DEDUP, key) == id then
-      redis.call('HDEL', K_DEDUP, key)
-    end
-    if held[3] then
-      if state ~= 'failed' then -- (a dead letter's children got its error when it died)
-        release_children(id, held[3], envelope, now, released, cancelling)
-      end
-      redis.call('HDEL', K_INFO, id .. ':c')
-    end
-    if held[5] then
-      redis.call('LPUSH', KEYS[11 + i], '1') -- ARGV[3 + j] pairs with KEYS[14 + j]
-      redis.call('PEXPIRE', KEYS[11 + i], keep)
-    end
+    -- (a dead letter's children got its error when it died: not released again)
+    -- KEYS[11 + i]: ARGV[3 + j] pairs with KEYS[14 + j]
+    settle(id, held, envelope, keep, now, KEYS[11 + i], state ~= 'failed', released, cancelling)
     cancelled = cancelled + 1
     statuses[#statuses + 1] = 'cancelled'
   end

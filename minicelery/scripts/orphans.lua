@@ -79,21 +79,8 @@ for i = 4, #ARGV do
       redis.call('ZREM', K_WAITING, id)
       redis.call('HDEL', K_INFO, id .. ':p')
       setf(id, 's', 'failed')
-      redis.call('HSET', K_RESULT, id, envelope)
       redis.call('ZADD', K_DEAD, now, id)
-      redis.call('ZADD', K_EXPIRY, now + keep, id)
-      local key = held[4]
-      if key and redis.call('HGET', K_DEDUP, key) == id then
-        redis.call('HDEL', K_DEDUP, key)
-      end
-      if held[3] then
-        release_children(id, held[3], envelope, now, released)
-        redis.call('HDEL', K_INFO, id .. ':c')
-      end
-      if held[5] then
-        redis.call('LPUSH', KEYS[11 + i], '1') -- ARGV[3 + j] pairs with KEYS[14 + j]
-        redis.call('PEXPIRE', KEYS[11 + i], keep)
-      end
+      settle(id, held, envelope, keep, now, KEYS[11 + i], true, released) -- (ARGV[3 + j]: KEYS[14 + j])
       swept[#swept + 1] = id
     end
   end
