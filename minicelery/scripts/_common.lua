@@ -333,6 +333,16 @@ local function forget_waiting(ids)
   end
 end
 
+-- Delete a task's small fields and its payload (what every task has; callers delete the rest).
+local function forget_fields(id)
+  local fields = {}
+  for i, f in ipairs(INFO_FIELDS) do
+    fields[i] = id .. ':' .. f
+  end
+  redis.call('HDEL', K_INFO, unpack(fields))
+  redis.call('HDEL', K_PAYLOAD, id)
+end
+
 -- Delete everything stored for finished tasks whose result TTL has passed.
 local function sweep_expired(now, batch)
   local ids = redis.call('ZRANGEBYSCORE', K_EXPIRY, '-inf', now, 'LIMIT', 0, batch or SWEEP_BATCH)
@@ -344,12 +354,7 @@ local function sweep_expired(now, batch)
     if held[2] == 'cancelled' then
       redis.call('HINCRBY', K_INFO, '#cancelled', -1)
     end
-    local fields = {}
-    for i, f in ipairs(INFO_FIELDS) do
-      fields[i] = id .. ':' .. f
-    end
-    redis.call('HDEL', K_INFO, unpack(fields))
-    redis.call('HDEL', K_PAYLOAD, id)
+    forget_fields(id)
     redis.call('HDEL', K_RESULT, id)
     redis.call('ZREM', K_DEAD, id)
     redis.call('ZREM', K_EXPIRY, id)

@@ -11,13 +11,6 @@
 
 local K_SCHEDULES, K_STATE = KEYS[15], KEYS[16]
 
--- Delete what is stored for an occurrence that never finished and never will (given up:
--- paused, removed, replaced or skipped). The caller takes it out of its sorted set first.
-local function forget_task(id)
-  local fields = {}
-  for i, f in ipairs(INFO_FIELDS) do
-    fields[i] = id .. ':' .. f
-  end
-  redis.call('HDEL', K_INFO, unpack(fields))
-  redis.call('HDEL', K_PAYLOAD, id)
-end
+-- An occurrence that never finished and never will (given up: paused, removed, replaced or
+-- skipped) is deleted with forget_fields (_common.lua), after the caller takes it out of its
+-- sorted set.

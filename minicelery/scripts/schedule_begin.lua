@@ -43,7 +43,7 @@ end
 -- Drop the occurrence this worker holds: it does not run, and nothing is left of it.
 local function drop()
   redis.call('ZREM', K_RUNNING, id)
-  forget_task(id)
+  forget_fields(id) -- (an occurrence given up: nothing else of it is stored)
 end
 
 local stored = redis.call('HGET', K_SCHEDULES, name)

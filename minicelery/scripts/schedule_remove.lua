@@ -14,7 +14,7 @@ local existed = redis.call('HDEL', K_SCHEDULES, name)
 local pending = redis.call('HGET', K_STATE, name .. ':n')
 if pending and getf(pending, 's') == 'scheduled' then
   redis.call('ZREM', K_SCHEDULED, pending)
-  forget_task(pending)
+  forget_fields(pending) -- (an occurrence given up: nothing else of it is stored)
 end
 local fields = {}
 for i, f in ipairs({ 'n', 'd', 'c', 's', 'S', 'p', 'm', 'r' }) do

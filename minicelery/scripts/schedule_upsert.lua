@@ -52,7 +52,7 @@ local pending_state = pending and getf(pending, 's')
 
 local function drop_pending()
   redis.call('ZREM', K_SCHEDULED, pending)
-  forget_task(pending)
+  forget_fields(pending) -- (an occurrence given up: nothing else of it is stored)
   redis.call('HDEL', K_STATE, name .. ':n', name .. ':d')
 end
 
