@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 # From 100 µs (a claim on an idle queue) to 30 min (a long batch job).
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)  # fmt: skip
-OUTCOMES = ("succeeded", "failed", "retried", "timed_out", "cancelled", "dead_lettered", "handed_back")
+OUTCOMES = (
+    "succeeded", "failed", "retried", "timed_out", "cancelled", "lease_lost", "gone", "dead_lettered", "handed_back"
+)  # fmt: skip
 
 
 class QueueDepthCollector(Collector):

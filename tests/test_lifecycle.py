@@ -6,6 +6,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -287,8 +288,9 @@ def test_a_finish_after_redis_lost_its_data_says_so_instead_of_blaming_a_lease(t
     app = Client(RedisBroker(JSONTransport(), url=server.url, max_block=1), default_queue=queue)
     worktasks.register(app)
     Client.instances.remove(app)
+    port = free_port()
     try:
-        proc = pool.start()
+        proc = pool.start(MINICELERY_METRICS__ENABLED="true", MINICELERY_METRICS__PORT=str(port))
         handle = app.tasks["gate"]("lost").start()
         wait_until(lambda: handle.state == "running", 20, "the task to start")
         app.broker.redis.flushall()  # what a Redis restart without persistence leaves
@@ -296,6 +298,15 @@ def test_a_finish_after_redis_lost_its_data_says_so_instead_of_blaming_a_lease(t
         wait_until(lambda: "Redis no longer has the task" in pool.log(proc), 20, "the finish to be refused")
         assert "late finish" not in pool.log(proc)
         assert app.tasks["echo"]("on").start().result(timeout=20) == "on"  # and the worker goes on
+        # The refused run is counted as what it was, not as a task done.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        assert 'minicelery_task_outcomes_total{outcome="gone",task="gate"} 1.0' in text
+        assert 'minicelery_task_outcomes_total{outcome="succeeded",task="gate"} 0.0' in text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert "stopped: 1 done, 0 failed" in pool.log(proc)
+        assert "1 finishes of tasks Redis no longer had" in pool.log(proc)
     finally:
         pool.stop_all()
         app.broker.close()

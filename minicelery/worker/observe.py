@@ -29,6 +29,9 @@ log = logging.getLogger("minicelery.worker")
 # The task label for a name no task module registered: a client can send any name, and each
 # would otherwise become a new metrics series.
 UNKNOWN_TASK_LABEL = "(unknown)"
+# Finishes that recorded nothing: the task was cancelled, another run owns it (lease lost), or
+# Redis no longer has it. Such a run is neither done nor failed.
+_NOT_RECORDED = frozenset({ScriptStatus.CANCELLED, ScriptStatus.LATE, ScriptStatus.GONE})
 
 # A busy worker tells systemd which task it runs at most this often (seconds).
 PER_TASK_STATUS_EVERY = 1.0
@@ -40,6 +43,7 @@ class Counters:
     failed: int = 0
     retried: int = 0
     late_finishes: int = 0
+    gone_finishes: int = 0
     wasted_wakeups: int = 0
     handed_back: int = 0
 
@@ -66,8 +70,8 @@ class Observer:
 
     def count(self, claim: Claim, outcome: Outcome, status: ScriptStatus) -> None:
         with self._lock:
-            if status is ScriptStatus.CANCELLED:
-                pass  # counted neither done nor failed: the cancel is its outcome
+            if status in _NOT_RECORDED:
+                pass  # counted neither done nor failed: this run's outcome was not kept
             elif outcome.succeeded:
                 self.counters.done += 1
             elif status is ScriptStatus.RETRY:
@@ -76,6 +80,8 @@ class Observer:
                 self.counters.failed += 1
             if status is ScriptStatus.LATE:
                 self.counters.late_finishes += 1
+            elif status is ScriptStatus.GONE:
+                self.counters.gone_finishes += 1
         if status is ScriptStatus.LATE:
             self.metrics.contention.labels("late_finish").inc()
             log.warning("task %s: late finish rejected (its lease was reclaimed; another run owns it)", claim.id)
@@ -117,7 +123,7 @@ class Observer:
         series.latency.observe(max(0, claim.now_ms - claim.due_ms) / 1000)
         series.run_time.observe(outcome.duration)
         series.outcomes[outcome_kind(outcome, status)].inc()
-        if not outcome.succeeded and status is not ScriptStatus.CANCELLED:
+        if not outcome.succeeded and status not in _NOT_RECORDED:
             m.failures.labels(task, outcome.error_type or "?").inc()
             if status is ScriptStatus.OK:  # failed for good: finish.lua put it in the dead-letter set
                 series.outcomes["dead_lettered"].inc()
@@ -190,8 +196,9 @@ class Observer:
         c = self.counters
         log.log(
             logging.WARNING if code else logging.INFO,
-            "worker %s stopped: %d done, %d failed, %d wasted wake-ups, %d late finishes, exit %d",
-            worker_id, c.done, c.failed, c.wasted_wakeups, c.late_finishes, code,
+            "worker %s stopped: %d done, %d failed, %d wasted wake-ups, %d late finishes, "
+            "%d finishes of tasks Redis no longer had, exit %d",
+            worker_id, c.done, c.failed, c.wasted_wakeups, c.late_finishes, c.gone_finishes, code,
         )  # fmt: skip
 
 
@@ -210,11 +217,16 @@ def build_metrics(
 
 
 def outcome_kind(outcome: Outcome, status: ScriptStatus) -> str:
-    """The outcome label of one run. A failed or timed_out run whose finish was recorded left its
-    task in the dead-letter set, which `dead_lettered` counts besides; a retried run is
-    scheduled to run again."""
+    """The outcome label of one run. A run whose finish Redis refused (its lease lost, or the
+    task gone) is counted neither succeeded nor failed: the task's outcome is another run's, or
+    none. A failed or timed_out run whose finish was recorded left its task in the dead-letter
+    set, which `dead_lettered` counts besides; a retried run is scheduled to run again."""
     if status is ScriptStatus.CANCELLED:
         return "cancelled"
+    if status is ScriptStatus.LATE:
+        return "lease_lost"
+    if status is ScriptStatus.GONE:
+        return "gone"
     if outcome.succeeded:
         return "succeeded"
     if status is ScriptStatus.RETRY:
