@@ -267,13 +267,13 @@ def _check_config(settings: Settings) -> int:
     print(json.dumps(settings.masked(), indent=2))
     if tasks:
         print(f"tasks: {', '.join(sorted(tasks))}", file=sys.stderr)
+    else:
+        print(f"no task modules configured (a worker needs them: {NO_TASKS_HINT})", file=sys.stderr)
     for spec in schedules.values():
         print(
             f"schedule {spec.name}: task {spec.task}, {spec.describe()} ({spec.tz}), queue {spec.queue}",
             file=sys.stderr,
         )
-    else:
-        print(f"no task modules configured (a worker needs them: {NO_TASKS_HINT})", file=sys.stderr)
     return EXIT_OK
 
 

@@ -493,5 +493,6 @@ def test_check_config_lists_the_schedules_and_rejects_one_for_an_unregistered_ta
     good = run_cli("check-config", env=workers.env(MINICELERY_SCHEDULES=_schedule_env("x")))
     assert good.returncode == 0, good.stderr
     assert "schedule slot_run: task slot_run, every 1s (UTC)" in good.stderr
+    assert "no task modules configured" not in good.stderr  # they are: the worker's tasks are listed
     bad = run_cli("check-config", env=workers.env(MINICELERY_SCHEDULES='[{"task": "nope", "every": 5}]'))
     assert bad.returncode == 78 and "schedules.0: task 'nope' is not registered" in bad.stderr
