@@ -16,9 +16,10 @@ from .broker import RedisBroker
 from .errors import TaskNotFound
 from .loader import load_task_modules
 from .periodic import schedule_rows, upsert
-from .records import FINISHED_STATES
+from .records import FINISHED_STATES, ScriptStatus
 from .schedules import ScheduleSpec
 from .settings import Settings
+from .task import Task
 from .transport import TaskMessage
 
 EXIT_FAILED = 1  # the task failed, or there is no such task
@@ -75,11 +76,21 @@ class Admin:
         self.app.tasks[name] = dataclasses.replace(definition, app=self.app, queue=queue)
         return "" if own else f"task {name!r} names no queue of its own"
 
+    def find(self, task_id: str, queue: str | None) -> tuple[Task, str]:
+        """A handle to the task and its state: on `queue` if given, else on the first of the
+        configured queues that has it (an id is unique; users should not need to know its queue)."""
+        queues = [queue] if queue else self.settings.worker.queues
+        for name in queues:
+            handle = self.app.handle(task_id, queue=name)
+            state = handle.state
+            if state != "unknown":
+                return handle, state
+        where = ", ".join(repr(name) for name in queues)
+        hint = "" if queue else " (a task of another queue: add -q QUEUE)"
+        raise TaskNotFound(f"task {task_id} is not stored on queue {where}{hint}")
+
     def result(self, task_id: str, queue: str | None, timeout: float) -> int:
-        handle = self.app.handle(task_id, queue=queue)
-        state = handle.state
-        if state == "unknown":
-            raise TaskNotFound(f"task {task_id} is not stored on queue {handle.queue!r}")
+        handle, state = self.find(task_id, queue)
         if state not in FINISHED_STATES and timeout <= 0:
             print(f"minicelery: task {task_id} is {state}, not finished (--timeout S waits for it)", file=sys.stderr)
             return EXIT_NOT_FINISHED
@@ -135,15 +146,20 @@ class Admin:
         """Cancel each task; exit 0 if every one was cancelled or had already finished."""
         unknown = 0
         for task_id in task_ids:
-            handle = self.app.handle(task_id, queue=queue)
-            state = handle.state
-            if state == "unknown":
+            try:
+                handle, state = self.find(task_id, queue)
+            except TaskNotFound as exc:
                 unknown += 1
-                print(f"minicelery: {task_id} is not stored on queue {handle.queue!r}", file=sys.stderr)
-            elif handle.cancel(cascade=cascade, by="cli"):
+                print(f"minicelery: {exc}", file=sys.stderr)
+                continue
+            statuses = handle.cancel_each(cascade=cascade, by="cli")
+            if statuses.pop(task_id, None) is ScriptStatus.CANCELLED:
                 print(f"{task_id} cancelled (it was {state})")
             else:
                 print(f"{task_id} had already finished ({handle.state}): nothing changed")
+            if cascade:
+                stopped = [child for child, status in statuses.items() if status is ScriptStatus.CANCELLED]
+                print(f"  and {len(stopped)} of its {len(statuses)} descendants: {' '.join(stopped) or 'none'}")
         return EXIT_FAILED if unknown else 0
 
     def retry_dead(self, queues: Sequence[str], task_ids: Sequence[str]) -> int:

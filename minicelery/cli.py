@@ -107,12 +107,12 @@ def _parser() -> argparse.ArgumentParser:
 
     result = command("result", "Print a task's result; exit 75 if it has not finished (within --timeout).")
     result.add_argument("id")
-    result.add_argument("--queue", "-q")
+    result.add_argument("--queue", "-q", help="its queue (default: whichever of worker.queues has it)")
     result.add_argument("--timeout", type=_seconds, default=0.0, help="seconds to wait (default: do not wait)")
 
     cancel = command("cancel", "Cancel tasks not finished yet; exit 0 if each was cancelled or had already finished.")
     cancel.add_argument("ids", nargs="+", metavar="ID", help="task ids")
-    cancel.add_argument("--queue", "-q", help="their queue (default: the first of worker.queues)")
+    cancel.add_argument("--queue", "-q", help="their queue (default: whichever of worker.queues has each)")
     cancel.add_argument("--cascade", action="store_true", help="also cancel their unfinished descendants")
 
     retry_dead = command("retry-dead", "Put dead letters back in their queue to run again.")

@@ -234,12 +234,17 @@ class Task:
         (False), except a dead letter, which is cancelled out of the dead letters. The cancel
         is kept in Redis: it holds even if no worker runs now. `by` is recorded as who did it.
         """
+        return self.cancel_each(cascade=cascade, by=by).get(self.id) is ScriptStatus.CANCELLED
+
+    def cancel_each(self, *, cascade: bool = False, by: str = "api") -> dict[str, ScriptStatus]:
+        """`cancel()`, saying what became of the task and (with cascade) each descendant, in
+        the order cancelled: CANCELLED for the ones this stopped, FINISHED for those already done."""
         if not self._sent:
-            return False  # never sent: nothing in Redis to cancel
+            return {}  # never sent: nothing in Redis to cancel
         broker = self.definition.app.broker
         ids = [self.id, *(broker.descendants(self.queue, self.id) if cascade else [])]
         envelope = broker.transport.dumps_error(Cancelled(f"task cancelled (by {by})"))
-        return broker.cancel(self.queue, ids, envelope, by)[0] is ScriptStatus.CANCELLED
+        return dict(zip(ids, broker.cancel(self.queue, ids, envelope, by), strict=True))
 
     def result(self, timeout: float | None = None) -> Any:
         """Block until the task finishes; return its value or raise its error.

@@ -189,6 +189,41 @@ def test_the_cancel_command_says_what_it_did_for_each_id(app: Client, redis_url:
     assert app.handle(waiting.id).state == "cancelled"
 
 
+def test_the_cancel_and_result_commands_find_a_task_on_any_configured_queue_and_report_a_cascade(
+    app: Client, redis_url: str
+) -> None:
+    other = f"{app.default_queue}-other"
+    elsewhere = Client(RedisBroker(JSONTransport(), url=redis_url), default_queue=other)
+    Client.instances.remove(elsewhere)
+
+    @elsewhere.task
+    def echo(value: object) -> object:
+        return value
+
+    root = echo("root")
+    child = echo(root)
+    grandchild = echo(child)
+    root.wait(3600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINICELERY_")}
+    env |= {"MINICELERY_REDIS__URL": redis_url, "MINICELERY_WORKER__QUEUES": f'["{app.default_queue}", "{other}"]'}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "minicelery", *args], capture_output=True, text=True, env=env)
+
+    run = cli("cancel", "--cascade", root.id)  # no -q: the second configured queue has it
+    assert run.returncode == 0, run.stderr
+    assert f"{root.id} cancelled (it was scheduled)" in run.stdout
+    assert f"and 2 of its 2 descendants: {child.id} {grandchild.id}" in run.stdout
+    assert [h.state for h in (root, child, grandchild)] == ["cancelled"] * 3
+    shown = cli("result", grandchild.id)
+    assert shown.returncode == 1 and "Cancelled: task cancelled (by cli)" in shown.stderr
+    missing = cli("result", "no-such-id")
+    assert missing.returncode == 1
+    assert f"not stored on queue '{app.default_queue}', '{other}' (a task of another queue: add -q QUEUE)" in (
+        missing.stderr
+    )
+
+
 def test_a_task_claimed_in_a_batch_but_not_started_is_not_run_once_cancelled(
     app: Client, workers: Workers, r: redis.Redis
 ) -> None:
@@ -235,3 +270,6 @@ def test_a_task_that_ignores_its_cancel_is_ended_like_one_past_its_time_limit(ap
     assert handle.cancel()
     assert proc.wait(timeout=30) == EXIT_TASK_STUCK  # a lease after the cancel, the worker ends it
     assert handle.state == "cancelled"
+    log = workers.log(proc)
+    assert "did not stop within 2 s after it was cancelled" in log
+    assert "time limit" not in log and "timed out" not in log  # its limit (600 s) was far off

@@ -237,6 +237,22 @@ class Worker:
             log.info("task %s was cancelled (by %s) before it started: it will not run", lease.task_id, by)
             self.cancelled_ids.add(lease.task_id)
 
+    def record_stuck(self, running: Running) -> None:
+        limit = running.time_limit or 0
+        log.error(
+            "task %s did not stop within %g s after its time limit of %g s (it catches the "
+            "interruption, or is stuck outside Python): recorded as timed out; the worker exits %d to end it",
+            running.task_id, self.settings.worker.lease_seconds, limit, EXIT_TASK_STUCK,
+        )  # fmt: skip
+        error = TaskTimeout(f"task did not stop after its time limit of {limit:g} s; its worker exited")
+        stuck = FinishItem(
+            running.queue, running.task_id, running.token, False, self.broker.transport.dumps_error(error)
+        )
+        try:
+            self.results.store_now(stuck)
+        except BrokerError as exc:
+            log.error("could not record it (%s): its lease expires and it is reclaimed", exc)
+
     def store_held_results(self) -> None:
         self.results.store_held(self.running_task)
 
@@ -261,20 +277,14 @@ class Worker:
         running = self.running
         if running is None or not self.alarm.installed:
             return
-        limit = running.time_limit or 0
-        log.error(
-            "task %s did not stop within %g s after its time limit of %g s (it catches the "
-            "interruption, or is stuck outside Python): recorded as timed out; the worker exits %d to end it",
-            running.task_id, self.settings.worker.lease_seconds, limit, EXIT_TASK_STUCK,
-        )  # fmt: skip
-        error = TaskTimeout(f"task did not stop after its time limit of {limit:g} s; its worker exited")
-        stuck = FinishItem(
-            running.queue, running.task_id, running.token, False, self.broker.transport.dumps_error(error)
-        )
-        try:
-            self.results.store_now(stuck)
-        except BrokerError as exc:
-            log.error("could not record it (%s): its lease expires and it is reclaimed", exc)
+        if self.alarm.cancelled_since is not None:  # cancel.lua recorded it cancelled already
+            log.error(
+                "task %s did not stop within %g s after it was cancelled (it catches Cancelled, or is "
+                "stuck outside Python): it stays cancelled; the worker exits %d to end it",
+                running.task_id, self.settings.worker.lease_seconds, EXIT_TASK_STUCK,
+            )  # fmt: skip
+        else:
+            self.record_stuck(running)
         self.intake.give_back_unstarted()
         self.intake.leave()
         self.notifier.status("exiting: a task did not stop after its time limit")
