@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import difflib
 import json
 import sys
 import uuid
@@ -13,16 +14,18 @@ from zoneinfo import ZoneInfo
 
 from .app import DEFAULT_QUEUE, Client
 from .broker import RedisBroker
-from .errors import TaskNotFound
+from .errors import BadArguments, TaskNotFound
 from .loader import load_task_modules
 from .periodic import schedule_rows, upsert
 from .records import FINISHED_STATES, ScriptStatus
+from .runner import check_arguments
 from .schedules import ScheduleSpec
 from .settings import Settings
 from .task import Task
 from .transport import TaskMessage
 
 EXIT_FAILED = 1  # the task failed, or there is no such task
+EXIT_USAGE = 2  # refused before sending: what was asked cannot run (as argparse's usage errors)
 EXIT_NOT_FINISHED = 75  # EX_TEMPFAIL: the task has not finished yet; ask again later
 
 
@@ -45,7 +48,12 @@ class Admin:
         key: str | None,
         wait: bool,
         timeout: float | None,
+        force: bool = False,
     ) -> int:
+        refused = "" if force else self._refusal(name, args, kwargs)
+        if refused:
+            print(f"minicelery: {refused}", file=sys.stderr)
+            return EXIT_USAGE
         why_guessed = self._use_definition(name)
         handle = self.app.send_task(name, args, kwargs, queue=queue, delay=delay, at=at, key=key)
         print(handle.id)
@@ -58,6 +66,27 @@ class Admin:
         if not wait:
             return 0
         return self._print_result(handle.result, timeout)
+
+    def _refusal(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> str:
+        """Why not to send: with the task modules configured, a name they do not register (a
+        typo would sit in the queue until unknown_task_grace, then be dead-lettered) or arguments
+        that do not fit the function (dead-lettered at once as BadArguments). "" to send."""
+        if not self.settings.tasks:
+            return ""  # nothing to check against
+        tasks = load_task_modules(self.settings.tasks)
+        definition = tasks.get(name)
+        if definition is None:
+            close = difflib.get_close_matches(name, list(tasks), n=1)
+            guess = f" (did you mean {close[0]!r}?)" if close else ""
+            return (
+                f"task {name!r} is not registered by the task modules {self.settings.tasks}{guess}; "
+                "--force sends it anyway (for workers that run newer code)"
+            )
+        try:
+            check_arguments(definition, args, kwargs)
+        except BadArguments as exc:
+            return f"{exc}; --force sends it anyway"
+        return ""
 
     def _use_definition(self, name: str) -> str:
         """With the task modules configured, send `name` with its definition's retries= and

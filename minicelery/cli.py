@@ -96,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--key", help="idempotency key: no second task while one with it is pending")
     enqueue.add_argument("--wait-result", action="store_true", help="wait and print the result")
     enqueue.add_argument("--timeout", type=_seconds, help="with --wait-result: give up after seconds (exit 75)")
+    enqueue.add_argument(
+        "--force",
+        action="store_true",
+        help="send even if the configured task modules do not register the name or its arguments do not fit",
+    )
 
     inspect = command(
         "inspect",
@@ -230,6 +235,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             key=args.key,
             wait=args.wait_result,
             timeout=args.timeout,
+            force=args.force,
         )
     if args.command == "inspect":
         return admin.inspect(args.queue or settings.worker.queues, as_json=args.json)

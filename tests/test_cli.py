@@ -142,6 +142,22 @@ def test_enqueue_without_task_modules_says_which_queue_and_how_to_choose(workers
     ]
 
 
+def test_enqueue_refuses_a_name_or_arguments_the_task_modules_reject_unless_forced(
+    workers: Workers, queue: str, r: redis.Redis
+) -> None:
+    env = workers.env()  # the test task modules are configured: add and repeat(text, times) are registered
+    typo = run_cli("enqueue", "ad", "[1, 2]", env=env)
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert "task 'ad' is not registered" in typo.stderr and "(did you mean 'add'?)" in typo.stderr
+    misfit = run_cli("enqueue", "repeat", '["x"]', env=env)
+    assert misfit.returncode == 2 and "arguments do not fit repeat(" in misfit.stderr
+    assert "missing a required argument: 'times'" in misfit.stderr
+    assert r.hlen(queue_keys(queue).payload) == 0  # neither was sent
+    forced = run_cli("enqueue", "ad", "[1, 2]", "--force", env=env)  # workers with newer code may know it
+    assert forced.returncode == 0, forced.stderr
+    assert _payload(r, queue, forced.stdout.strip()) is not None
+
+
 NO_SUCH_HOST = "redis://no-such-host.invalid:6379/0"  # .invalid never resolves (RFC 2606)
 
 
