@@ -31,6 +31,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from redis.connection import parse_url
 
 from .errors import ConfigError
 from .keys import check_queue_name
@@ -66,6 +67,7 @@ class RedisSettings(_Section):
     def _known_scheme(cls, url: str) -> str:
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        parse_url(url)  # the client's own parsing: a bad port or db is named here, not at connect
         return url
 
     @field_validator("password_file", "tls_ca_file", "tls_cert_file", "tls_key_file")
@@ -135,12 +137,22 @@ class WorkerSettings(_Section):
         600.0, ge=0, description="seconds a task whose name this worker lacks is given back for another"
     )
 
-    @field_validator("concurrency")
+    @field_validator("concurrency", mode="before")
     @classmethod
-    def _at_least_one(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError('must be at least 1, or "auto"')
-        return value
+    def _processes_or_auto(cls, value: Any) -> int | str:
+        """One message for any wrong value (the union's own errors name its branches, `.int`
+        and `.literal['auto']`, which tell an operator nothing)."""
+        if value == "auto":
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str) and value.strip().isdigit():
+            number = int(value)
+        else:
+            number = 0  # 1.5, true, "many": as wrong as 0
+        if number < 1:
+            raise ValueError('must be a whole number of processes, at least 1, or "auto"')
+        return number
 
     def processes(self) -> int:
         """How many worker processes: `concurrency`, with "auto" resolved (see usable_cpus)."""

@@ -196,6 +196,26 @@ def test_no_task_modules_configured_says_the_three_ways_to_name_them(tmp_path: P
     assert "tasks = " in result.stderr and "-t" in result.stderr and "MINICELERY_TASKS" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("section", "line", "reason"),
+    [
+        ("worker", 'concurrency = "many"', 'must be a whole number of processes, at least 1, or "auto"'),
+        ("worker", "concurrency = 1.5", 'must be a whole number of processes, at least 1, or "auto"'),
+        ("redis", 'url = "redis://127.0.0.1:notaport/0"', "Port could not be cast to integer"),
+        ("redis", 'url = "redis://127.0.0.1:99999/0"', "Port out of range"),
+    ],
+)
+def test_a_value_of_the_wrong_shape_gets_one_line_naming_the_setting(
+    config: Path, section: str, line: str, reason: str
+) -> None:
+    text = TOML.replace("[worker]", f"[worker]\n{line}") if section == "worker" else f"{TOML}\n[redis]\n{line}\n"
+    config.write_text(text)
+    result = _cli("check-config", "--config", str(config), env=_env())
+    assert result.returncode == 78 and result.stderr.count("\n") == 1, result.stderr  # one line, no traceback
+    setting = f"{section}.{line.split(' =')[0]}"
+    assert f"invalid setting {setting} in {config}: {reason}" in result.stderr
+
+
 def test_concurrency_comes_from_the_file_the_environment_or_the_flag_and_auto_counts_usable_cpus(
     config: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
