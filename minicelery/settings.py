@@ -67,7 +67,8 @@ class RedisSettings(_Section):
     def _known_scheme(cls, url: str) -> str:
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
-        parse_url(url)  # the client's own parsing: a bad port or db is named here, not at connect
+        # The client's own parsing: a bad port or db is named here, not at the first connect.
+        parse_url(url)  # type: ignore[no-untyped-call]
         return url
 
     @field_validator("password_file", "tls_ca_file", "tls_cert_file", "tls_key_file")
@@ -143,7 +144,7 @@ class WorkerSettings(_Section):
         """One message for any wrong value (the union's own errors name its branches, `.int`
         and `.literal['auto']`, which tell an operator nothing)."""
         if value == "auto":
-            return value
+            return "auto"
         if isinstance(value, int) and not isinstance(value, bool):
             number = value
         elif isinstance(value, str) and value.strip().isdigit():
