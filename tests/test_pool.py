@@ -332,3 +332,38 @@ def test_a_reload_whose_fresh_child_fails_to_start_keeps_the_old_children_workin
     assert app.tasks["echo"]("still here").start().result(timeout=20) == "still here"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
+
+
+def test_runs_that_end_their_child_are_counted_timed_out_or_cancelled(
+    app: Client, workers: Workers, tmp_path: Path
+) -> None:
+    """A task that cannot be stopped ends its child (exit 70); its outcome still reaches the
+    unit's counters, which outlive the child."""
+    port = free_port()
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    proc = start_pool(
+        workers, 2,
+        MINICELERY_METRICS__ENABLED="true", MINICELERY_METRICS__PORT=str(port), RUNTIME_DIRECTORY=str(runtime),
+        MINICELERY_WORKER__LEASE_SECONDS="2", MINICELERY_WORKER__BATCH_SIZE="1",
+    )  # fmt: skip
+    producer = Client(app.broker, default_queue=app.default_queue)
+    Client.instances.remove(producer)
+    limited = producer.task(name="swallow_all", time_limit=0.5)(app.tasks["swallow_all"].fn)
+    past_limit = limited(600).start()  # catches its TimeLimitExceeded, every second
+    ignores_cancel = app.tasks["swallow_all"](600).start()  # catches its Cancelled
+    wait_until(lambda: ignores_cancel.state == "running", 20, "the second task to start")
+    assert ignores_cancel.cancel()
+    wait_until(lambda: workers.log(proc).count("exit 70") >= 2, 30, "both children to exit 70")
+
+    def counted() -> bool:
+        text = scrape(port)[1]
+        return all(
+            value(text, "minicelery_task_outcomes_total", task="swallow_all", outcome=kind) == 1
+            for kind in ("timed_out", "dead_lettered", "cancelled")
+        )
+
+    wait_until(counted, 20, "both runs counted")
+    assert past_limit.state == "failed" and ignores_cancel.state == "cancelled"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0

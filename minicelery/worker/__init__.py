@@ -12,6 +12,7 @@ A map of the package, each module one job, dependencies one way (loop -> the par
   observe.py     counters, the outcome log line, metrics, systemd STATUS, healthy()
   connection.py  waiting for Redis (start-up, outages) and stop-aware pauses
   upkeep.py      beside the tasks: the orphan sweep, giving back tasks of unknown names
+  stuck.py       what is recorded for a task that cannot be stopped, before the worker exits
   heartbeat.py   the one helper thread (leases, watchdog, stop), seeing the worker only
                  through the HeartbeatHost protocol
 
@@ -19,7 +20,8 @@ Running one task (decoding, arguments, time limits, async) is minicelery.runner;
 passed between these parts are minicelery.records.
 """
 
-from .loop import EXIT_HANDED_BACK, EXIT_OK, EXIT_TASK_STUCK, Worker
+from .loop import EXIT_HANDED_BACK, EXIT_OK, Worker
 from .observe import PER_TASK_STATUS_EVERY, UNKNOWN_TASK_LABEL
+from .stuck import EXIT_TASK_STUCK
 
 __all__ = ["EXIT_HANDED_BACK", "EXIT_OK", "EXIT_TASK_STUCK", "PER_TASK_STATUS_EVERY", "UNKNOWN_TASK_LABEL", "Worker"]

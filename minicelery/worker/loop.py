@@ -17,11 +17,11 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from ..errors import BrokerError, ConfigError, MiniceleryError, TaskTimeout, UnknownTask
+from ..errors import BrokerError, ConfigError, MiniceleryError, UnknownTask
 from ..interrupts import HandBack, StopSignals, TaskAlarm, signals_captured
 from ..notify import Notifier
 from ..periodic import Schedules
-from ..records import Claim, FinishItem, Lease, Running, ScriptStatus
+from ..records import Claim, Lease, Running, ScriptStatus
 from ..runner import TaskRunner
 from ..settings import Settings
 from .connection import Connection
@@ -29,6 +29,7 @@ from .heartbeat import CANCEL_CHECK_EVERY, Heartbeat
 from .intake import Intake
 from .observe import Counters, Observer, build_metrics
 from .results import ResultBuffer
+from .stuck import EXIT_TASK_STUCK, stuck_outcome
 from .upkeep import Upkeep
 
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("minicelery.worker")
 
 EXIT_OK = 0
-EXIT_TASK_STUCK = 70  # EX_SOFTWARE: a task did not stop after its time limit; the worker exits to end it
 EXIT_HANDED_BACK = 75  # EX_TEMPFAIL: stopped before the running task could finish
 
 
@@ -52,6 +52,7 @@ class Worker:
         self.signals = StopSignals(self.alarm, w.shutdown_grace)
         self.runner = TaskRunner(app, self.alarm, w.default_time_limit, w.max_lost_leases)
         self.running: Running | None = None  # read by the heartbeat thread
+        self.running_claim: Claim | None = None  # the claim behind `running` (not cleared: see above)
         self.metrics = build_metrics(app.tasks, self.broker, self.queues, lambda: self.running)
         self.observer = Observer(app.tasks, settings, self.notifier, self.metrics)
         self.connection = Connection(
@@ -159,6 +160,7 @@ class Worker:
         if not self.schedules.begin(claim):
             return  # a schedule's occurrence that is not to run now (periodic.py)
         default_limit = self.settings.worker.default_time_limit
+        self.running_claim = claim  # (for end_stuck_task; set before `running`, which it reads first)
         self.running = Running(claim.queue, claim.id, claim.token, time.monotonic(), default_limit)
 
         def started(time_limit: float | None) -> None:
@@ -237,22 +239,6 @@ class Worker:
             log.info("task %s was cancelled (by %s) before it started: it will not run", lease.task_id, by)
             self.cancelled_ids.add(lease.task_id)
 
-    def record_stuck(self, running: Running) -> None:
-        limit = running.time_limit or 0
-        log.error(
-            "task %s did not stop within %g s after its time limit of %g s (it catches the "
-            "interruption, or is stuck outside Python): recorded as timed out; the worker exits %d to end it",
-            running.task_id, self.settings.worker.lease_seconds, limit, EXIT_TASK_STUCK,
-        )  # fmt: skip
-        error = TaskTimeout(f"task did not stop after its time limit of {limit:g} s; its worker exited")
-        stuck = FinishItem(
-            running.queue, running.task_id, running.token, False, self.broker.transport.dumps_error(error)
-        )
-        try:
-            self.results.store_now(stuck)
-        except BrokerError as exc:
-            log.error("could not record it (%s): its lease expires and it is reclaimed", exc)
-
     def store_held_results(self) -> None:
         self.results.store_held(self.running_task)
 
@@ -274,17 +260,20 @@ class Worker:
         to restart it. (C code that holds the GIL starves this thread too: the watchdog and
         /healthz end that one.) Without the worker's signal handlers (install_signals=False)
         limits are not enforced, and this does nothing."""
-        running = self.running
-        if running is None or not self.alarm.installed:
+        running, claim = self.running, self.running_claim
+        if running is None or claim is None or not self.alarm.installed:
             return
-        if self.alarm.cancelled_since is not None:  # cancel.lua recorded it cancelled already
-            log.error(
-                "task %s did not stop within %g s after it was cancelled (it catches Cancelled, or is "
-                "stuck outside Python): it stays cancelled; the worker exits %d to end it",
-                running.task_id, self.settings.worker.lease_seconds, EXIT_TASK_STUCK,
-            )  # fmt: skip
-        else:
-            self.record_stuck(running)
+        outcome = stuck_outcome(
+            running,
+            self.runner.name_of(claim),
+            cancelled=self.alarm.cancelled_since is not None,
+            lease_seconds=self.settings.worker.lease_seconds,
+            transport=self.broker.transport,
+        )
+        try:
+            self.results.store_now(claim, outcome)
+        except BrokerError as exc:
+            log.error("could not record it (%s): its lease expires and it is reclaimed", exc)
         self.intake.give_back_unstarted()
         self.intake.leave()
         self.notifier.status("exiting: a task did not stop after its time limit")

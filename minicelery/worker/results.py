@@ -98,12 +98,12 @@ class ResultBuffer:
             held, self.held = self.held, []
         return held
 
-    def store_now(self, extra: FinishItem) -> None:
-        """Store everything held and `extra` in one call, once, counting what was held (the
-        worker is about to exit: see Worker.end_stuck_task)."""
-        held = self.take()
-        statuses, _ = self.broker.finish_many([*(FinishItem.of(c, o) for c, o in held), extra])
-        self.observer.count_all(held, statuses[: len(held)])
+    def store_now(self, claim: Claim, outcome: Outcome) -> None:
+        """Store everything held and this run's outcome in one call, once, and count them all
+        (the worker is about to exit: see Worker.end_stuck_task)."""
+        finished = [*self.take(), (claim, outcome)]
+        statuses, _ = self.broker.finish_many([FinishItem.of(c, o) for c, o in finished])
+        self.observer.count_all(finished, statuses)
 
     def flush(self, next_claim: NextClaim | None = None) -> tuple[bool, list[Claim] | Idle | None]:
         """Store every held outcome (retrying while Redis is away) and, with `next_claim`, claim
