@@ -5,7 +5,10 @@ task modules), wait until it is ready, then stop the old one gracefully (it fini
 and wait until it has gone. N stay working throughout (N+1 for a moment). A fresh child that
 dies before it is ready abandons the reload: the old children keep working.
 
-A SIGHUP that arrives during a reload starts another once this one is done.
+A SIGHUP that arrives during a reload is neither lost nor a restart of the one under way: one
+more reload follows it (any number of SIGHUPs meanwhile make one), said in the log. The slots
+already replaced may have read the code deployed before that SIGHUP, so only a full reload after
+it makes every child run what was deployed when it was sent (gunicorn, too, acts on every HUP).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class RollingReload:
         self.queue: list[int] = []  # slots still to replace in this reload
         self.current: int | None = None  # the slot being replaced now
         self.started: float | None = None
+        self.again = False  # a SIGHUP came during this reload: another follows it
 
     @property
     def running(self) -> bool:
@@ -38,9 +42,12 @@ class RollingReload:
 
     def step(self, slots: int) -> None:
         """Move the reload on as far as it can go now; `slots` is how many the pool has."""
-        if self.requested and not self.running:  # one during a reload: after it
+        if self.requested and not self.running:
             self.requested = False
             self._begin(slots)
+        elif self.requested and not self.again:
+            self.again = True
+            log.info("reload requested during a reload: one more follows once this one is done")
         if not self.running:
             return
         current = self.current
@@ -66,6 +73,7 @@ class RollingReload:
         self.children.spawn(slot)
 
     def _begin(self, slots: int) -> None:
+        self.again = False
         log.info("reload: replacing %d worker children one at a time", slots)
         self.notifier.reloading()
         self.started = time.monotonic()

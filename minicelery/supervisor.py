@@ -147,10 +147,11 @@ class Supervisor:
         record.restarts["died"] += 1
         record.failures_before_ready = 0 if child.ready else record.failures_before_ready + 1
         if record.failures_before_ready >= CRASH_LOOP:
-            log.error(
-                "worker children of slot %d died %d times before they were ready: giving up", child.slot, CRASH_LOOP
-            )
             self.crash_loop_code = EXIT_CONFIG if code == EXIT_CONFIG else EXIT_CRASH_LOOP
+            log.error(
+                "worker children of slot %d died %d times before they were ready (the last: %s): a crash loop; "
+                "stopping the others and exiting %d", child.slot, CRASH_LOOP, how, self.crash_loop_code,
+            )  # fmt: skip
             return
         delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, record.failures_before_ready - 1))
         log.warning("worker child %d (slot %d) died (%s): a new one in %.1f s", child.pid, child.slot, how, delay)
