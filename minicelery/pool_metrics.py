@@ -122,8 +122,9 @@ class PoolCollector(Collector):
         for slot, record in enumerate(sup.children.slots):
             mine = [c for c in children if c.slot == slot]
             label = str(slot)
-            ready.add_metric([label], float(any(c.ready and c.retiring is None for c in mine)))
-            busy.add_metric([label], float(sum(c.busy for c in mine)))
+            if slot < sup.n:  # (a slot above a concurrency lowered by a reload keeps only its counts)
+                ready.add_metric([label], float(any(c.ready and c.retiring is None for c in mine)))
+                busy.add_metric([label], float(sum(c.busy for c in mine)))
             tasks.add_metric([label], record.done + record.failed + sum(c.done + c.failed for c in mine))
             for reason, count in record.restarts.items():
                 restarts.add_metric([label, reason], count)

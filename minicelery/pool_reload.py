@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from .notify import Notifier
 from .pool_children import Child, Children
@@ -23,9 +24,10 @@ log = logging.getLogger("minicelery.pool")
 
 
 class RollingReload:
-    def __init__(self, children: Children, notifier: Notifier) -> None:
+    def __init__(self, children: Children, notifier: Notifier, prepare: Callable[[], int | None]) -> None:
         self.children = children
         self.notifier = notifier
+        self.prepare = prepare  # before a reload: re-read the settings; how many slots to replace (None: refuse)
         self.requested = False
         self.queue: list[int] = []  # slots still to replace in this reload
         self.current: int | None = None  # the slot being replaced now
@@ -40,10 +42,13 @@ class RollingReload:
         """From the signal handler: a flag only (the log line comes from the loop)."""
         self.requested = True
 
-    def step(self, slots: int) -> None:
-        """Move the reload on as far as it can go now; `slots` is how many the pool has."""
+    def step(self) -> None:
+        """Move the reload on as far as it can go now."""
         if self.requested and not self.running:
             self.requested = False
+            slots = self.prepare()
+            if slots is None:
+                return
             self._begin(slots)
         elif self.requested and not self.again:
             self.again = True

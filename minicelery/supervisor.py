@@ -28,8 +28,9 @@ import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 
+from .errors import ConfigError
 from .notify import Notifier
-from .pool_children import EXIT_CONFIG, Child, Children, kill, rss_mib
+from .pool_children import EXIT_CONFIG, Child, Children, SlotRecord, kill, rss_mib
 from .pool_relay import SystemdRelay
 from .pool_reload import RollingReload
 from .settings import Settings
@@ -45,12 +46,20 @@ TICK = 0.5  # the loop wakes at least this often (signals and child messages wak
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, child_argv: Sequence[str], *, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        child_argv: Sequence[str],
+        *,
+        notifier: Notifier | None = None,
+        reread: Callable[[], Settings] | None = None,
+    ) -> None:
         self.settings = settings
         self.n = settings.worker.processes()
+        self.reread = reread  # the settings as a fresh start would load them (the same file, flags, env)
         self.notifier = notifier or Notifier()
         self.children = Children(settings, child_argv)
-        self.reload = RollingReload(self.children, self.notifier)
+        self.reload = RollingReload(self.children, self.notifier, self._new_settings)
         self.relay = SystemdRelay(self.children, self.notifier, lambda: self.n)
         self.relay.reloading = lambda: self.reload.running
         self.stop_signals = 0
@@ -98,7 +107,7 @@ class Supervisor:
                 self._pass_on_stop()
             else:
                 self._restart_due()
-                self.reload.step(self.n)
+                self.reload.step()
                 self._recycle_by_memory()
             self.relay.stopping = bool(self.stop_signals)
             self.relay.notify()
@@ -136,6 +145,9 @@ class Supervisor:
         if child.retiring == "reload":
             log.info("worker child %d (slot %d) replaced by reload: %s", child.pid, child.slot, how)
             return
+        if child.retiring == "surplus":
+            log.info("worker child %d (slot %d) stopped, concurrency is now %d: %s", child.pid, child.slot, self.n, how)
+            return
         if child.retiring == "memory" or (code == 0 and child.ready):
             reason = "memory" if child.retiring else "max_tasks_per_child"
             log.info("worker child %d (slot %d) recycled (%s): %s", child.pid, child.slot, reason, how)
@@ -172,7 +184,7 @@ class Supervisor:
 
     def _restart_due(self) -> None:
         now = time.monotonic()
-        for slot, record in enumerate(self.children.slots):
+        for slot, record in enumerate(self.children.slots[: self.n]):
             if record.restart_at is not None and now >= record.restart_at and not self.children.of_slot(slot):
                 record.restart_at = None
                 self.children.spawn(slot)
@@ -187,3 +199,36 @@ class Supervisor:
             if child.ready and rss_mib(child.pid) > limit:
                 log.info("worker child %d (slot %d) is above %d MiB RSS: recycling it", child.pid, child.slot, limit)
                 self.children.retire(child, "memory")
+
+    # --- a reload's new settings -----------------------------------------------------------------
+
+    def _new_settings(self) -> int | None:
+        """Before a reload: read the settings again. Applied here: worker.concurrency (slots
+        added start at once, surplus ones stop gracefully) and worker.max_memory_per_child; the
+        children read the rest themselves. The metrics server keeps its address until a restart.
+        Returns how many slots the reload replaces; None (a bad config) refuses the reload."""
+        if self.reread is None:
+            return self.n
+        try:
+            new = self.reread()
+        except ConfigError as exc:
+            log.error("reload refused: the configuration is invalid; the children keep running as they are:\n%s", exc)
+            return None
+        if new.metrics != self.settings.metrics:
+            log.warning("reload: [metrics] changed; it takes effect at a restart, not a reload")
+        old_n, new_n = self.n, new.worker.processes()
+        self.settings, self.n = new, new_n
+        if new_n == old_n:
+            return old_n
+        log.info("reload: concurrency %d -> %d", old_n, new_n)
+        self.children.slots += [SlotRecord() for _ in range(new_n - len(self.children.slots))]
+        for slot in range(old_n, new_n):
+            self.children.slots[slot].restart_at = None
+            self.children.spawn(slot)
+        for child in self.children.working():
+            if child.slot >= new_n:
+                self.children.retire(child, "surplus")
+        for record in self.children.slots[new_n:]:
+            record.restart_at = None  # a surplus slot whose child had died: no new one
+        self.relay.announced_ready = False  # "all N ready" again, for the new N
+        return min(old_n, new_n)

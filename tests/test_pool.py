@@ -418,3 +418,33 @@ def test_a_sighup_during_a_reload_is_followed_by_one_more_reload_that_loads_the_
     assert {pid for _, pid in answers} == children(proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
+
+
+def test_a_reload_applies_a_new_concurrency_and_refuses_a_bad_config_keeping_the_children(
+    app: Client, workers: Workers, tmp_path: Path
+) -> None:
+    config = tmp_path / "pool.toml"
+    config.write_text("[worker]\nconcurrency = 2\n")
+    proc = workers.start("--config", str(config))
+    wait_until(lambda: "all 2 worker children ready" in workers.log(proc), 30, "2 children")
+    config.write_text("[worker]\nconcurrency = 3\n")
+    proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "all 3 worker children ready" in workers.log(proc), 30, "a third child")
+    wait_until(lambda: "reload done" in workers.log(proc), 30, "the reload")
+    assert len(children(proc)) == 3 and "reload: concurrency 2 -> 3" in workers.log(proc)
+    three = children(proc)
+
+    config.write_text("[worker]\nconcurrency = 'many'\n")
+    proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused: the configuration is invalid" in workers.log(proc), 30, "the refusal")
+    assert "worker.concurrency" in workers.log(proc) and children(proc) == three  # nothing replaced
+
+    config.write_text("[worker]\nconcurrency = 2\n")
+    proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: workers.log(proc).count("reload done") == 2, 30, "the second reload")
+    wait_until(lambda: len(children(proc)) == 2, 30, "the surplus child to stop")
+    assert re.search(r"worker child \d+ \(slot 2\) stopped, concurrency is now 2: exit 0", workers.log(proc))
+    pids = {h.result(timeout=30) for h in app.start_many([app.tasks["pid_after"](0.05) for _ in range(40)])}
+    assert pids == children(proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
