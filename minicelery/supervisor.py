@@ -10,7 +10,9 @@ flags; the loop below acts on them:
   SIGTERM/SIGINT  stop every child gracefully (each drains as a single worker does); a second
                   signal is passed on, so they hand their tasks back. Exit 0 when every child
                   exited 0, 75 when any handed a task back (or died while stopping).
-  SIGHUP          rolling replacement, one slot at a time (minicelery.pool_reload).
+  SIGHUP          read the settings again (an invalid config refuses the reload; a new
+                  concurrency applies), then a rolling replacement, one slot at a time
+                  (minicelery.pool_reload).
   a child dies    restarted after a backoff; a slot whose child dies before it is ready
                   CRASH_LOOP times in a row makes the supervisor stop and exit 1 (78 when the
                   child said bad configuration), for systemd or Kubernetes to see.
