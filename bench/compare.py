@@ -38,6 +38,7 @@ PEERS = {
 }
 # Which way is better, by the figure's unit.
 LOWER_IS_BETTER = ("ms", "per task", "per worker", "MB", "completion s", "bytes")
+NOT_SCORED = ("processes",)  # a fact about the mode, shown without a ratio
 
 
 def peer_python(name: str) -> Path:
@@ -74,6 +75,11 @@ def scenarios(tasks: int, scale: int) -> dict[str, tuple[str, tuple[int, ...], b
         f"latency, idle worker, {samples} tasks one at a time": ("latency", (samples,), True),
         f"scheduled, {samples} tasks due 0.5-3 s ahead": ("scheduled", (samples,), True),
         f"dependencies, {groups:,} groups of 5 (chains and fan-in)": ("dependencies", (groups,), True),
+        f"concurrency 2, each one's own multi-process mode: drain {tasks:,} tasks, then {samples} idle pings": (
+            "pool",
+            (tasks, samples),
+            True,
+        ),
         "idle, 1 worker": ("idle", (1,), False),
         "idle, 8 workers": ("idle", (8,), False),
     }
@@ -87,6 +93,8 @@ def better(figure: str, a: float, b: float) -> bool:
 
 
 def best_peer(figure: str, values: dict[str, float]) -> str | None:
+    if figure in NOT_SCORED:
+        return None
     best = None
     for name, value in values.items():
         if name != "minicelery" and (best is None or better(figure, value, values[best])):
@@ -118,13 +126,38 @@ def markdown(table: dict[str, dict[str, dict[str, float]]], names: list[str]) ->
     return "\n".join(out)
 
 
+# Figures whose run-by-run ratios are printed too (timings: a shared VM drifts between runs).
+RUN_BY_RUN = ("drain tasks/s", "p50 ms", "p99 ms", "idle p50 ms", "idle p99 ms")
+
+
+def run_by_run(samples: dict[str, dict[str, dict[str, list[float]]]]) -> str:
+    """minicelery / each peer, run by run (the runs are interleaved, so run i of each met the
+    same load), and the median of those ratios."""
+    out = []
+    for scenario, by_name in samples.items():
+        mine = by_name.get("minicelery", {})
+        lines = []
+        for figure in RUN_BY_RUN:
+            for name, figures in by_name.items():
+                if name == "minicelery" or figure not in mine or figure not in figures:
+                    continue
+                ratios = [a / b for a, b in zip(mine[figure], figures[figure], strict=False) if b > 0]
+                if ratios:
+                    shown = ", ".join(f"{x:.2f}x" for x in ratios)
+                    lines.append(f"- {figure}, minicelery / {name}: {shown} (median {statistics.median(ratios):.2f}x)")
+        if lines:
+            out += [f"**{scenario}, run by run**", "", *lines, ""]
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", help="comma-separated contenders (default: minicelery and every peer)")
     parser.add_argument(
-        "--scenarios", help="comma-separated kinds: drain, latency, scheduled, dependencies, idle (default: all)"
+        "--scenarios",
+        help="comma-separated kinds: drain, latency, scheduled, dependencies, pool, idle (default: all)",
     )
     parser.add_argument("--quick", action="store_true", help="a tenth of the sizes, one run: a smoke test")
     args = parser.parse_args()
@@ -159,7 +192,8 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(table, indent=2))
-    (RESULTS / f"{stem}.md").write_text(markdown(table, names))
+    by_run = run_by_run(samples)
+    (RESULTS / f"{stem}.md").write_text(markdown(table, names) + "\n" + by_run)
     print(f"\nmedians of {runs} run(s); ratio = minicelery / best peer (for 'lower is better' figures < 1 wins)")
     for scenario, by_name in table.items():
         print(f"\n{scenario}")
@@ -172,6 +206,7 @@ def main() -> None:
             if best is not None and "minicelery" in values and values[best] > 0:
                 ratio = f"  -> {values['minicelery'] / values[best]:.2f}x {best}"
             print(f"  {figure}: {row}{ratio}")
+    print("\n" + by_run)
 
 
 if __name__ == "__main__":

@@ -307,10 +307,8 @@ def _health(settings: Settings, path: str, timeout: float) -> int:
     return EXIT_OK if status == 200 else EXIT_FAILED
 
 
-def _worker(args: argparse.Namespace) -> int:
-    from .logs import configure_logging
-    from .worker import Worker
-
+def load_worker_settings(args: argparse.Namespace) -> Settings:
+    """The worker's settings: the config file, the environment, then its flags."""
     overrides: dict[str, Any] = {}
     worker: dict[str, Any] = {}
     if args.queues:
@@ -324,7 +322,14 @@ def _worker(args: argparse.Namespace) -> int:
     logging_overrides = {k: v for k, v in (("level", args.log_level), ("format", args.log_format)) if v}
     if logging_overrides:
         overrides["logging"] = logging_overrides
-    settings = load_settings(args.config, flag_names=WORKER_FLAGS, **overrides)
+    return load_settings(args.config, flag_names=WORKER_FLAGS, **overrides)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .logs import configure_logging
+    from .worker import Worker
+
+    settings = load_worker_settings(args)
     configure_logging(settings.logging.level, settings.logging.format)
     if args.pool_child is not None:  # one child of a supervisor (below), started fresh
         from .pool_child import run_child
@@ -364,7 +369,8 @@ def _supervise(args: argparse.Namespace, settings: Settings) -> int:
     flags = {"--config": args.config, "-Q": args.queues, "-t": args.tasks, "-l": args.log_level}
     flags["--log-format"] = args.log_format
     child_argv = [part for flag, value in flags.items() if value for part in (flag, value)]
-    supervisor = Supervisor(settings, child_argv)
+    # On SIGHUP the supervisor reads its settings again, as a fresh start would.
+    supervisor = Supervisor(settings, child_argv, reread=lambda: load_worker_settings(args))
     done = serve_pool_metrics(supervisor)
     try:
         return supervisor.run()

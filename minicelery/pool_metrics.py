@@ -105,7 +105,7 @@ class PoolCollector(Collector):
         info.add_metric([], {"version": __version__, "queues": queues, "hostname": socket.gethostname()})
         yield info
         yield GaugeMetricFamily("minicelery_worker_start_time_seconds", "Unix time the worker started", self.started)
-        busy_now = sum(c.busy for c in sup.children.values())
+        busy_now = sum(c.busy for c in sup.children.by_pid.values())
         yield GaugeMetricFamily("minicelery_tasks_in_progress", "Tasks running in this worker now", busy_now)
         yield GaugeMetricFamily("minicelery_pool_concurrency", "Worker children this pool runs", value=sup.n)
         ready = GaugeMetricFamily("minicelery_pool_child_ready", "1 while the slot's child is ready", labels=["slot"])
@@ -118,12 +118,13 @@ class PoolCollector(Collector):
             "Children of the slot replaced: died, recycled (max tasks or memory), reloaded (SIGHUP)",
             labels=["slot", "reason"],
         )
-        children = list(sup.children.values())
-        for slot, record in enumerate(sup.slots):
+        children = list(sup.children.by_pid.values())
+        for slot, record in enumerate(sup.children.slots):
             mine = [c for c in children if c.slot == slot]
             label = str(slot)
-            ready.add_metric([label], float(any(c.ready and c.retiring is None for c in mine)))
-            busy.add_metric([label], float(sum(c.busy for c in mine)))
+            if slot < sup.n:  # (a slot above a concurrency lowered by a reload keeps only its counts)
+                ready.add_metric([label], float(any(c.ready and c.retiring is None for c in mine)))
+                busy.add_metric([label], float(sum(c.busy for c in mine)))
             tasks.add_metric([label], record.done + record.failed + sum(c.done + c.failed for c in mine))
             for reason, count in record.restarts.items():
                 restarts.add_metric([label, reason], count)
@@ -140,13 +141,13 @@ def serve_pool_metrics(supervisor: Supervisor) -> Callable[[], None]:
     config = settings.metrics
     if not config.enabled:
         return lambda: None
-    directory = supervisor.metrics_dir = metrics_directory()
+    directory = supervisor.children.metrics_dir = metrics_directory()
     files = ChildMetricFiles(directory)
-    supervisor.on_child_exit.append(files.child_exited)
+    supervisor.children.on_exit.append(files.child_exited)
     registry = CollectorRegistry()
     registry.register(files)
     registry.register(PoolCollector(supervisor))
-    server = MetricsServer(registry, supervisor.healthy, supervisor.all_ready)
+    server = MetricsServer(registry, supervisor.relay.healthy, supervisor.relay.all_ready)
     try:
         port = server.listen(config.bind, config.port)
     except OSError as exc:
@@ -157,7 +158,7 @@ def serve_pool_metrics(supervisor: Supervisor) -> Callable[[], None]:
         port = server.listen(config.bind, 0)
         log.warning("default metrics port %d is taken (%s); using %d", config.port, exc.strerror, port)
     assert server.server is not None
-    supervisor.close_in_children.append(server.server.fileno())
+    supervisor.children.close_in_children.append(server.server.fileno())
 
     def start() -> None:
         from .periodic import schedule_rows

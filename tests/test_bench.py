@@ -44,6 +44,9 @@ def test_minicelery_runs_every_side_by_side_scenario(bench_redis_url: str) -> No
     assert 0 <= scheduled["lateness p50 ms"] <= scheduled["lateness p99 ms"]  # never early
     dag = scenario(bench_redis_url, "dependencies", "20")
     assert dag["completion s"] > 0
+    pool = scenario(bench_redis_url, "pool", "300", "5")  # `worker -c 2`: its POOL_WORKER
+    assert pool["drain tasks/s"] > 0 and pool["processes"] == 3  # the supervisor and its 2 children
+    assert 0 < pool["idle p50 ms"] <= pool["idle p99 ms"]
 
 
 def test_the_pool_benchmark_runs_every_mode_on_tiny_sizes() -> None:
@@ -54,3 +57,13 @@ def test_the_pool_benchmark_runs_every_mode_on_tiny_sizes() -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "tasks/s" not in line]
     assert [row.split("|")[1].strip() for row in rows] == ["1 process", "-c 2", "2 processes"]
+
+
+def test_the_pool_metrics_benchmark_runs_on_tiny_sizes() -> None:
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench/pool_metrics.py"), "--tasks", "200", "--runs", "1", "--children", "2"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split("|")[1:3] for line in run.stdout.splitlines() if line.startswith("| 2 ")]
+    assert [[cell.strip() for cell in row] for row in rows] == [["2", "off"], ["2", "on"]]

@@ -38,6 +38,7 @@ def _r() -> redis.Redis:
     return _redis
 
 
+_held: list[bytes] = []  # memory a task keeps (hold_memory)
 EXECUTIONS_KEY = "test:executions"  # set of "tag|execution id": one member per run of a task
 
 
@@ -246,6 +247,28 @@ def register(app: Client) -> None:
         time.sleep(seconds)
         r.hincrby(f"test:slot_ends:{tag}", task_id, 1)
         return task_id
+
+    @app.task
+    def hold_memory(mib: int, tag: str) -> int:
+        """Keeps `mib` MiB in use (in its process, for good) and waits until the test opens
+        test:gate:<tag> (at most 30 s); counts its run; returns its PID."""
+        _count_execution(tag)
+        _held.append(b"x" * (mib * 2**20))  # bytes filled in: resident, not just reserved
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            if _r().blpop([f"test:gate:{tag}"], timeout=1):
+                return os.getpid()
+        raise TimeoutError(f"gate {tag} was never opened")
+
+    @app.task
+    def note_run(tag: str, seconds: float) -> str:
+        """Appends its tag to `runs` in the worker's $RUNTIME_DIRECTORY, then sleeps: counts runs
+        where a worker has no Redis client of its own (under systemd's sandbox, with the password
+        in a credential)."""
+        with open(os.path.join(os.environ["RUNTIME_DIRECTORY"], "runs"), "a") as runs:
+            runs.write(tag + "\n")  # one short write in append mode: lines from children never mix
+        time.sleep(seconds)
+        return tag
 
     @app.task
     def marked_sleep(tag: str, seconds: float) -> str:

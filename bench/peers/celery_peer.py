@@ -56,3 +56,7 @@ def dag(groups: int) -> None:
 
 WORKER = ["celery", "-A", "celery_peer", "worker", "-P", "solo", "-c", "1", "--without-gossip",
           "--without-mingle", "--without-heartbeat", "-l", "WARNING"]  # fmt: skip
+
+# Its multi-process mode: the prefork pool, 2 children (otherwise as above).
+POOL_WORKER = ["celery", "-A", "celery_peer", "worker", "-P", "prefork", "-c", "2", "--without-gossip",
+               "--without-mingle", "--without-heartbeat", "-l", "WARNING"]  # fmt: skip

@@ -37,3 +37,5 @@ def schedule(due: float) -> None:
 
 
 WORKER = ["dramatiq", "dramatiq_peer", "-p", "1", "-t", "8"]
+# Its multi-process mode: 2 worker processes (8 threads each, as above).
+POOL_WORKER = ["dramatiq", "dramatiq_peer", "-p", "2", "-t", "8"]

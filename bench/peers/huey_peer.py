@@ -36,3 +36,5 @@ def schedule(due: float) -> None:
 
 
 WORKER = ["huey_consumer", "huey_peer.huey", "-w", "1", "-k", "thread", "-q"]
+# Its multi-process mode: 2 worker processes.
+POOL_WORKER = ["huey_consumer", "huey_peer.huey", "-w", "2", "-k", "process", "-q"]

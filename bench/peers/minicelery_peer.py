@@ -55,3 +55,5 @@ def dag(groups: int) -> None:
 
 
 WORKER = ["minicelery", "worker", "--tasks", "minicelery_peer", "--queues", "default"]
+# Its multi-process mode: a supervisor and 2 worker children.
+POOL_WORKER = [*WORKER, "--concurrency", "2"]

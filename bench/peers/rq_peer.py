@@ -54,3 +54,6 @@ def dag(groups: int) -> None:
 
 WORKER = ["rq", "worker", "--worker-class", "rq.worker.SimpleWorker", "--url", URL, "--quiet", "bench"]
 SCHEDULER_WORKER = [*WORKER, "--with-scheduler"]
+# Its multi-process mode: `rq worker-pool`, 2 workers, each a SimpleWorker as above (the
+# default Worker forks once per job).
+POOL_WORKER = ["rq", "worker-pool", "-n", "2", "-w", "rq.worker.SimpleWorker", "--url", URL, "-q", "bench"]

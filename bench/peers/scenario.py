@@ -1,6 +1,6 @@
 """One benchmark scenario for one task queue, run inside that queue's own virtualenv.
 
-    python bench/peers/scenario.py VENV_BIN PEER_MODULE REDIS_URL SCENARIO [SIZE [PROCESSES]]
+    python bench/peers/scenario.py VENV_BIN PEER_MODULE REDIS_URL SCENARIO [SIZE [PROCESSES | SAMPLES]]
 
 bench/compare.py runs this once per (peer, scenario, run) and reads the JSON line it prints.
 It needs only redis-py, so it works in every peer's venv. A peer module (bench/peers/*_peer.py)
@@ -13,6 +13,8 @@ gives, each with that library's own API:
     schedule(due)       optional: one task due at `due` (epoch s) that pushes (start - due)
     dag(groups)         optional: groups of 5 tasks, a -> b -> c, d after a, e after c and d;
                         each e pushes onto bench:out
+    POOL_WORKER         optional: the command line of the library's own multi-process mode
+                        with 2 processes under one command (the `pool` scenario)
 
 Every scenario starts from an empty Redis database and real worker processes, and times
 only what it names: worker start-up is never counted.
@@ -24,6 +26,7 @@ import importlib
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -126,12 +129,38 @@ class Scenario:
     def latency(self, samples: int) -> dict[str, float]:
         with self.workers(1) as procs:
             self.warm_up(procs)
-            gaps = []
-            for _ in range(samples):
-                time.sleep(random.uniform(0.01, 0.02))  # the worker is idle, blocked or polling
-                self.peer.send_stamp()
-                gaps.append(self.next_out(procs) * 1000)
+            return self.pings(procs, samples)
+
+    def pings(self, procs: list[subprocess.Popen[bytes]], samples: int) -> dict[str, float]:
+        gaps = []
+        for _ in range(samples):
+            time.sleep(random.uniform(0.01, 0.02))  # the worker is idle, blocked or polling
+            self.peer.send_stamp()
+            gaps.append(self.next_out(procs) * 1000)
         return {"p50 ms": statistics.median(gaps), "p99 ms": statistics.quantiles(gaps, n=100)[98]}
+
+    def pool(self, tasks: int, samples: int) -> dict[str, float]:
+        """The library's own multi-process mode, 2 processes under one command: drain, then idle
+        latency. Start-up and enqueueing are never timed: once the pool is up, every process of
+        it is frozen (SIGSTOP) while the tasks are sent, and the clock starts as they thaw."""
+        command = getattr(self.peer, "POOL_WORKER", None)
+        if command is None:
+            return {}
+        with self.workers(1, command) as procs:
+            self.warm_up(procs)
+            time.sleep(3)  # every process of the pool up and idle (its children start after the first)
+            tree = tree_pids(procs[0].pid)
+            for pid in tree:
+                os.kill(pid, signal.SIGSTOP)
+            self.peer.enqueue(tasks)
+            began = time.perf_counter()
+            for pid in tree:
+                os.kill(pid, signal.SIGCONT)
+            last = wait_for(lambda: int(self.r.get("bench:done") or 0) >= tasks, 1200, procs)
+            figures = {"drain tasks/s": tasks / (last - began), "processes": float(len(tree))}
+            time.sleep(1)  # idle again: blocked or polling
+            figures.update({f"idle {k}": v for k, v in self.pings(procs, samples).items()})
+        return figures
 
     def scheduled(self, samples: int) -> dict[str, float]:
         if not hasattr(self.peer, "schedule"):
@@ -169,8 +198,8 @@ class Scenario:
             return out
 
 
-def tree_rss_kb(root: int) -> int:
-    """RSS of a process and all its descendants (Dramatiq and taskiq fork their workers)."""
+def tree_pids(root: int) -> list[int]:
+    """A process and all its descendants (Dramatiq and taskiq fork their workers)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -178,10 +207,18 @@ def tree_rss_kb(root: int) -> int:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    total, todo = 0, [root]
+    found, todo = [], [root]
     while todo:
         pid = todo.pop()
+        found.append(pid)
         todo.extend(children.get(pid, []))
+    return found
+
+
+def tree_rss_kb(root: int) -> int:
+    """RSS of a process and all its descendants."""
+    total = 0
+    for pid in tree_pids(root):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
@@ -193,14 +230,15 @@ def tree_rss_kb(root: int) -> int:
 def main() -> None:
     venv_bin, module, url, scenario = sys.argv[1:5]
     size = int(sys.argv[5]) if len(sys.argv) > 5 else 0
-    processes = int(sys.argv[6]) if len(sys.argv) > 6 else 1
+    second = int(sys.argv[6]) if len(sys.argv) > 6 else 1  # drain: processes; pool: latency samples
     bench = Scenario(venv_bin, module, url)
     runs: dict[str, Callable[[], dict[str, float]]] = {
-        "drain": lambda: bench.drain(size, processes),
+        "drain": lambda: bench.drain(size, second),
         "latency": lambda: bench.latency(size),
         "scheduled": lambda: bench.scheduled(size),
         "dependencies": lambda: bench.dependencies(size),
         "idle": lambda: bench.idle(size),
+        "pool": lambda: bench.pool(size, second),
     }
     print(json.dumps(runs[scenario]()))
 

@@ -219,7 +219,7 @@ def test_a_missing_credential_file_fails_the_unit_once_with_a_clear_reason(machi
 def test_concurrency_3_starts_three_children_survives_a_killed_one_reloads_and_stop_drains(machine: Machine) -> None:
     """The shipped unit with `concurrency = 3` under a real systemd: READY=1 once three children
     are ready; kill -9 of a child gets a new one while the unit stays active (no restart);
-    `systemctl reload` during a stream of tasks replaces every child with no task lost;
+    `systemctl reload` during a stream of tasks replaces every child with no task lost or run twice;
     `systemctl stop` drains them all and the unit ends `success`."""
     unit, queue, port = "minicelery@pool.service", f"q-{uuid.uuid4().hex[:8]}", free_port()
     install_instance(machine, "pool", port, queue, concurrency=3, batch_size=1)
@@ -243,14 +243,17 @@ def test_concurrency_3_starts_three_children_survives_a_killed_one_reloads_and_s
         assert machine.show(unit, "ActiveState", "NRestarts") == {"ActiveState": "active", "NRestarts": "0"}
 
         before = children()
-        handles = app.start_many([app.tasks["pid_after"](0.05) for _ in range(100)])
+        tags = [f"t{i}" for i in range(100)]
+        handles = app.start_many([app.tasks["note_run"](tag, 0.05) for tag in tags])
         began = time.monotonic()
         assert machine.run("systemctl", "reload", unit).returncode == 0
         wait_until(lambda: "reload done" in machine.journal(unit), 60, "the reload to finish")
         print(f"\nsystemd: reload of 3 children took {time.monotonic() - began:.2f} s")
         assert len(children()) == 3 and not children() & before  # all replaced
         assert int(machine.show(unit, "MainPID")["MainPID"]) == main  # the same service, no restart
-        assert len([h.result(timeout=60) for h in handles]) == 100  # none lost
+        assert [h.result(timeout=60) for h in handles] == tags  # none lost
+        runs = machine.run("cat", "/run/minicelery-pool/runs").stdout.split()  # each run, as the task noted it
+        assert sorted(runs) == sorted(tags)  # none run twice because of the reload
 
         slow = [app.tasks["sleep_for"](3).start() for _ in range(3)]
         wait_until(lambda: all(h.state == "running" for h in slow), 30, "a slow task in every child")
