@@ -43,8 +43,16 @@ log = logging.getLogger(__name__)
 
 
 class TaskRunner:
-    def __init__(self, app: Client, alarm: TaskAlarm, default_time_limit: float | None, max_lost_leases: int):
+    def __init__(
+        self,
+        app: Client,
+        alarm: TaskAlarm,
+        default_time_limit: float | None,
+        max_lost_leases: int,
+        store_results: bool = True,
+    ):
         self.app = app
+        self.store_results = store_results  # for tasks without store_result=
         self.transport = app.broker.transport
         self.alarm = alarm
         self.default_time_limit = default_time_limit
@@ -101,7 +109,8 @@ class TaskRunner:
                 on_start(time_limit)
             value = self._call(definition.fn, args, kwargs, time_limit, claim.token)
             envelope = self.transport.dumps_value(value)
-            return Outcome(name, True, envelope, time.monotonic() - started)
+            keep = self.store_results if definition.store_result is None else definition.store_result
+            return Outcome(name, True, envelope, time.monotonic() - started, keep=keep)
         except Exception as exc:
             return self._failure(name, exc, started, self._retry_plan(definition, message, exc))
 

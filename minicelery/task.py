@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import BrokerUnavailable, Cancelled, DependencyError, TaskError, TaskNotFound
+from .errors import BrokerUnavailable, Cancelled, DependencyError, ResultNotKept, TaskError, TaskNotFound
 from .records import FINISHED_STATES, ScriptStatus
 from .schedules import ScheduleSpec
 from .transport import TaskMessage
@@ -41,6 +41,7 @@ class TaskDefinition:
     retry_backoff_max: float = 600.0
     retry_jitter: bool = True
     schedule: ScheduleSpec | None = None  # @app.periodic: when it runs by itself
+    store_result: bool | None = None  # keep what it returns; None: the worker's store_results
 
     def __call__(self, *args: Any, **kwargs: Any) -> Task:
         return Task(self, args, kwargs)
@@ -246,7 +247,8 @@ class Task:
 
         Waits on Redis (no polling). Raises TimeoutError when `timeout` seconds pass first. A
         lost Redis connection is retried with backoff within the timeout (BrokerUnavailable
-        once it has run out)."""
+        once it has run out). A task that kept no result (store_result=False) raises
+        ResultNotKept once it succeeded (its errors are kept: they are raised as usual)."""
         if not self._sent:
             raise TaskError(f"{self!r} was never started: call .start(), .wait() or .start_at()")
         broker = self.definition.app.broker
@@ -263,6 +265,11 @@ class Task:
                 if ok:
                     return value
                 raise value
+            if state == "succeeded":  # finished, and nothing stored: fire-and-forget
+                raise ResultNotKept(
+                    f"{self!r} succeeded, but its result was not kept (store_result=False, or the worker's "
+                    "store_results = false)"
+                )
             if state is None:
                 raise TaskNotFound(f"task {self.id} is not stored (never sent, or its result expired)")
             remaining = broker.max_block if deadline is None else deadline - time.monotonic()

@@ -33,6 +33,7 @@ _OWN_ERRORS: dict[str, type[BaseException]] = {
         errors.ParentNeverStarted,
         errors.SerializationError,
         errors.PayloadTooLarge,
+        errors.ResultNotKept,
         errors.TaskError,
     )
 }
