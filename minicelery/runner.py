@@ -63,7 +63,7 @@ class TaskRunner:
     def peek(self, claim: Claim) -> TaskMessage:
         """Decode a claim's payload ahead of its run (the worker wants the next task's name);
         run() then uses it instead of decoding again. Raises SerializationError."""
-        message = self.transport.loads_message(claim.payload)
+        message = self.transport.loads_message(claim.payload, claim.id)
         self._peeked = (claim.token, message)
         return message
 
@@ -90,7 +90,7 @@ class TaskRunner:
             if peeked is not None and peeked[0] == claim.token:
                 message = peeked[1]
             else:
-                message = self.transport.loads_message(claim.payload)
+                message = self.transport.loads_message(claim.payload, claim.id)
             name = message.name
             if message.id != claim.id:
                 raise SerializationError(f"payload id {message.id!r} does not match its key {claim.id!r}")
@@ -154,7 +154,7 @@ class TaskRunner:
     def name_of(self, claim: Claim) -> str:
         """The task name in a claim's payload ('?' for one that cannot be read)."""
         try:
-            return self.transport.loads_message(claim.payload).name
+            return self.transport.loads_message(claim.payload, claim.id).name
         except SerializationError:
             return "?"
 

@@ -10,9 +10,11 @@
 -- left is final: the result holds the error, the children get it, and the task goes into the
 -- dead-letter set, kept for dead_ttl instead of result_ttl.
 --
--- A success not kept (keep 0: store_result=False) stores no result: its children still get
--- the envelope, and of the task only its state is left, until result_ttl (its payload, inputs
--- and other fields go now), so `.state` and `.result()` can say it succeeded.
+-- A success keeps its state, attempts, leases lost and result until result_ttl; its payload,
+-- inputs, parents and due time go at once (it never runs again: only a dead letter is put
+-- back, by revive.lua). A success not kept (keep 0: store_result=False) stores no result, and
+-- keeps only its state, so `.state` and `.result()` can say it succeeded; its children still
+-- get the envelope.
 --
 -- KEYS: the queue key set (see _common.lua), then
 --   KEYS[14 + i] done  list the i-th task's result waiters block on (BLMOVE); pushed only if
@@ -78,18 +80,24 @@ for i = 1, (#ARGV - 2) / FIELDS do
       statuses[i] = 'ok'
       states[#states + 1] = id .. ':s'
       states[#states + 1] = outcome
-      if outcome == 'failed' or ARGV[base + 10] ~= '0' then
+      if outcome == 'failed' then
         results[#results + 1] = id
         results[#results + 1] = envelope
-      else
+      else -- a success will not run again: its payload, inputs and due time are no use now
         payloads_deleted[#payloads_deleted + 1] = id
-        for _, f in ipairs(INFO_FIELDS) do
-          if f ~= 's' and f ~= 't' and f ~= 'c' then -- (t and c: deleted below)
-            info_deleted[#info_deleted + 1] = id .. ':' .. f
+        info_deleted[#info_deleted + 1] = id .. ':d'
+        if held[7] then
+          info_deleted[#info_deleted + 1] = id .. ':P'
+          for _, parent in ipairs(split(held[7])) do
+            redis.call('HDEL', K_INPUTS, id .. '|' .. parent)
           end
         end
-        for _, parent in ipairs(split(held[7])) do
-          redis.call('HDEL', K_INPUTS, id .. '|' .. parent)
+        if ARGV[base + 10] ~= '0' then
+          results[#results + 1] = id
+          results[#results + 1] = envelope
+        else -- not kept: only its state is left (attempts and leases lost go too)
+          info_deleted[#info_deleted + 1] = id .. ':a'
+          info_deleted[#info_deleted + 1] = id .. ':l'
         end
       end
       local keep = result_ttl
