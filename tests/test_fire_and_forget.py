@@ -3,6 +3,9 @@ processes: no result value is kept, yet state, children and dead letters work.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import redis
 from conftest import Workers
@@ -42,10 +45,17 @@ def test_a_failing_fire_and_forget_task_is_dead_lettered_with_its_traceback(app:
     assert dead["error"] == "LookupError: no mail server" and "raise LookupError(message)" in dead["traceback"]
 
 
-def test_a_worker_that_keeps_no_results_still_keeps_those_of_tasks_that_ask(app: Client, workers: Workers) -> None:
+def test_a_worker_that_keeps_no_results_still_keeps_those_of_tasks_that_ask(
+    app: Client, workers: Workers, redis_url: str
+) -> None:
     workers.wait_ready(workers.start(MINICELERY_WORKER__STORE_RESULTS="false"))
     plain, kept = app.tasks["echo"](1).start(), app.tasks["keep_echo"](2).start()
     with pytest.raises(ResultNotKept):
         plain.result(timeout=20)  # waits for it to finish, then says so
     assert plain.state == "succeeded"
     assert kept.result(timeout=20) == 2
+    env = {"MINICELERY_REDIS__URL": redis_url, "MINICELERY_WORKER__QUEUES": f'["{app.default_queue}"]', "PATH": ""}
+    cli = subprocess.run(
+        [sys.executable, "-m", "minicelery", "result", plain.id], env=env, capture_output=True, text=True
+    )
+    assert cli.returncode == 0 and "succeeded, but its result was not kept" in cli.stderr and not cli.stdout
