@@ -55,7 +55,7 @@ def breakdown(r: redis.Redis, tasks: int) -> list[dict[str, Any]]:
     return rows
 
 
-def minicelery_figures(url: str, tasks: int) -> dict[str, dict[str, Any]]:
+def minicelery_figures(url: str, tasks: int, states: list[str] | None = None) -> dict[str, dict[str, Any]]:
     r = redis.Redis.from_url(url)
     broker = RedisBroker(JSONTransport(), url=url, max_block=1)
     app = Client(broker, default_queue=QUEUE)
@@ -94,6 +94,8 @@ def minicelery_figures(url: str, tasks: int) -> dict[str, dict[str, Any]]:
         "finished, result not kept": (touch_and_forget, None, True),
     }
     for state, (task, delay_ms, drained) in plans.items():
+        if states and state.split(",")[0] not in states:
+            continue
         r.flushall()
         gc.collect()
         before = used(r)
@@ -128,15 +130,17 @@ def side_by_side(url: str, names: list[str], tasks: int) -> dict[str, dict[str, 
 
 
 def markdown(tasks: int, own: dict[str, dict[str, Any]], contenders: dict[str, dict[str, float]]) -> str:
-    lines = [f"**Redis bytes per task, side by side ({tasks:,} pending, {tasks:,} scheduled; finished: "
-             f"{min(tasks, 20_000):,} drained)**", ""]  # fmt: skip
-    names = list(contenders)
-    lines += ["| figure | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    figures = sorted({f for per in contenders.values() for f in per})
-    for figure in figures:
-        cells = [f"{contenders[n][figure]:,.0f}" if figure in contenders[n] else "n/a" for n in names]
-        lines.append(f"| {figure} | " + " | ".join(cells) + " |")
-    lines += ["", f"**minicelery's own, {tasks:,} one-argument tasks (enqueued in pipelines of {CHUNK:,})**", "",
+    lines = []
+    if contenders:
+        lines += [f"**Redis bytes per task, side by side ({tasks:,} pending, {tasks:,} scheduled; finished: "
+                  f"{min(tasks, 20_000):,} drained)**", ""]  # fmt: skip
+        names = list(contenders)
+        lines += ["| figure | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|", ""]
+        figures = sorted({f for per in contenders.values() for f in per})
+        for figure in figures:
+            cells = [f"{contenders[n][figure]:,.0f}" if figure in contenders[n] else "n/a" for n in names]
+            lines.insert(-1, f"| {figure} | " + " | ".join(cells) + " |")
+    lines += [f"**minicelery's own, {tasks:,} one-argument tasks (enqueued in pipelines of {CHUNK:,})**", "",
               "| state | bytes per task |", "|---|---|"]  # fmt: skip
     lines += [f"| {state} | {figures['bytes per task']:,.1f} |" for state, figures in own.items()]
     for state, figures in own.items():
@@ -152,15 +156,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--only", help="comma-separated peers (default: every peer of bench/compare.py)")
-    parser.add_argument("--no-peers", action="store_true", help="minicelery's figures only (both variants)")
+    parser.add_argument("--no-peers", action="store_true", help="minicelery's own figures only (no side by side)")
+    parser.add_argument("--states", help="comma-separated: pending, scheduled, finished (default: all)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     sys.path.insert(0, str(BENCH))
     import compare
 
-    names = [*compare.OURS, *([] if args.no_peers else (args.only.split(",") if args.only else compare.PEERS))]
+    names = [] if args.no_peers else [*compare.OURS, *(args.only.split(",") if args.only else compare.PEERS)]
     with RedisServer() as server:
-        own = minicelery_figures(server.url, args.tasks)
+        own = minicelery_figures(server.url, args.tasks, args.states.split(",") if args.states else None)
         contenders = side_by_side(server.url, names, args.tasks)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "memory.json").write_text(

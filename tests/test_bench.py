@@ -44,6 +44,8 @@ def test_minicelery_runs_every_side_by_side_scenario(bench_redis_url: str) -> No
     assert 0 <= scheduled["lateness p50 ms"] <= scheduled["lateness p99 ms"]  # never early
     dag = scenario(bench_redis_url, "dependencies", "20")
     assert dag["completion s"] > 0
+    memory = scenario(bench_redis_url, "memory", "50")
+    assert memory["redis bytes per pending task"] > 0 and memory["redis bytes per scheduled task"] > 0
 
 
 def test_the_pool_benchmark_runs_every_mode_on_tiny_sizes() -> None:
