@@ -39,6 +39,7 @@ bench: $(RUNTIME)
 	$(BIN)/python bench/metrics_overhead.py
 	$(BIN)/python bench/pool.py
 	$(BIN)/python bench/pool_metrics.py
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -36,6 +36,8 @@ PEERS = {
     "saq": ["saq[hiredis]", "typing_extensions"],
     "taskiq": ["taskiq", "taskiq-redis", "hiredis"],
 }
+# minicelery as it ships (results kept), and with results off like every peer (store_results false)
+OURS = ("minicelery", "minicelery_forget")
 # Which way is better, by the figure's unit.
 LOWER_IS_BETTER = ("ms", "per task", "per worker", "MB", "completion s", "bytes")
 NOT_SCORED = ("processes",)  # a fact about the mode, shown without a ratio
@@ -97,7 +99,7 @@ def best_peer(figure: str, values: dict[str, float]) -> str | None:
         return None
     best = None
     for name, value in values.items():
-        if name != "minicelery" and (best is None or better(figure, value, values[best])):
+        if name not in OURS and (best is None or better(figure, value, values[best])):
             best = name
     return best
 
@@ -111,17 +113,22 @@ def markdown(table: dict[str, dict[str, dict[str, float]]], names: list[str]) ->
         if not figures:
             continue
         shown = [n for n in names if by_name.get(n)]
-        out += [f"**{scenario}**", "", "| figure | " + " | ".join(shown) + " | minicelery / best peer |",
-                "|---" * (len(shown) + 2) + "|"]  # fmt: skip
+        ours = [n for n in OURS if n in shown]
+        out += [f"**{scenario}**", "", "| figure | " + " | ".join(shown) + " | "
+                + " | ".join(f"{n} / best peer" for n in ours) + " |",
+                "|---" * (len(shown) + 1 + len(ours)) + "|"]  # fmt: skip
         for figure in figures:
             values = {n: by_name[n][figure] for n in shown if figure in by_name[n]}
             best = best_peer(figure, values)
             cells = [f"{values[n]:,.2f}" if n in values else "n/a" for n in shown]
-            ratio = "-"
-            if best is not None and "minicelery" in values:
-                best_value = values[best]
-                ratio = f"{values['minicelery'] / best_value:.2f}x {best}" if best_value > 0 else f"best: {best} (<= 0)"
-            out.append(f"| {figure} | " + " | ".join(cells) + f" | {ratio} |")
+            ratios = []
+            for own in ours:
+                ratio = "-"
+                if best is not None and own in values:
+                    best_value = values[best]
+                    ratio = f"{values[own] / best_value:.2f}x {best}" if best_value > 0 else f"best: {best} (<= 0)"
+                ratios.append(ratio)
+            out.append(f"| {figure} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
         out.append("")
     return "\n".join(out)
 
@@ -130,7 +137,7 @@ def markdown(table: dict[str, dict[str, dict[str, float]]], names: list[str]) ->
 RUN_BY_RUN = ("drain tasks/s", "p50 ms", "p99 ms", "idle p50 ms", "idle p99 ms")
 
 
-def run_by_run(samples: dict[str, dict[str, dict[str, list[float]]]]) -> str:
+def ratios_per_peer(samples: dict[str, dict[str, dict[str, list[float]]]]) -> str:
     """minicelery / each peer, run by run (the runs are interleaved, so run i of each met the
     same load), and the median of those ratios."""
     out = []
@@ -139,7 +146,7 @@ def run_by_run(samples: dict[str, dict[str, dict[str, list[float]]]]) -> str:
         lines = []
         for figure in RUN_BY_RUN:
             for name, figures in by_name.items():
-                if name == "minicelery" or figure not in mine or figure not in figures:
+                if name in OURS or figure not in mine or figure not in figures:
                     continue
                 ratios = [a / b for a, b in zip(mine[figure], figures[figure], strict=False) if b > 0]
                 if ratios:
@@ -148,6 +155,26 @@ def run_by_run(samples: dict[str, dict[str, dict[str, list[float]]]]) -> str:
         if lines:
             out += [f"**{scenario}, run by run**", "", *lines, ""]
     return "\n".join(out)
+
+
+def ratios_over_best_peer(samples: dict[str, dict[str, dict[str, list[float]]]], figure: str = "drain tasks/s") -> str:
+    """Each of our variants' drain rate over the best peer's of the same run, run by run: the
+    ratio that counts on a machine whose speed drifts (medians of ratios, not ratios of medians)."""
+    out = []
+    for scenario, by_name in samples.items():
+        peers = {n: f[figure] for n, f in by_name.items() if n not in OURS and f.get(figure)}
+        for own in OURS:
+            mine = by_name.get(own, {}).get(figure)
+            if not mine or not peers:
+                continue
+            ratios = []
+            for run, value in enumerate(mine):
+                best = max((v[run], n) for n, v in peers.items() if run < len(v))
+                ratios.append(f"{value / best[0]:.2f}x {best[1]}")
+            out.append(f"- {scenario}, {own}: " + ", ".join(ratios))
+    return (
+        ("\n**Run by run** (" + figure + ", over the best peer of that run)\n\n" + "\n".join(out) + "\n") if out else ""
+    )
 
 
 def main() -> None:
@@ -163,7 +190,7 @@ def main() -> None:
     args = parser.parse_args()
     scale = 10 if args.quick else 1
     runs = 1 if args.quick else args.runs
-    names = args.only.split(",") if args.only else ["minicelery", *PEERS]
+    names = args.only.split(",") if args.only else [*OURS, *PEERS]
     plan = scenarios(args.tasks // scale, scale)
     if args.scenarios:
         kinds = set(args.scenarios.split(","))
@@ -173,7 +200,7 @@ def main() -> None:
         plan = {title: spec for title, spec in plan.items() if spec[0] in kinds}
     # A partial run keeps its own files: it must not overwrite the last full table.
     stem = "compare" + ("-" + "-".join(sorted(kinds)) if args.scenarios else "")
-    pythons = {name: Path(sys.executable) if name == "minicelery" else peer_python(name) for name in names}
+    pythons = {name: Path(sys.executable) if name in OURS else peer_python(name) for name in names}
     samples: dict[str, dict[str, dict[str, list[float]]]] = {s: {n: {} for n in names} for s in plan}
     with RedisServer() as server:
         for run in range(runs):
@@ -191,9 +218,9 @@ def main() -> None:
         for scenario, by_name in samples.items()
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(table, indent=2))
-    by_run = run_by_run(samples)
-    (RESULTS / f"{stem}.md").write_text(markdown(table, names) + "\n" + by_run)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({**table, "runs": samples}, indent=2))
+    by_run = ratios_per_peer(samples)
+    (RESULTS / f"{stem}.md").write_text(markdown(table, names) + ratios_over_best_peer(samples) + "\n" + by_run)
     print(f"\nmedians of {runs} run(s); ratio = minicelery / best peer (for 'lower is better' figures < 1 wins)")
     for scenario, by_name in table.items():
         print(f"\n{scenario}")
@@ -203,8 +230,9 @@ def main() -> None:
             best = best_peer(figure, values)
             row = "  ".join(f"{n} {v:,.2f}" for n, v in values.items())
             ratio = ""
-            if best is not None and "minicelery" in values and values[best] > 0:
-                ratio = f"  -> {values['minicelery'] / values[best]:.2f}x {best}"
+            for own in OURS:
+                if best is not None and own in values and values[best] > 0:
+                    ratio += f"  -> {own} {values[own] / values[best]:.2f}x {best}"
             print(f"  {figure}: {row}{ratio}")
     print("\n" + by_run)
 

@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 from .app import DEFAULT_QUEUE, Client
 from .broker import RedisBroker
-from .errors import BadArguments, TaskNotFound
+from .errors import BadArguments, ResultNotKept, TaskNotFound
 from .loader import load_task_modules
 from .periodic import schedule_rows, upsert
 from .records import FINISHED_STATES, ScriptStatus
@@ -132,6 +132,9 @@ class Admin:
         except TimeoutError as exc:
             print(f"minicelery: {exc}", file=sys.stderr)
             return EXIT_NOT_FINISHED
+        except ResultNotKept as exc:  # it succeeded: nothing to print, and not a failure
+            print(f"minicelery: {exc}", file=sys.stderr)
+            return 0
         except Exception as exc:
             print(f"task failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             remote = getattr(exc, "remote_traceback", None) or getattr(exc, "traceback", None)

@@ -57,6 +57,7 @@ class Client:
         retry_backoff_max: float = 600.0,
         retry_jitter: bool = True,
         time_limit: float | None = None,
+        store_result: bool | None = None,
     ) -> Callable[[Callable[..., Any]], TaskDefinition]: ...
 
     def task(
@@ -72,6 +73,7 @@ class Client:
         retry_backoff_max: float = 600.0,
         retry_jitter: bool = True,
         time_limit: float | None = None,
+        store_result: bool | None = None,
     ) -> TaskDefinition | Callable[[Callable[..., Any]], TaskDefinition]:
         """Register a function as a task, as `@app.task` or `@app.task(name=..., queue=...)`.
 
@@ -82,6 +84,11 @@ class Client:
         `retry_on`: after `retry_backoff` seconds, doubling each time up to
         `retry_backoff_max`, each delay jittered to 50-100% of itself unless
         `retry_jitter=False`. A retry waits in Redis as a scheduled task, not in a worker.
+
+        `store_result=False` makes a fire-and-forget task: what it returns is not kept (its
+        children still get it), its state is, and `.result()` raises ResultNotKept once it
+        succeeded; an error is always kept, as its dead letter. None (the default) follows the
+        worker's `store_results` setting.
         """
         if retries < 0:
             raise ValueError("retries must not be negative")
@@ -93,6 +100,8 @@ class Client:
             raise ValueError("retry_backoff must be >= 0 and retry_backoff_max >= retry_backoff")
         if time_limit is not None and time_limit <= 0:
             raise ValueError("time_limit must be positive (seconds)")
+        if store_result is not None and not isinstance(store_result, bool):
+            raise ValueError("store_result must be True, False or None (the worker's store_results)")
 
         def register(function: Callable[..., Any]) -> TaskDefinition:
             task_name = name or function.__name__
@@ -113,6 +122,7 @@ class Client:
                 retry_backoff=retry_backoff,
                 retry_backoff_max=retry_backoff_max,
                 retry_jitter=retry_jitter,
+                store_result=store_result,
             )
             self.tasks[task_name] = definition
             return definition

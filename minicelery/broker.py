@@ -329,13 +329,15 @@ class RedisBroker:
         succeeded: bool,
         envelope: bytes,
         retry: RetryPlan | None = None,
+        keep: bool = True,
     ) -> ScriptStatus:
         """Record the outcome, or schedule a retry (failed, with `retry` and retries left).
+        `keep=False`: a success's envelope goes to its children but is not stored.
 
         Returns OK (recorded), RETRY (scheduled to run again), LATE (the lease was lost:
         nothing written) or GONE (the task no longer exists: nothing written).
         """
-        statuses, _ = self.finish_many([FinishItem(queue, task_id, token, succeeded, envelope, retry)])
+        statuses, _ = self.finish_many([FinishItem(queue, task_id, token, succeeded, envelope, retry, keep)])
         return statuses[0]
 
     def finish_many(
@@ -376,7 +378,7 @@ class RedisBroker:
     @staticmethod
     def _finish_args(item: FinishItem) -> list[Any]:
         if item.succeeded:
-            return [item.id, item.token, "succeeded", item.envelope, *_NO_RETRY_ARGS]
+            return [item.id, item.token, "succeeded", item.envelope, *_NO_RETRY_ARGS, 1 if item.keep else 0]
         plan = item.retry or NO_RETRY
         return [
             item.id,
@@ -388,6 +390,7 @@ class RedisBroker:
             plan.cap_ms,
             repr(plan.jitter),
             plan.fixed_ms,
+            1,  # an error is always kept: its dead letter
         ]
 
     def release(self, queue: str, task_id: str, token: str) -> bool:

@@ -109,6 +109,12 @@ class TaskNotFound(TaskError):
     """No task with this id is stored (never sent, or its result expired)."""
 
 
+class ResultNotKept(TaskError):
+    """The task succeeded, but its result was not kept (`@app.task(store_result=False)` or
+    `[worker] store_results = false`): what `.result()` raises once it finished, and what a
+    child registered after such a parent finished gets as that argument."""
+
+
 class TimeLimitExceeded(BaseException):
     """Raised inside a task that passed its time limit, and again every second while it goes on.
 

@@ -102,6 +102,7 @@ class Outcome:
     timed_out: bool = False
     retry: RetryPlan | None = None
     error: Exception | None = None  # what the task failed with, for the log line and the worker's choices
+    keep: bool = True  # store the envelope as the result (a failure's always is: its dead letter)
 
 
 @dataclass(slots=True)
@@ -112,12 +113,13 @@ class FinishItem:
     id: str
     token: str
     succeeded: bool
-    envelope: bytes
+    envelope: bytes  # given to the task's children even when not kept
     retry: RetryPlan | None = None
+    keep: bool = True  # False: a success whose result is not stored (store_result=False)
 
     @classmethod
     def of(cls, claim: Claim, outcome: Outcome) -> FinishItem:
-        return cls(claim.queue, claim.id, claim.token, outcome.succeeded, outcome.envelope, outcome.retry)
+        return cls(claim.queue, claim.id, claim.token, outcome.succeeded, outcome.envelope, outcome.retry, outcome.keep)
 
 
 @dataclass(slots=True)

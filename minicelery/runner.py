@@ -43,8 +43,16 @@ log = logging.getLogger(__name__)
 
 
 class TaskRunner:
-    def __init__(self, app: Client, alarm: TaskAlarm, default_time_limit: float | None, max_lost_leases: int):
+    def __init__(
+        self,
+        app: Client,
+        alarm: TaskAlarm,
+        default_time_limit: float | None,
+        max_lost_leases: int,
+        store_results: bool = True,
+    ):
         self.app = app
+        self.store_results = store_results  # for tasks without store_result=
         self.transport = app.broker.transport
         self.alarm = alarm
         self.default_time_limit = default_time_limit
@@ -55,7 +63,7 @@ class TaskRunner:
     def peek(self, claim: Claim) -> TaskMessage:
         """Decode a claim's payload ahead of its run (the worker wants the next task's name);
         run() then uses it instead of decoding again. Raises SerializationError."""
-        message = self.transport.loads_message(claim.payload)
+        message = self.transport.loads_message(claim.payload, claim.id)
         self._peeked = (claim.token, message)
         return message
 
@@ -82,7 +90,7 @@ class TaskRunner:
             if peeked is not None and peeked[0] == claim.token:
                 message = peeked[1]
             else:
-                message = self.transport.loads_message(claim.payload)
+                message = self.transport.loads_message(claim.payload, claim.id)
             name = message.name
             if message.id != claim.id:
                 raise SerializationError(f"payload id {message.id!r} does not match its key {claim.id!r}")
@@ -101,7 +109,8 @@ class TaskRunner:
                 on_start(time_limit)
             value = self._call(definition.fn, args, kwargs, time_limit, claim.token)
             envelope = self.transport.dumps_value(value)
-            return Outcome(name, True, envelope, time.monotonic() - started)
+            keep = self.store_results if definition.store_result is None else definition.store_result
+            return Outcome(name, True, envelope, time.monotonic() - started, keep=keep)
         except Exception as exc:
             return self._failure(name, exc, started, self._retry_plan(definition, message, exc))
 
@@ -145,7 +154,7 @@ class TaskRunner:
     def name_of(self, claim: Claim) -> str:
         """The task name in a claim's payload ('?' for one that cannot be read)."""
         try:
-            return self.transport.loads_message(claim.payload).name
+            return self.transport.loads_message(claim.payload, claim.id).name
         except SerializationError:
             return "?"
 

@@ -126,6 +126,9 @@ class WorkerSettings(_Section):
     shutdown_grace: float = Field(30.0, ge=0, description="how long SIGTERM waits for the running task")
     idle_block_max: float = Field(5.0, gt=0, le=300, description="longest single blocking call")
     result_ttl: float = Field(86400.0, gt=0, description="seconds a finished task keeps its result")
+    store_results: bool = Field(
+        True, description="keep what tasks return; @app.task(store_result=...) overrides it per task"
+    )
     batch_size: int = Field(16, ge=1, le=1000, description="most tasks one claim takes (1: no batching)")
     dead_letter_ttl: float = Field(604800.0, gt=0, description="seconds a task that failed for good stays listed")
     max_payload_bytes: int = Field(1024 * 1024, gt=0)

@@ -17,7 +17,11 @@ from . import errors
 from .errors import PayloadTooLarge, RemoteError, SerializationError
 
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
-PAYLOAD_VERSION = 1
+# Version 2 leaves out the id (the payload's key in Redis says it) and every field at its
+# default: a pending task's payload is most of its bytes in Redis. Version 1 payloads (all
+# fields, and the id) are still read, so tasks enqueued before an upgrade run after it.
+PAYLOAD_VERSION = 2
+_READ_VERSIONS = (1, 2)
 
 # minicelery's own task errors come back as themselves; every other non-builtin type
 # becomes RemoteError. The lookup is by name in this fixed table, never an import.
@@ -33,6 +37,7 @@ _OWN_ERRORS: dict[str, type[BaseException]] = {
         errors.ParentNeverStarted,
         errors.SerializationError,
         errors.PayloadTooLarge,
+        errors.ResultNotKept,
         errors.TaskError,
     )
 }
@@ -64,6 +69,7 @@ _MESSAGE_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
     ("time_limit", (int, float, type(None))),
     ("retries", int),
 )
+_EMPTY_FIELDS = {"args": list, "kwargs": dict, "arg_deps": dict, "kwarg_deps": dict}  # made anew for each
 
 # The envelope of a task that returned None, as dumps_value() makes it: most tasks return
 # nothing, and the encoder is a tenth of a no-op task's cost in the worker.
@@ -81,17 +87,19 @@ class JSONTransport:
     # --- payloads ------------------------------------------------------------------------------
 
     def dumps_message(self, message: TaskMessage) -> bytes:
-        body = {
-            "v": PAYLOAD_VERSION,
-            "id": message.id,
-            "name": message.name,
-            "args": message.args,
-            "kwargs": message.kwargs,
-            "arg_deps": message.arg_deps,
-            "kwarg_deps": message.kwarg_deps,
-            "time_limit": message.time_limit,
-            "retries": message.retries,
-        }
+        body: dict[str, Any] = {"v": PAYLOAD_VERSION, "name": message.name}
+        if message.args:
+            body["args"] = message.args
+        if message.kwargs:
+            body["kwargs"] = message.kwargs
+        if message.arg_deps:
+            body["arg_deps"] = message.arg_deps
+        if message.kwarg_deps:
+            body["kwarg_deps"] = message.kwarg_deps
+        if message.time_limit is not None:
+            body["time_limit"] = message.time_limit
+        if message.retries:
+            body["retries"] = message.retries
         try:
             data = self._dumps(body, what=f"arguments of task {message.name!r}")
         except SerializationError as exc:  # the whole body failed: find the argument to blame
@@ -102,8 +110,9 @@ class JSONTransport:
         self._check_size(data, what=f"payload of task {message.name!r}")
         return data
 
-    def loads_message(self, data: bytes | str | None) -> TaskMessage:
-        """Decode and validate a payload; any defect raises SerializationError saying which."""
+    def loads_message(self, data: bytes | str | None, task_id: str = "") -> TaskMessage:
+        """Decode and validate a payload; any defect raises SerializationError saying which.
+        `task_id`: its key in Redis, the id of a version 2 payload (which leaves it out)."""
         if data is None:
             raise SerializationError("task payload is missing from Redis")
         raw = data.encode() if isinstance(data, str) else data
@@ -111,8 +120,18 @@ class JSONTransport:
         body = self._loads(raw, what="task payload")
         if not isinstance(body, dict):
             raise SerializationError(f"task payload must be a JSON object, got {type(body).__name__}")
-        if body.get("v") != PAYLOAD_VERSION:
-            raise SerializationError(f"unsupported task payload version {body.get('v')!r}")
+        version = body.get("v")
+        if version not in _READ_VERSIONS or isinstance(version, bool):
+            raise SerializationError(f"unsupported task payload version {version!r}")
+        if version == 2:
+            if "id" in body:
+                raise SerializationError("task payload field 'id' is not part of version 2 (its key is the id)")
+            body["id"] = task_id
+            for key, empty in _EMPTY_FIELDS.items():
+                if key not in body:
+                    body[key] = empty()
+            body.setdefault("time_limit", None)
+            body.setdefault("retries", 0)
         for key, kind in _MESSAGE_FIELDS:
             if not isinstance(body.get(key), kind):
                 raise SerializationError(f"task payload field {key!r} is missing or of the wrong type")

@@ -47,6 +47,8 @@ def test_minicelery_runs_every_side_by_side_scenario(bench_redis_url: str) -> No
     pool = scenario(bench_redis_url, "pool", "300", "5")  # `worker -c 2`: its POOL_WORKER
     assert pool["drain tasks/s"] > 0 and pool["processes"] == 3  # the supervisor and its 2 children
     assert 0 < pool["idle p50 ms"] <= pool["idle p99 ms"]
+    memory = scenario(bench_redis_url, "memory", "50")
+    assert memory["redis bytes per pending task"] > 0 and memory["redis bytes per scheduled task"] > 0
 
 
 def test_the_pool_benchmark_runs_every_mode_on_tiny_sizes() -> None:

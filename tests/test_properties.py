@@ -46,6 +46,7 @@ class BrokerModel(RuleBasedStateMachine):
         self.expiring: dict[str, str] = {}  # task -> our token, lease run out but not yet reclaimed
         self.stale: dict[str, str] = {}  # task -> a token whose lease a later claim took away
         self.expired: set[str] = set()  # finished tasks whose result TTL we let pass
+        self.unkept: set[str] = set()  # succeeded without keeping a result (store_result=False)
         self.ghosts: list[str] = []  # parents given to children but never started (not enqueued)
 
     def state(self, task_id: str) -> bytes | None:
@@ -91,16 +92,25 @@ class BrokerModel(RuleBasedStateMachine):
                 self.held[claim.id] = claim.token
 
     @precondition(lambda self: self.held)
-    @rule(data=st.data(), succeeded=st.booleans(), retries=st.integers(0, 2), backoff=st.sampled_from([0, HOUR_MS]))
-    def finish(self, data: st.DataObject, succeeded: bool, retries: int, backoff: int) -> None:
+    @rule(
+        data=st.data(),
+        succeeded=st.booleans(),
+        retries=st.integers(0, 2),
+        backoff=st.sampled_from([0, HOUR_MS]),
+        keep=st.booleans(),
+    )
+    def finish(self, data: st.DataObject, succeeded: bool, retries: int, backoff: int, keep: bool) -> None:
         task_id = data.draw(st.sampled_from(sorted(self.held)))
         token = self.held.pop(task_id)
         plan = RetryPlan(max_retries=retries, base_ms=backoff, cap_ms=backoff, jitter=1.0)
         status = self.broker.finish(self.queue, task_id, token, succeeded=succeeded, envelope=b'{"ok":true}',
-                                       retry=plan)  # fmt: skip
+                                       retry=plan, keep=keep)  # fmt: skip
         assert status in ("ok", "retry"), status
         if succeeded:
             assert status == "ok"
+            if not keep:  # (a failure is always kept: its dead letter)
+                self.unkept.add(task_id)
+                assert not self.r.hexists(self.keys.payload, task_id), "a success not kept left its payload"
 
     @precondition(lambda self: self.held)
     @rule(data=st.data())
@@ -220,7 +230,8 @@ class BrokerModel(RuleBasedStateMachine):
             if state == b"ready":
                 assert int(self.r.hget(self.keys.info, f"{task_id}:d") or 0) <= now, "ready before due"
             if state in FINISHED:
-                assert self.r.hexists(self.keys.result, task_id)
+                kept = self.r.hexists(self.keys.result, task_id)
+                assert kept != (state == b"succeeded" and task_id in self.unkept), (task_id, state, kept)
                 assert (task_id in dead) == (state == b"failed")
             if state == b"waiting":
                 waiting += 1

@@ -248,6 +248,20 @@ def register(app: Client) -> None:
         r.hincrby(f"test:slot_ends:{tag}", task_id, 1)
         return task_id
 
+    @app.task(store_result=False)
+    def forget_echo(value: Any) -> Any:
+        """Fire-and-forget: its children get the value, nothing else keeps it."""
+        return value
+
+    @app.task(store_result=False)
+    def forget_boom(message: str) -> None:
+        raise LookupError(message)
+
+    @app.task(store_result=True)
+    def keep_echo(value: Any) -> Any:
+        """Keeps its result even on a worker whose store_results is false."""
+        return value
+
     @app.task
     def hold_memory(mib: int, tag: str) -> int:
         """Keeps `mib` MiB in use (in its process, for good) and waits until the test opens

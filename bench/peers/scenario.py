@@ -185,6 +185,21 @@ class Scenario:
             tasks = groups * 5
             return {"completion s": last - began, "redis commands per task": (self.commands() - calls) / tasks}
 
+    def memory(self, tasks: int) -> dict[str, float]:
+        """Redis bytes per task left pending (`send_stamp`: one argument, no worker running), and
+        per task scheduled an hour ahead: used_memory before and after, from an empty database."""
+        out = {}
+        sends = {"pending": self.peer.send_stamp}
+        if hasattr(self.peer, "schedule"):
+            sends["scheduled"] = lambda: self.peer.schedule(time.time() + 3600)
+        for state, send in sends.items():
+            self.r.flushdb()
+            baseline = int(self.r.info("memory")["used_memory"])
+            for _ in range(tasks):
+                send()
+            out[f"redis bytes per {state} task"] = (int(self.r.info("memory")["used_memory"]) - baseline) / tasks
+        return out
+
     def idle(self, count: int) -> dict[str, float]:
         with self.workers(count) as procs:
             self.warm_up(procs)
@@ -239,6 +254,7 @@ def main() -> None:
         "dependencies": lambda: bench.dependencies(size),
         "idle": lambda: bench.idle(size),
         "pool": lambda: bench.pool(size, second),
+        "memory": lambda: bench.memory(size),
     }
     print(json.dumps(runs[scenario]()))
 

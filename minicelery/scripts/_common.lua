@@ -15,7 +15,8 @@
 --                               cancelled)
 --                             a attempts (claims)      l leases lost (reclaims)
 --                             r retries spent (failures run again)
---                             t lease token            d time the task became due (ms)
+--                             t lease token            d time the task became due (ms; a
+--                               scheduled task's due time is its score in `scheduled`)
 --                             n not-before time (ms)   p count of unfinished parents
 --                             P parent ids, "," list   c child ids, "," list
 --                             k idempotency key       w someone waits for the result
@@ -263,7 +264,7 @@ local function make_due(id, due, now, fresh_payload)
   end
   wake_at(due)
   redis.call('ZADD', K_SCHEDULED, due, id)
-  set_state_due(id, 'scheduled', due)
+  setf(id, 's', 'scheduled') -- (its due time is its score: d is written when it is promoted)
   return 'scheduled'
 end
 

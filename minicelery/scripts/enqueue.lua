@@ -14,6 +14,11 @@
 -- Returns {'ok', state} for a stored task, {'exists', state} when the id is already stored,
 -- {'duplicate', existing_id} when another pending task holds dedup_key.
 
+-- What a child gets from a parent that finished before it was registered and kept no result
+-- (store_result=False; see finish.lua): the value is gone, and the child is told so.
+local NOT_KEPT = '{"ok":false,"error":{"type":"ResultNotKept","message":"the parent finished before this '
+  .. 'task was registered, and its result was not kept","traceback":""}}'
+
 local id, payload, delay_ms, at_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local parents, dedup_key, mode = ARGV[5], ARGV[6], ARGV[7]
 local now = now_ms()
@@ -49,7 +54,8 @@ if parents ~= '' then
   for _, parent in ipairs(split(parents)) do
     local held = redis.call('HMGET', K_INFO, parent .. ':s', parent .. ':c') -- state, children
     if FINISHED[held[1]] then
-      redis.call('HSET', K_INPUTS, id .. '|' .. parent, redis.call('HGET', K_RESULT, parent))
+      local envelope = redis.call('HGET', K_RESULT, parent) or NOT_KEPT
+      redis.call('HSET', K_INPUTS, id .. '|' .. parent, envelope)
     else
       -- Unfinished, or not sent yet: it lists this child and releases it when it finishes.
       pending = pending + 1

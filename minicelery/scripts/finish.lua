@@ -10,6 +10,12 @@
 -- left is final: the result holds the error, the children get it, and the task goes into the
 -- dead-letter set, kept for dead_ttl instead of result_ttl.
 --
+-- A success keeps its state, attempts, leases lost and result until result_ttl; its payload,
+-- inputs, parents and due time go at once (it never runs again: only a dead letter is put
+-- back, by revive.lua). A success not kept (keep 0: store_result=False) stores no result, and
+-- keeps only its state, so `.state` and `.result()` can say it succeeded; its children still
+-- get the envelope.
+--
 -- KEYS: the queue key set (see _common.lua), then
 --   KEYS[14 + i] done  list the i-th task's result waiters block on (BLMOVE); pushed only if
 --                      a waiter watches the task (see watch.lua)
@@ -19,12 +25,13 @@
 --   id, token, outcome ("succeeded" or "failed"), envelope (JSON),
 --   max_retries (retries allowed for this failure; 0: no retry),
 --   base_ms, cap_ms, jitter (0.5-1), fixed_ms (-1: backoff): the delay before retry r
---   (0-based) is fixed_ms, else min(cap_ms, base_ms * 2^r) * jitter
+--   (0-based) is fixed_ms, else min(cap_ms, base_ms * 2^r) * jitter,
+--   keep (1: store the envelope as the result; 0: a success whose result is not kept)
 --
 -- Returns one finish status per task: 'ok', 'retry', 'late', 'gone' (the task no longer
 -- exists: nothing written) or 'cancelled' (cancelled meanwhile: nothing written).
 
-local FIELDS = 9
+local FIELDS = 10
 local result_ttl, dead_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local now = now_ms()
 
@@ -33,6 +40,7 @@ local now = now_ms()
 -- (13 calls per task before batching), more only for dead letters, idempotency keys,
 -- children and watched results.
 local running_done, info_deleted, states, results, expiries = {}, {}, {}, {}, {}
+local payloads_deleted = {} -- successes not kept: nothing but their state stays
 
 local function retry_delay(base, retries)
   local base_ms, cap_ms, jitter, fixed = ARGV[base + 6], ARGV[base + 7], ARGV[base + 8], tonumber(ARGV[base + 9])
@@ -47,7 +55,8 @@ local released = {} -- children released: one update of the waiting set for the 
 for i = 1, (#ARGV - 2) / FIELDS do
   local base = 2 + (i - 1) * FIELDS
   local id, token, outcome, envelope = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
-  local held = redis.call('HMGET', K_INFO, id .. ':t', id .. ':r', id .. ':k', id .. ':c', id .. ':w', id .. ':s')
+  local held =
+    redis.call('HMGET', K_INFO, id .. ':t', id .. ':r', id .. ':k', id .. ':c', id .. ':w', id .. ':s', id .. ':P')
   if not held[6] then
     statuses[i] = 'gone' -- no trace of the task: purged, or Redis lost its data (a restart
     -- without persistence, a flush); writing a result now would leave an orphan
@@ -71,8 +80,26 @@ for i = 1, (#ARGV - 2) / FIELDS do
       statuses[i] = 'ok'
       states[#states + 1] = id .. ':s'
       states[#states + 1] = outcome
-      results[#results + 1] = id
-      results[#results + 1] = envelope
+      if outcome == 'failed' then
+        results[#results + 1] = id
+        results[#results + 1] = envelope
+      else -- a success will not run again: its payload, inputs and due time are no use now
+        payloads_deleted[#payloads_deleted + 1] = id
+        info_deleted[#info_deleted + 1] = id .. ':d'
+        if held[7] then
+          info_deleted[#info_deleted + 1] = id .. ':P'
+          for _, parent in ipairs(split(held[7])) do
+            redis.call('HDEL', K_INPUTS, id .. '|' .. parent)
+          end
+        end
+        if ARGV[base + 10] ~= '0' then
+          results[#results + 1] = id
+          results[#results + 1] = envelope
+        else -- not kept: only its state is left (attempts and leases lost go too)
+          info_deleted[#info_deleted + 1] = id .. ':a'
+          info_deleted[#info_deleted + 1] = id .. ':l'
+        end
+      end
       local keep = result_ttl
       if outcome == 'failed' then
         redis.call('ZADD', K_DEAD, now, id)
@@ -106,7 +133,12 @@ if #released > 0 then
 end
 if #states > 0 then
   redis.call('HSET', K_INFO, unpack(states))
-  redis.call('HSET', K_RESULT, unpack(results))
+  if #results > 0 then
+    redis.call('HSET', K_RESULT, unpack(results))
+  end
+  if #payloads_deleted > 0 then
+    redis.call('HDEL', K_PAYLOAD, unpack(payloads_deleted))
+  end
   redis.call('ZADD', K_EXPIRY, unpack(expiries))
 end
 return statuses

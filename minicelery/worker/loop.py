@@ -50,7 +50,7 @@ class Worker:
         self.notifier = notifier or Notifier()
         self.alarm = TaskAlarm()
         self.signals = StopSignals(self.alarm, w.shutdown_grace)
-        self.runner = TaskRunner(app, self.alarm, w.default_time_limit, w.max_lost_leases)
+        self.runner = TaskRunner(app, self.alarm, w.default_time_limit, w.max_lost_leases, w.store_results)
         self.running: Running | None = None  # read by the heartbeat thread
         self.running_claim: Claim | None = None  # the claim behind `running` (not cleared: see above)
         self.metrics = build_metrics(app.tasks, self.broker, self.queues, lambda: self.running)
