@@ -21,7 +21,7 @@ from ..broker import RedisBroker
 from ..errors import BrokerError
 from ..metrics import WorkerMetrics
 from ..records import Claim, Idle, NextClaim, Wake
-from .clock import REDIS_TIMEOUT_GRAIN, QueueClock
+from .clock import REDIS_TIMEOUT_GRAIN, QueueClock, RedisClock
 from .observe import Observer
 
 log = logging.getLogger("minicelery.worker")
@@ -54,7 +54,8 @@ class Intake:
         self.usually_brief = usually_brief
         self.sleep_until = sleep_until  # exact, waking for a stop signal
         self.stopping = stopping  # a stop was requested: do not start an idle wait
-        self.clocks = {queue: QueueClock() for queue in queues}
+        redis_clock = RedisClock()  # one Redis behind every queue
+        self.clocks = {queue: QueueClock(redis_clock) for queue in queues}
         self.local: deque[Claim] = deque()  # leased to this worker, not started yet
         self._claims = 0
         # Queues whose idle set holds this worker (tasks may be handed to it). A claim that
@@ -181,10 +182,10 @@ class Intake:
     def _on_wake(self, wake: Wake) -> None:
         assert wake.queue is not None
         clock = self.clocks[wake.queue]
-        redis_now = time.time() * 1000 + clock.offset_ms
-        if wake.score_ms > redis_now + 2:
+        due_at = clock.redis.local_time(wake.score_ms)
+        if due_at > time.monotonic() + 0.002:
             # A future due time: wait for it ourselves rather than claim now.
-            clock.next_check = min(clock.next_check, time.monotonic() + (wake.score_ms - redis_now) / 1000)
+            clock.next_check = min(clock.next_check, due_at)
             clock.held_due_ms = int(wake.score_ms)
             return
         self.local.extend(self._claim(wake.queue, woken=True))
