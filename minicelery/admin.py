@@ -17,7 +17,7 @@ from .errors import TaskNotFound
 from .loader import load_task_modules
 from .periodic import schedule_rows, upsert
 from .records import FINISHED_STATES
-from .schedules import ScheduleSpec
+from .schedules import ScheduleSpec, manual_run_id
 from .settings import Settings
 from .transport import TaskMessage
 
@@ -176,7 +176,8 @@ class Admin:
             if row["last_start_ms"] is None:
                 print("  last run: never")
             else:
-                print(f"  last run: {_both_zones(row['last_start_ms'], row['tz'])}, {row['last_outcome']}")
+                by_hand = " (run by hand)" if row["last_by_hand"] else ""
+                print(f"  last run: {_both_zones(row['last_start_ms'], row['tz'])}, {row['last_outcome']}{by_hand}")
             policies = f"catch-up {row['catch_up']}, overlap {'allowed' if row['overlap'] else 'no'}"
             print(f"  runs {row['runs']}, missed slots {row['missed']}, {policies}")
         return 0
@@ -192,7 +193,8 @@ class Admin:
                 self.broker.schedule_remove(queue, name)
                 print(f"schedule {name} removed from queue {queue}")
             elif action == "run":
-                message = TaskMessage(uuid.uuid4().hex, spec.task, list(spec.args), dict(spec.kwargs))
+                task_id = manual_run_id(name, uuid.uuid4().hex)  # the worker records it as the last run
+                message = TaskMessage(task_id, spec.task, list(spec.args), dict(spec.kwargs))
                 message = dataclasses.replace(message, time_limit=spec.time_limit, retries=spec.retries)
                 self.broker.enqueue(queue, message.id, self.broker.transport.dumps_message(message))
                 print(message.id)

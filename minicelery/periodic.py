@@ -18,7 +18,7 @@ from .app import DEFAULT_QUEUE
 from .broker import RedisBroker, _text
 from .errors import BrokerError, ConfigError, MiniceleryError
 from .records import Claim
-from .schedules import ScheduleSpec, occurrence_id, parse_occurrence
+from .schedules import ScheduleSpec, occurrence_id, parse_manual_run, parse_occurrence
 from .settings import ScheduleSettings, Settings
 from .task import TaskDefinition
 from .transport import TaskMessage
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 OVERLAP_RECHECK_MS = 1000
 # How many later slots to try when the next one already ran (Redis's clock went back).
 TAKEN_RETRIES = 20
+# schedule_begin.lua's ARGV[6:] for a run by hand (slot ""): no plan, nothing created.
+MANUAL_PLAN = (1, "", 0, b"", 0, 1, OVERLAP_RECHECK_MS)
 
 
 def declared_specs(tasks: Mapping[str, TaskDefinition], settings: Settings) -> dict[str, ScheduleSpec]:
@@ -129,6 +131,9 @@ class Schedules:
             return True
         parsed = parse_occurrence(claim.id)
         if parsed is None:
+            by_hand = parse_manual_run(claim.id)
+            if by_hand is not None:  # recorded as the schedule's last run; it runs whatever the reply
+                self.broker.schedule_begin(claim.queue, [claim.id, claim.token, by_hand, "", "", *MANUAL_PLAN])
             return True
         name, slot = parsed
         own = self.specs.get(name)
@@ -190,7 +195,7 @@ def schedule_rows(broker: RedisBroker, queue: str) -> list[dict[str, Any]]:
             spec = ScheduleSpec.from_json(text)
         except (ValueError, TypeError, MiniceleryError):
             continue
-        field = {f: state.get(f"{name}:{f}") for f in ("d", "s", "S", "p", "m", "r", "o")}
+        field = {f: state.get(f"{name}:{f}") for f in ("d", "c", "s", "S", "p", "m", "r", "o")}
         rows.append(
             {
                 "name": name,
@@ -203,6 +208,7 @@ def schedule_rows(broker: RedisBroker, queue: str) -> list[dict[str, Any]]:
                 "last_start_ms": _int(field["s"]),
                 "last_slot_ms": _int(field["S"]),
                 "last_outcome": _text(field["o"]) if field["o"] else None,
+                "last_by_hand": field["c"] is not None and parse_manual_run(_text(field["c"])) is not None,
                 "paused": field["p"] is not None,
                 "missed": _int(field["m"]) or 0,
                 "runs": _int(field["r"]) or 0,

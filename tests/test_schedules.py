@@ -480,7 +480,14 @@ def test_the_schedules_command_lists_pauses_resumes_runs_and_removes(
     assert json.loads(run_cli("schedules", "--json", env=env).stdout)[0]["next_due_ms"] is not None
     sent = run_cli("schedules", "run", "nightly", env=env)
     assert sent.returncode == 0, sent.stderr
-    assert app.handle(sent.stdout.strip()).state == "ready"  # one run now, besides the schedule
+    by_hand = app.handle(sent.stdout.strip())
+    assert by_hand.state == "ready"  # one run now, besides the schedule
+    workers.wait_ready(workers.start())  # a worker that does not declare the schedule runs it
+    by_hand.result(timeout=30)
+    row = json.loads(run_cli("schedules", "--json", env=env).stdout)[0]
+    assert (row["runs"], row["last_outcome"], row["last_by_hand"]) == (1, "succeeded", True)
+    assert row["next_due_ms"] is not None and row["last_slot_ms"] is None  # the schedule goes on
+    assert "succeeded (run by hand)" in run_cli("schedules", env=env).stdout
     assert run_cli("schedules", "remove", "nightly", env=env).returncode == 0
     assert "no schedules" in run_cli("schedules", env=env).stdout
     missing = run_cli("schedules", "pause", "nightly", env=env)

@@ -13,7 +13,8 @@
 -- ARGV[1] id         the occurrence claimed
 -- ARGV[2] token      the claim's lease token
 -- ARGV[3] name       its schedule
--- ARGV[4] slot       its slot (ms)
+-- ARGV[4] slot       its slot (ms); "" for a run by hand (`schedules run NAME`), which is
+--                    only recorded as the last run (ARGV[5..] unused)
 -- ARGV[5] spec       the spec JSON the plan was made from
 -- ARGV[6] run        "1" run it, "0" give it up (catch-up "skip": it is too late)
 -- ARGV[7] next_id    the next slot's occurrence id
@@ -47,6 +48,16 @@ local function drop()
 end
 
 local stored = redis.call('HGET', K_SCHEDULES, name)
+if slot == '' then
+  -- A run by hand: it runs (the operator asked for it, besides the schedule), and is the
+  -- schedule's last run in the listing; it has no slot and creates no occurrence.
+  if stored then
+    redis.call('HSET', K_STATE, name .. ':c', id, name .. ':s', now)
+    redis.call('HDEL', K_STATE, name .. ':S')
+    redis.call('HINCRBY', K_STATE, name .. ':r', 1)
+  end
+  return { 'run', now, 0 }
+end
 if not stored then
   drop()
   return { 'removed', false }
