@@ -104,9 +104,9 @@ def translate_errors(what: str) -> Iterator[None]:
 
 def _script_source(name: str) -> str:
     """The script with the shared steps it uses prepended: _common.lua for all, and
-    _schedules.lua for the schedule scripts."""
+    _schedules.lua for the schedule scripts and cancel.lua."""
     folder = resources.files("minicelery") / "scripts"
-    shared = ["_common", "_schedules"] if name.startswith("schedule_") else ["_common"]
+    shared = ["_common", "_schedules"] if name.startswith("schedule_") or name == "cancel" else ["_common"]
     return "\n".join((folder / f"{part}.lua").read_text() for part in [*shared, name])
 
 
@@ -412,12 +412,16 @@ class RedisBroker:
     def renew(self, queue: str, task_id: str, token: str, lease_ms: int) -> bool:
         return script_status(self._run("renew", queue_keys(queue), [task_id, token, lease_ms])) is ScriptStatus.OK
 
-    def cancel(self, queue: str, task_ids: Sequence[str], envelope: bytes, by: str) -> list[ScriptStatus]:
+    def cancel(
+        self, queue: str, task_ids: Sequence[str], envelope: bytes, by: str, plans: Sequence[Any] = ()
+    ) -> list[ScriptStatus]:
         """Cancel these tasks (cancel.lua; for a cascade, parents before children). Each gets
-        CANCELLED, FINISHED (nothing changed) or UNKNOWN."""
+        CANCELLED, FINISHED (nothing changed) or UNKNOWN; or the one status CHANGED, nothing
+        written, if a schedule changed since `plans` (occurrences.skip_plans) were made."""
         keys = queue_keys(queue)
-        args = [int(self.result_ttl * 1000), envelope, by, *task_ids]
-        reply = self._run("cancel", keys, args, extra_keys=[keys.done(i) for i in task_ids])
+        args = [int(self.result_ttl * 1000), envelope, by, len(plans) // 5, *plans, *task_ids]
+        extra = [*keys.schedule_keys(), *(keys.done(i) for i in task_ids)]
+        reply = self._run("cancel", keys, args, extra_keys=extra)
         return [script_status(status) for status in reply]
 
     def cancelled_by(self, queue: str, task_id: str) -> str:

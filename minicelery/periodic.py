@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 from .app import DEFAULT_QUEUE
 from .broker import RedisBroker, _text
 from .errors import BrokerError, ConfigError, MiniceleryError
+from .occurrences import occurrence_payload
 from .records import Claim
 from .schedules import ScheduleSpec, occurrence_id, parse_manual_run, parse_occurrence
 from .settings import ScheduleSettings, Settings
 from .task import TaskDefinition
-from .transport import TaskMessage
 
 if TYPE_CHECKING:
     from .app import Client
@@ -74,18 +74,6 @@ def _spec_of(entry: ScheduleSettings, definition: TaskDefinition, fallback: str)
         time_limit=definition.time_limit,
         retries=definition.retries,
     )
-
-
-def occurrence_payload(broker: RedisBroker, spec: ScheduleSpec, task_id: str) -> bytes:
-    message = TaskMessage(
-        id=task_id,
-        name=spec.task,
-        args=list(spec.args),
-        kwargs=dict(spec.kwargs),
-        time_limit=spec.time_limit,
-        retries=spec.retries,
-    )
-    return broker.transport.dumps_message(message)
 
 
 def upsert(

@@ -161,8 +161,8 @@ def _claim_occurrence(broker: RedisBroker, queue: str, token: str) -> Claim:
 
 
 def _spec(queue: str, **options: object) -> ScheduleSpec:
-    fields: dict[str, object] = {"every_ms": 3_600_000, **options}
-    return ScheduleSpec("hourly", "slot_run", queue, args=["t"], **fields)  # type: ignore[arg-type]
+    fields: dict[str, object] = {"every_ms": 3_600_000, "args": ["t"], **options}
+    return ScheduleSpec("hourly", "slot_run", queue, **fields)  # type: ignore[arg-type]
 
 
 def _state(r: redis.Redis, queue: str) -> dict[str, str]:
@@ -233,6 +233,41 @@ def test_removing_a_schedule_deletes_its_spec_state_and_pending_occurrence(
     assert r.zcard(f"minicelery:{{{queue}}}:scheduled") == 0
     assert _state(r, queue) == {} and r.hlen(f"minicelery:{{{queue}}}:schedules") == 0
     assert r.hlen(f"minicelery:{{{queue}}}:payload") == 0
+
+
+def test_cancelling_the_pending_occurrence_skips_that_run_only_the_next_slot_is_pending_at_once(
+    app: Client, queue: str, r: redis.Redis
+) -> None:
+    _, pending = upsert(app.broker, _spec(queue))
+    assert pending is not None
+    assert app.handle(pending).cancel()
+    assert app.handle(pending).state == "cancelled"
+    parsed = parse_occurrence(pending)
+    assert parsed is not None
+    following = occurrence_id("hourly", parsed[1] + 3_600_000)
+    assert _state(r, queue)["hourly:n"] == following
+    assert r.zrange(f"minicelery:{{{queue}}}:scheduled", 0, -1) == [following.encode()]
+    assert not app.handle(pending).cancel()  # cancelled already: nothing more happens
+    assert _state(r, queue)["hourly:n"] == following
+
+
+def test_a_cancel_planned_from_a_spec_replaced_meanwhile_writes_nothing_and_plans_again(
+    app: Client, queue: str, r: redis.Redis
+) -> None:
+    from minicelery.occurrences import skip_plans
+    from minicelery.records import ScriptStatus
+
+    _, pending = upsert(app.broker, _spec(queue))
+    assert pending is not None
+    stale = skip_plans(app.broker, queue, [pending])
+    assert upsert(app.broker, _spec(queue, args=["new"])) == ("kept", pending)  # same slot, new spec
+    envelope = app.broker.transport.dumps_error(ValueError("x"))
+    assert app.broker.cancel(queue, [pending], envelope, "test", stale) == [ScriptStatus.CHANGED]
+    assert app.handle(pending).state == "scheduled"  # nothing written
+    assert app.handle(pending).cancel()  # task.cancel plans again from the stored spec
+    following = _state(r, queue)["hourly:n"]
+    payload = r.hget(f"minicelery:{{{queue}}}:payload", following)
+    assert following != pending and json.loads(payload)["args"] == ["new"]  # type: ignore[arg-type]
 
 
 def test_a_slot_due_while_the_previous_run_still_runs_waits_for_it(app: Client, queue: str, r: redis.Redis) -> None:
@@ -362,6 +397,26 @@ def test_three_workers_run_each_slot_of_a_one_second_schedule_once_though_one_is
     assert set(starts) == set(ends)  # every run started was completed (the killed one by its re-run)
     assert restarted in ([killed_slot], [])  # only the killed run was started again
     assert ends[killed_slot] == 1
+
+
+def test_a_cancelled_occurrence_does_not_run_and_the_schedule_goes_on(
+    app: Client, workers: Workers, queue: str, r: redis.Redis
+) -> None:
+    """Cancelling one run skips it, as in Celery or Sidekiq; `schedules pause` stops a schedule."""
+    tag = f"cancel-{queue}"
+    proc = workers.start(MINICELERY_SCHEDULES=_schedule_env(tag))
+    workers.wait_ready(proc)
+    wait_until(lambda: _runs(r, "ends", tag), 20, "a run")
+    state = f"minicelery:{{{queue}}}:schedule_state"
+    pending = r.hget(state, "slot_run:n").decode()  # type: ignore[union-attr]
+    assert app.handle(pending).cancel(by="cli")
+    parsed = parse_occurrence(pending)
+    assert parsed is not None
+    skipped = parsed[1]
+    wait_until(lambda: len([s for s in _runs(r, "ends", tag) if s > skipped]) >= 2, 20, "two later slots run")
+    assert skipped not in _runs(r, "starts", tag)
+    assert skipped + 1000 in _runs(r, "ends", tag)  # the very next slot ran: no gap after the cancel
+    assert "Traceback" not in workers.log(proc)
 
 
 def _spec_named(app: Client, name: str) -> ScheduleSpec:
