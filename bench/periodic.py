@@ -9,6 +9,10 @@ started - the slot's time (the slot is in the occurrence id, on the Redis clock;
 this machine, so both clocks are the same). The first two slots after start-up are left out.
 "one-off": the same workers without a schedule, and `stamp` sent with `start_at` for each
 slot of the same grid (the issue's yardstick: "the same as any scheduled task").
+"celery beat" and "rq cron": the peers' own scheduler process and workers, in their venvs
+under bench/.venvs/ (made on first use, as compare.py does), on the same Redis; each run's
+lateness is its start minus the time the peer had it due (bench/peers/periodic_peers.py).
+`--peers ""` leaves them out.
 Kinds and worker counts alternate within each run, so drift hits all; prints each run, then
 the medians.
 """
@@ -19,14 +23,17 @@ import argparse
 import datetime as dt
 import json
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from run import Bench, wait_for  # noqa: E402  (bench/ is not a package)
+from compare import peer_python  # noqa: E402  (bench/ is not a package)
+from run import Bench, wait_for  # noqa: E402
 
 from minicelery.keys import QueueKeys  # noqa: E402
 from minicelery.redis_server import RedisServer  # noqa: E402
@@ -81,13 +88,27 @@ def one_off(bench: Bench, workers: int, seconds: float, every: float) -> dict[st
     }
 
 
+def peer(name: str) -> Callable[[Bench, int, float, float], dict[str, float]]:
+    def scenario(bench: Bench, workers: int, seconds: float, every: float) -> dict[str, float]:
+        bench.r.flushdb()
+        script = BENCH / "peers" / "periodic_peers.py"
+        command = [str(peer_python(name)), str(script), name, bench.url, str(seconds), str(every), str(workers)]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=seconds * 3 + 120, check=True)
+        return dict(json.loads(out.stdout))
+
+    return scenario
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--every", type=float, default=0.1)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--peers", default="celery,rq", help="comma-separated, of celery and rq; '' for none")
     args = parser.parse_args()
     kinds = {"periodic": periodic, "one-off": one_off}
+    names = {"celery": "celery beat", "rq": "rq cron"}
+    kinds.update({names[p]: peer(p) for p in filter(None, args.peers.split(","))})
     results: dict[tuple[str, int], list[dict[str, float]]] = {(k, w): [] for k in kinds for w in (1, 4)}
     with RedisServer() as server:
         bench = Bench(server)
@@ -103,7 +124,7 @@ def main() -> None:
         p99 = statistics.median(r["p99 ms"] for r in runs)
         collapsed = sum(r.get("slots collapsed", 0) for r in runs)
         extra = f"; slots collapsed {collapsed:g}" if kind == "periodic" else ""
-        print(f"  {kind:8s} {workers} worker(s): lateness p50 {p50:.2f} ms, p99 {p99:.2f} ms{extra}")
+        print(f"  {kind:11s} {workers} worker(s): lateness p50 {p50:.2f} ms, p99 {p99:.2f} ms{extra}")
 
 
 if __name__ == "__main__":
