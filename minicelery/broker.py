@@ -320,6 +320,20 @@ class RedisBroker:
         reply = self._run("claim", queue_keys(queue), args, extra_keys)
         return self._parse_claim(queue, token, reply)
 
+    def claim_and_begin(
+        self, queue: str, token: str, lease_ms: int, worker_id: str, held_due_ms: int, batch: int, begin: list[Any]
+    ) -> tuple[list[Claim] | Idle, list[Any]]:
+        """claim(handoffs=True), and schedule_begin.lua with ARGV `begin` after it in the same
+        round trip (see periodic.Schedules.begin_with_claim); returns both replies."""
+        keys = queue_keys(queue)
+        extra_keys, args = _claim_call(queue, token, lease_ms, worker_id, held_due_ms, batch, False, True)
+        calls = [
+            ("claim", [*keys.as_list(), *extra_keys], args),
+            ("schedule_begin", [*keys.as_list(), *keys.schedule_keys()], begin),
+        ]
+        claimed, begun = self._pipelined("claim", calls)
+        return self._parse_claim(queue, token, claimed), [_text(begun[0]), *begun[1:]]
+
     def finish(
         self,
         queue: str,

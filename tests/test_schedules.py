@@ -270,6 +270,44 @@ def test_a_cancel_planned_from_a_spec_replaced_meanwhile_writes_nothing_and_plan
     assert following != pending and json.loads(payload)["args"] == ["new"]  # type: ignore[arg-type]
 
 
+def _early_begin(app: Client, queue: str, r: redis.Redis, spec: ScheduleSpec) -> tuple[Schedules, Claim, int]:
+    """A worker's claim at the slot it waited for, with the begin sent along (as the intake
+    does); the occurrence is made due now whatever its slot."""
+    schedules = Schedules(app, load_settings(worker={"queues": [queue]}))
+    schedules.specs = {spec.name: spec}
+    schedules.upsert()
+    pending = _state(r, queue)["hourly:n"]
+    r.zadd(f"minicelery:{{{queue}}}:scheduled", {pending: 0})
+    slot = int(_state(r, queue)["hourly:d"])
+    begin = schedules.begin_with_claim(queue, slot, "tok")
+    assert begin is not None
+    claimed, begun = app.broker.claim_and_begin(queue, "tok", 10_000, "w-test", slot, 1, begin)
+    schedules.begun_with_claim(begun)
+    assert isinstance(claimed, list) and claimed[0].id == pending
+    return schedules, claimed[0], slot
+
+
+def test_a_begin_sent_with_the_claim_starts_the_slot_in_that_round_trip(
+    app: Client, queue: str, r: redis.Redis
+) -> None:
+    schedules, claim, slot = _early_begin(app, queue, r, _spec(queue))  # hourly: the slot is ahead
+    state = _state(r, queue)
+    assert state["hourly:c"] == claim.id and state["hourly:r"] == "1"  # started with the claim
+    assert state["hourly:n"] == occurrence_id("hourly", slot + 3_600_000)
+    assert schedules.begin(claim)  # it runs, and is not begun a second time
+    assert _state(r, queue)["hourly:r"] == "1"
+
+
+def test_a_begin_sent_with_a_claim_a_slot_late_writes_nothing_and_catch_up_decides(
+    app: Client, queue: str, r: redis.Redis
+) -> None:
+    spec = _spec(queue, every_ms=1, catch_up="skip")  # its next slot has passed when the claim runs
+    schedules, claim, slot = _early_begin(app, queue, r, spec)
+    assert "hourly:c" not in _state(r, queue) and _state(r, queue)["hourly:n"] == claim.id  # nothing written
+    assert not schedules.begin(claim)  # planned again at the claim's time: catch-up "skip"
+    assert int(_state(r, queue)["hourly:m"]) >= 1 and int(_state(r, queue)["hourly:d"]) > slot
+
+
 def test_a_slot_due_while_the_previous_run_still_runs_waits_for_it(app: Client, queue: str, r: redis.Redis) -> None:
     spec = _spec(queue, every_ms=1)
     schedules = Schedules(app, load_settings(worker={"queues": [queue]}))

@@ -23,6 +23,9 @@
 -- ARGV[10] missed    slots given up by this plan (counted in field m)
 -- ARGV[11] overlap   "1" if a run may start while an earlier one still runs
 -- ARGV[12] recheck   ms after which an occurrence held back by a running one looks again
+-- ARGV[13] until     optional: the plan assumed the occurrence starts before this (ms); if
+--                    not, 'changed' (nothing written), and the worker plans it again. A begin
+--                    sent with the claim (periodic.Schedules.begin_with_claim) is planned so.
 --
 -- Returns {status, detail}:
 --   {'run', now, advanced}  run it; advanced is 1 if this start created the next occurrence
@@ -99,6 +102,10 @@ if ARGV[11] ~= '1' and current and current ~= id then
     make_due(id, due, now)
     return { 'wait', due }
   end
+end
+
+if pending == id and ARGV[13] and now >= tonumber(ARGV[13]) then
+  return { 'changed', stored }
 end
 
 if pending == id then
