@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import subprocess
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -378,6 +379,14 @@ def _runs(r: redis.Redis, kind: str, tag: str) -> dict[int, int]:
     return runs
 
 
+def _running(workers: Workers, r: redis.Redis, tag: str, **options: object) -> subprocess.Popen[bytes]:
+    """A worker declaring the 1 s schedule of slot_run(tag), once a run of it has ended."""
+    proc = workers.start(MINICELERY_SCHEDULES=_schedule_env(tag, **options))
+    workers.wait_ready(proc)
+    wait_until(lambda: _runs(r, "ends", tag), 20, "a run")
+    return proc
+
+
 def _redis_ms(r: redis.Redis) -> int:
     seconds, micros = r.time()
     return int(seconds) * 1000 + int(micros) // 1000
@@ -442,9 +451,7 @@ def test_a_cancelled_occurrence_does_not_run_and_the_schedule_goes_on(
 ) -> None:
     """Cancelling one run skips it, as in Celery or Sidekiq; `schedules pause` stops a schedule."""
     tag = f"cancel-{queue}"
-    proc = workers.start(MINICELERY_SCHEDULES=_schedule_env(tag))
-    workers.wait_ready(proc)
-    wait_until(lambda: _runs(r, "ends", tag), 20, "a run")
+    proc = _running(workers, r, tag)
     state = f"minicelery:{{{queue}}}:schedule_state"
     pending = r.hget(state, "slot_run:n").decode()  # type: ignore[union-attr]
     assert app.handle(pending).cancel(by="cli")
@@ -491,9 +498,7 @@ def test_a_worker_without_the_schedule_neither_removes_nor_changes_it(
     app: Client, workers: Workers, queue: str, r: redis.Redis
 ) -> None:
     tag = f"keep-{queue}"
-    declaring = workers.start(MINICELERY_SCHEDULES=_schedule_env(tag))
-    workers.wait_ready(declaring)
-    wait_until(lambda: _runs(r, "ends", tag), 20, "a run")
+    declaring = _running(workers, r, tag)
     spec_before = r.hget(f"minicelery:{{{queue}}}:schedules", "slot_run")
     other = workers.start()  # deployed without any [[schedules]]
     workers.wait_ready(other)
@@ -523,9 +528,7 @@ def test_an_older_worker_restarting_with_another_definition_wins_without_a_dupli
     app: Client, workers: Workers, queue: str, r: redis.Redis
 ) -> None:
     tag = f"upgrade-{queue}"
-    new = workers.start(MINICELERY_SCHEDULES=_schedule_env(tag, catch_up="skip"))
-    workers.wait_ready(new)
-    wait_until(lambda: _runs(r, "ends", tag), 20, "a run")
+    _running(workers, r, tag, catch_up="skip")
     old = workers.start(MINICELERY_SCHEDULES=_schedule_env(tag))  # the older definition
     workers.wait_ready(old)
     assert json.loads(r.hget(f"minicelery:{{{queue}}}:schedules", "slot_run"))["catch_up"] == "one"  # type: ignore[arg-type]

@@ -25,6 +25,8 @@ def main() -> None:
     os.environ.update(BENCH_REDIS_URL=url, BENCH_EVERY=every)
     sys.path.insert(0, str(HERE))
     module = importlib.import_module(f"periodic_{peer}")
+    from scenario import stop  # (this folder, on sys.path now)
+
     module.r.delete("bench:late")
     path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"], "PYTHONPATH": path}
@@ -36,13 +38,7 @@ def main() -> None:
     deadline = time.monotonic() + seconds * 3 + 30
     while module.r.llen("bench:late") < wanted and time.monotonic() < deadline:
         time.sleep(0.2)
-    for proc in reversed(procs):
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    stop(procs[::-1])  # the scheduler first
     late = [float(v) for v in module.r.lrange("bench:late", 0, -1)][2:wanted]
     print(json.dumps({
         "slots": float(len(late)),
