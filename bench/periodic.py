@@ -9,6 +9,8 @@ started - the slot's time (the slot is in the occurrence id, on the Redis clock;
 this machine, so both clocks are the same). The first two slots after start-up are left out.
 "one-off": the same workers without a schedule, and `stamp` sent with `start_at` for each
 slot of the same grid (the issue's yardstick: "the same as any scheduled task").
+"sleep floor": 1 or 4 processes that only sleep to each slot (no Redis): the machine's own
+scheduling delay, which no task queue can go below.
 "celery beat" and "rq cron": the peers' own scheduler process and workers, in their venvs
 under bench/.venvs/ (made on first use, as compare.py does), on the same Redis; each run's
 lateness is its start minus the time the peer had it due (bench/peers/periodic_peers.py).
@@ -88,6 +90,33 @@ def one_off(bench: Bench, workers: int, seconds: float, every: float) -> dict[st
     }
 
 
+SLEEPER = """
+import sys, time
+every, count, late = float(sys.argv[1]), int(sys.argv[2]), []
+slot = (time.time() // every + 2) * every
+for _ in range(count):
+    time.sleep(max(0.0, slot - time.time()))
+    late.append((time.time() - slot) * 1000)
+    slot += every
+print(" ".join(map(str, late)))
+"""
+
+
+def sleep_floor(bench: Bench, workers: int, seconds: float, every: float) -> dict[str, float]:
+    """A process that only sleeps to each slot of the grid: what this machine's scheduler alone
+    costs any periodic run (no Redis, no task queue). `workers` such processes at once."""
+    count = int(seconds / every)
+    command = [sys.executable, "-c", SLEEPER, str(every), str(count)]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(workers)]
+    late = sorted(float(ms) for proc in procs for ms in proc.communicate(timeout=seconds + 30)[0].split())
+    return {
+        "slots": float(len(late)),
+        "p50 ms": statistics.median(late),
+        "p99 ms": statistics.quantiles(late, n=100, method="inclusive")[98],
+        "max ms": max(late),
+    }
+
+
 def peer(name: str) -> Callable[[Bench, int, float, float], dict[str, float]]:
     def scenario(bench: Bench, workers: int, seconds: float, every: float) -> dict[str, float]:
         bench.r.flushdb()
@@ -106,7 +135,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--peers", default="celery,rq", help="comma-separated, of celery and rq; '' for none")
     args = parser.parse_args()
-    kinds = {"periodic": periodic, "one-off": one_off}
+    kinds = {"periodic": periodic, "one-off": one_off, "sleep floor": sleep_floor}
     names = {"celery": "celery beat", "rq": "rq cron"}
     kinds.update({names[p]: peer(p) for p in filter(None, args.peers.split(","))})
     results: dict[tuple[str, int], list[dict[str, float]]] = {(k, w): [] for k in kinds for w in (1, 4)}
