@@ -159,6 +159,15 @@ class Admin:
             print(f"minicelery: {task_id} is not a dead letter on {', '.join(queues)}", file=sys.stderr)
         return 1 if missing else 0
 
+    def schedule_queues(self, asked: Sequence[str] | None) -> list[str]:
+        """The queues asked for; else worker.queues and every other queue that has schedules
+        (a schedule declared for a queue this config does not consume would otherwise be out
+        of sight, and never run)."""
+        if asked:
+            return list(asked)
+        mine = list(self.settings.worker.queues)
+        return mine + [queue for queue in self.broker.schedule_queues() if queue not in mine]
+
     def schedules(self, queues: Sequence[str], *, as_json: bool) -> int:
         """List every schedule of the queues: spec, zone, next due, last run, paused."""
         rows = [row for queue in queues for row in schedule_rows(self.broker, queue)]
@@ -208,7 +217,9 @@ class Admin:
     def purge(self, queues: Sequence[str], *, assume_yes: bool) -> int:
         if not assume_yes:
             try:
-                answer = input(f"Delete every task, result and dead letter of {', '.join(queues)}? [y/N] ")
+                answer = input(
+                    f"Delete every task, result and dead letter of {', '.join(queues)} (schedules are kept)? [y/N] "
+                )
             except EOFError:  # stdin empty or closed (a script, < /dev/null): no answer is a no
                 print("\nminicelery: no answer on stdin; nothing deleted (--yes skips the question)", file=sys.stderr)
                 return EXIT_FAILED
@@ -218,6 +229,11 @@ class Admin:
         for queue in queues:
             deleted = self.broker.purge(queue)
             print(f"queue {queue}: {deleted} keys deleted")
+            # Schedules stay, paused or not; each gets its next occurrence back (its pending one
+            # was a task, and went).
+            for name, stored in self.broker.schedule_table(queue)[1].items():
+                status, pending = upsert(self.broker, ScheduleSpec.from_json(stored), keep_spec=True)
+                print(f"  schedule {name} kept: {status}{f', next {pending}' if pending else ''}")
         return 0
 
 

@@ -23,7 +23,7 @@ import redis.exceptions as redis_errors
 from redis.commands.core import Script
 
 from .errors import BrokerAuthError, BrokerError, BrokerUnavailable, MiniceleryError
-from .keys import QueueKeys, queue_keys, worker_wake_key
+from .keys import ROOT, QueueKeys, queue_keys, worker_wake_key
 from .records import (
     NO_RETRY,
     Claim,
@@ -614,6 +614,13 @@ class RedisBroker:
         with translate_errors("read schedule"):
             return self.redis.hget(queue_keys(queue).schedules, name)  # type: ignore[return-value]
 
+    def schedule_queues(self) -> list[str]:
+        """Every queue that has schedules stored (a SCAN: for the CLI, not the hot path)."""
+        pattern = f"{ROOT}:{{*}}:schedules"
+        with translate_errors("schedule_queues"):
+            keys = [_text(key) for key in self.redis.scan_iter(match=pattern, count=1000)]
+        return sorted(key[len(ROOT) + 2 : -len("}:schedules")] for key in keys)
+
     def schedule_table(self, queue: str) -> tuple[int, dict[str, bytes], dict[str, bytes]]:
         """(Redis now ms, name -> spec JSON, state field -> value) of a queue's schedules, plus
         the state of each last-started occurrence as state field "<name>:o"."""
@@ -770,11 +777,15 @@ class RedisBroker:
         return {"count": len(found), "examined": len(ids), "waiting": waiting, "oldest": listed}
 
     def purge(self, queue: str) -> int:
-        """Delete every key of a queue; returns how many keys went."""
+        """Delete every key of a queue but its schedules (declarations, not tasks: their pending
+        occurrences go, see Admin.purge); returns how many keys went."""
+        keys = queue_keys(queue)
+        kept = set(keys.schedule_keys())
         deleted = 0
         with translate_errors("purge"):
-            for key in self.redis.scan_iter(match=queue_keys(queue).all_keys_pattern(), count=500):
-                deleted += int(self.redis.delete(key))
+            for key in self.redis.scan_iter(match=keys.all_keys_pattern(), count=500):
+                if _text(key) not in kept:
+                    deleted += int(self.redis.delete(key))
         return deleted
 
 

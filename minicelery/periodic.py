@@ -14,11 +14,11 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .app import DEFAULT_QUEUE
 from .broker import RedisBroker, _text
-from .errors import BrokerError, ConfigError, MiniceleryError
+from .errors import BadArguments, BrokerError, ConfigError, MiniceleryError
 from .occurrences import occurrence_payload
 from .records import Claim
+from .runner import check_arguments
 from .schedules import Plan, ScheduleSpec, occurrence_id, parse_manual_run, parse_occurrence
 from .settings import ScheduleSettings, Settings
 from .task import TaskDefinition
@@ -40,12 +40,13 @@ MANUAL_PLAN = (1, "", 0, b"", 0, 1, OVERLAP_RECHECK_MS)
 def declared_specs(tasks: Mapping[str, TaskDefinition], settings: Settings) -> dict[str, ScheduleSpec]:
     """The schedules this worker declares: @app.periodic tasks, then [[schedules]] tables (which
     override one of the same name). Raises ConfigError naming a table whose task is unknown."""
-    fallback = settings.worker.queues[0]
     specs: dict[str, ScheduleSpec] = {}
     for definition in tasks.values():
         if definition.schedule is not None:
-            queue = definition.queue if definition.queue != DEFAULT_QUEUE else fallback
-            specs[definition.schedule.name] = dataclasses.replace(definition.schedule, queue=queue)
+            # The task's own queue, where a call in code sends it, whatever queues this worker
+            # consumes: a worker started with another -Q must not declare a second copy of the
+            # schedule on its own queue (each would run every slot).
+            specs[definition.schedule.name] = dataclasses.replace(definition.schedule, queue=definition.queue)
     for index, entry in enumerate(settings.schedules):
         found = tasks.get(entry.task)
         if found is None:
@@ -53,17 +54,20 @@ def declared_specs(tasks: Mapping[str, TaskDefinition], settings: Settings) -> d
                 f"invalid setting schedules.{index}: task {entry.task!r} is not registered by the task modules "
                 f"{settings.tasks} (known: {', '.join(sorted(tasks)) or 'none'})"
             )
-        spec = _spec_of(entry, found, fallback)
+        spec = _spec_of(entry, found)
+        try:  # every slot would be dead-lettered as BadArguments: refuse it at start instead
+            check_arguments(found, spec.args, spec.kwargs)
+        except BadArguments as exc:
+            raise ConfigError(f"invalid setting schedules.{index} ({spec.name}): {exc}") from None
         specs[spec.name] = spec
     return specs
 
 
-def _spec_of(entry: ScheduleSettings, definition: TaskDefinition, fallback: str) -> ScheduleSpec:
-    own = definition.queue if definition.queue != DEFAULT_QUEUE else fallback
+def _spec_of(entry: ScheduleSettings, definition: TaskDefinition) -> ScheduleSpec:
     return ScheduleSpec(
         name=entry.name or entry.task,
         task=entry.task,
-        queue=entry.queue or own,
+        queue=entry.queue or definition.queue,
         cron=entry.cron,
         every_ms=None if entry.every is None else max(1, round(entry.every * 1000)),
         tz=entry.tz,
@@ -101,6 +105,8 @@ class Schedules:
         self.specs = declared_specs(app.tasks, settings)
         self.metrics = metrics
         self._early: EarlyBegin | None = None  # see begin_with_claim
+        self.consumed = set(settings.worker.queues)
+        self._told_waiting: set[str] = set()  # occurrences whose wait was logged (once each)
         if metrics is not None:
             metrics.watch_schedules(lambda queue: schedule_rows(self.broker, queue), settings.worker.queues)
             for name in self.specs:  # at 0 from the start, so increase() works from the first scrape
@@ -110,8 +116,9 @@ class Schedules:
         """Declare this worker's schedules in Redis (at start and after Redis comes back)."""
         for spec in self.specs.values():
             status, pending = upsert(self.broker, spec)
-            log.info("schedule %s (%s, %s) on queue %s: %s %s", spec.name, spec.describe(), spec.tz, spec.queue,
-                     status, pending or "")  # fmt: skip
+            elsewhere = "" if spec.queue in self.consumed else " (not a queue of this worker: a worker of it runs it)"
+            log.info("schedule %s (%s, %s) on queue %s%s: %s %s", spec.name, spec.describe(), spec.tz, spec.queue,
+                     elsewhere, status, pending or "")  # fmt: skip
 
     def begin(self, claim: Claim) -> bool:
         """True if the claimed task is to run now: any task but a schedule's occurrence, or an
@@ -222,7 +229,11 @@ class Schedules:
             if self.metrics is not None:
                 self.metrics.schedule_lag.labels(name).observe(max(0, int(detail) - slot) / 1000)
         elif status == "wait":
-            log.info("occurrence %s waits for the schedule's earlier run to end", task_id)
+            if task_id not in self._told_waiting:  # it looks again every second: say it once
+                if len(self._told_waiting) > 1000:  # (bounded: one id per waiting occurrence)
+                    self._told_waiting.clear()
+                self._told_waiting.add(task_id)
+                log.info("occurrence %s waits for the schedule's earlier run to end", task_id)
         elif status != "changed":
             log.info("occurrence %s not run: %s", task_id, status)
         return status, detail

@@ -95,7 +95,7 @@ class TaskRunner:
                     "dead-lettered instead of run again"
                 )
             args, kwargs = self._arguments(message, claim)
-            _check_signature(definition, args, kwargs)
+            check_arguments(definition, args, kwargs)
             time_limit = message.time_limit or definition.time_limit or self.default_time_limit
             if on_start is not None:
                 on_start(time_limit)
@@ -233,7 +233,7 @@ def _misfit(fn: Callable[..., Any], positional: int, keywords: tuple[str, ...]) 
     return None
 
 
-def _check_signature(definition: TaskDefinition, args: list[Any], kwargs: dict[str, Any]) -> None:
+def check_arguments(definition: TaskDefinition, args: list[Any], kwargs: dict[str, Any]) -> None:
     """A clear, never-retried error for arguments that cannot fit, instead of a TypeError from
     inside the call that looks like the task's own bug."""
     misfit = _misfit(definition.fn, len(args), tuple(kwargs))

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 CatchUp = Literal["one", "all", "skip"]
 CATCH_UP_POLICIES: tuple[str, ...] = ("one", "all", "skip")
@@ -39,6 +39,10 @@ def check_schedule_name(name: str) -> str:
 def check_cron(expression: str) -> str:
     if not isinstance(expression, str) or not croniter.is_valid(expression):
         raise ValueError(f"{expression!r} is not a valid cron expression (e.g. '0 3 * * *')")
+    try:  # valid fields can still name no date at all ('0 0 31 2 *'): a worker would find no slot
+        croniter(expression, dt.datetime(2000, 1, 1)).get_next(dt.datetime)
+    except CroniterBadDateError:
+        raise ValueError(f"{expression!r} never matches a date (such as 31 February)") from None
     return expression
 
 

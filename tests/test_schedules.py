@@ -119,6 +119,7 @@ def test_an_occurrence_id_names_its_schedule_and_slot() -> None:
     ("options", "complaint"),
     [
         ({"cron": "61 * * * *"}, "not a valid cron expression"),
+        ({"cron": "0 0 31 2 *"}, "never matches a date"),
         ({"cron": "0 3 * * *", "tz": "Mars/Olympus"}, "unknown time zone"),
         ({"cron": "0 3 * * *", "every": 5}, "exactly one of"),
         ({}, "exactly one of"),
@@ -134,6 +135,15 @@ def test_periodic_rejects_a_bad_schedule_at_import_time(
         def nightly() -> None: ...
 
     assert "nightly" not in app.tasks
+
+
+def test_periodic_refuses_arguments_that_do_not_fit_its_function(app: Client) -> None:
+    with pytest.raises(ValueError, match=r"@app\.periodic: arguments do not fit report\(day"):
+
+        @app.periodic(every=60, args=[1, 2])
+        def report(day: int) -> None: ...
+
+    assert "report" not in app.tasks  # not registered half-way
 
 
 def test_a_periodic_task_is_a_task_like_any_other(app: Client) -> None:
@@ -365,8 +375,10 @@ def test_a_schedules_table_overrides_the_code_schedule_of_the_same_name(app: Cli
 # --- real worker processes ----------------------------------------------------------------------
 
 
-def _schedule_env(tag: str, seconds: float = 0.0, **options: object) -> str:
-    return json.dumps([{"task": "slot_run", "every": 1, "args": [tag, seconds], **options}])
+def _schedule_env(queue: str, tag: str, seconds: float = 0.0, **options: object) -> str:
+    """The 1 s schedule of slot_run(tag) on the test's queue (the test task modules' Client
+    sends to "default", which the test workers do not consume)."""
+    return json.dumps([{"task": "slot_run", "every": 1, "args": [tag, seconds], "queue": queue, **options}])
 
 
 def _runs(r: redis.Redis, kind: str, tag: str) -> dict[int, int]:
@@ -381,7 +393,7 @@ def _runs(r: redis.Redis, kind: str, tag: str) -> dict[int, int]:
 
 def _running(workers: Workers, r: redis.Redis, tag: str, **options: object) -> subprocess.Popen[bytes]:
     """A worker declaring the 1 s schedule of slot_run(tag), once a run of it has ended."""
-    proc = workers.start(MINICELERY_SCHEDULES=_schedule_env(tag, **options))
+    proc = workers.start(MINICELERY_SCHEDULES=_schedule_env(workers.queue, tag, **options))
     workers.wait_ready(proc)
     wait_until(lambda: _runs(r, "ends", tag), 20, "a run")
     return proc
@@ -407,7 +419,7 @@ def test_three_workers_run_each_slot_of_a_one_second_schedule_once_though_one_is
     up "all" replays the slots that fell due while that lease held the schedule back (without
     overlap, a slot waits for the run before it)."""
     tag = f"exact-{queue}"
-    env = workers.env(MINICELERY_SCHEDULES=_schedule_env(tag, 0.4, catch_up="all"))
+    env = workers.env(MINICELERY_SCHEDULES=_schedule_env(workers.queue, tag, 0.4, catch_up="all"))
     procs = [workers.start(env=env) for _ in range(3)]
     for proc in procs:
         workers.wait_ready(proc)
@@ -474,7 +486,7 @@ def test_after_every_worker_was_down_across_slots_one_run_stands_for_the_missed_
     app: Client, workers: Workers, queue: str, r: redis.Redis
 ) -> None:
     tag = f"down-{queue}"
-    env = workers.env(MINICELERY_SCHEDULES=_schedule_env(tag))
+    env = workers.env(MINICELERY_SCHEDULES=_schedule_env(workers.queue, tag))
     first = workers.start(env=env)
     workers.wait_ready(first)
     wait_until(lambda: len(_runs(r, "ends", tag)) >= 2, 20, "two slots run")
@@ -515,7 +527,7 @@ def test_a_worker_with_a_skewed_clock_runs_slots_on_the_redis_clock(
 ) -> None:
     faketime = require_tool("faketime", "apt-get install faketime")
     tag = f"skew-{queue}"
-    proc = workers.start(wrapper=[faketime, "-f", skew], MINICELERY_SCHEDULES=_schedule_env(tag))
+    proc = workers.start(wrapper=[faketime, "-f", skew], MINICELERY_SCHEDULES=_schedule_env(workers.queue, tag))
     workers.wait_ready(proc)
     wait_until(lambda: len(_runs(r, "ends", tag)) >= 3, 30, "three slots run")
     slots = sorted(_runs(r, "ends", tag))
@@ -529,7 +541,7 @@ def test_an_older_worker_restarting_with_another_definition_wins_without_a_dupli
 ) -> None:
     tag = f"upgrade-{queue}"
     _running(workers, r, tag, catch_up="skip")
-    old = workers.start(MINICELERY_SCHEDULES=_schedule_env(tag))  # the older definition
+    old = workers.start(MINICELERY_SCHEDULES=_schedule_env(workers.queue, tag))  # the older definition
     workers.wait_ready(old)
     assert json.loads(r.hget(f"minicelery:{{{queue}}}:schedules", "slot_run"))["catch_up"] == "one"  # type: ignore[arg-type]
     done = len(_runs(r, "ends", tag))
@@ -546,6 +558,8 @@ def test_an_older_worker_restarting_with_another_definition_wins_without_a_dupli
         ({"task": "slot_run", "cron": "0 3 * * *", "every": 60}, "exactly one of cron and every"),
         ({"task": "slot_run"}, "exactly one of cron and every"),
         ({"task": "no_such_task", "every": 60}, "schedules.0: task 'no_such_task' is not registered"),
+        ({"task": "slot_run", "cron": "0 0 31 2 *"}, "never matches a date"),
+        ({"task": "slot_run", "every": 60}, "schedules.0 (slot_run): arguments do not fit slot_run("),
     ],
 )
 def test_a_worker_with_a_bad_schedules_table_exits_78_naming_it(
@@ -555,6 +569,47 @@ def test_a_worker_with_a_bad_schedules_table_exits_78_naming_it(
     assert proc.wait(30) == 78
     log = workers.log(proc)
     assert complaint in log and "Traceback" not in log, log
+
+
+def test_a_worker_of_another_queue_declares_a_schedule_on_its_tasks_queue_not_its_own(
+    app: Client, workers: Workers, queue: str, r: redis.Redis
+) -> None:
+    """Worker groups with different -Q importing the same modules: one schedule, not one each."""
+    from test_cli import run_cli
+
+    other_queue = f"{queue}-other"
+    tag = f"groups-{queue}"
+    entry = json.dumps([{"task": "slot_run", "every": 1, "args": [tag], "queue": queue}])
+    ours = _running(workers, r, tag)  # declares and runs it on `queue`
+    theirs = workers.start("-Q", other_queue, MINICELERY_SCHEDULES=entry.replace(f', "queue": "{queue}"', ""))
+    workers.wait_ready(theirs)
+    assert "on queue default (not a queue of this worker" in workers.log(theirs)  # the task's own queue
+    assert not r.exists(f"minicelery:{{{other_queue}}}:schedules")  # no copy on the worker's own queue
+    listed = run_cli("schedules", "--json", env=workers.env())
+    assert {row["queue"] for row in json.loads(listed.stdout) if row["name"] == "slot_run"} >= {queue, "default"}
+    run_cli("schedules", "remove", "slot_run", "-q", "default", env=workers.env())
+    for proc in (ours, theirs):
+        proc.send_signal(9)
+        proc.wait()
+
+
+def test_purge_keeps_the_schedules_paused_or_not_and_gives_each_its_next_occurrence(
+    app: Client, queue: str, workers: Workers, r: redis.Redis
+) -> None:
+    from test_cli import run_cli
+
+    upsert(app.broker, ScheduleSpec("hourly", "slot_run", queue, cron="0 * * * *", args=["p"]))
+    upsert(app.broker, ScheduleSpec("nightly", "slot_run", queue, cron="0 3 * * *", args=["p"]), paused="1")
+    app.tasks["echo"]("gone").wait(3600)
+    purged = run_cli("purge", "--yes", "-q", queue, env=workers.env())
+    assert purged.returncode == 0, purged.stderr
+    assert "schedule hourly kept: created" in purged.stdout and "schedule nightly kept: paused" in purged.stdout
+    rows = {
+        row["name"]: row for row in json.loads(run_cli("schedules", "--json", "-q", queue, env=workers.env()).stdout)
+    }
+    assert rows["hourly"]["next_due_ms"] is not None and not rows["hourly"]["paused"]
+    assert rows["nightly"]["paused"] and rows["nightly"]["next_due_ms"] is None
+    assert r.zcard(f"minicelery:{{{queue}}}:scheduled") == 1  # the hourly occurrence; the echo task went
 
 
 def test_the_schedules_command_lists_pauses_resumes_runs_and_removes(
@@ -585,7 +640,7 @@ def test_the_schedules_command_lists_pauses_resumes_runs_and_removes(
     assert row["next_due_ms"] is not None and row["last_slot_ms"] is None  # the schedule goes on
     assert "succeeded (run by hand)" in run_cli("schedules", env=env).stdout
     assert run_cli("schedules", "remove", "nightly", env=env).returncode == 0
-    assert "no schedules" in run_cli("schedules", env=env).stdout
+    assert "no schedules" in run_cli("schedules", "-q", queue, env=env).stdout
     missing = run_cli("schedules", "pause", "nightly", env=env)
     assert missing.returncode == 1 and "no schedule 'nightly'" in missing.stderr
 
@@ -593,7 +648,7 @@ def test_the_schedules_command_lists_pauses_resumes_runs_and_removes(
 def test_check_config_lists_the_schedules_and_rejects_one_for_an_unregistered_task(workers: Workers) -> None:
     from test_cli import run_cli
 
-    good = run_cli("check-config", env=workers.env(MINICELERY_SCHEDULES=_schedule_env("x")))
+    good = run_cli("check-config", env=workers.env(MINICELERY_SCHEDULES=_schedule_env(workers.queue, "x")))
     assert good.returncode == 0, good.stderr
     assert "schedule slot_run: task slot_run, every 1s (UTC)" in good.stderr
     bad = run_cli("check-config", env=workers.env(MINICELERY_SCHEDULES='[{"task": "nope", "every": 5}]'))
