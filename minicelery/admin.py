@@ -19,7 +19,7 @@ from .loader import load_task_modules
 from .periodic import schedule_rows, upsert
 from .records import FINISHED_STATES, ScriptStatus
 from .runner import check_arguments
-from .schedules import ScheduleSpec
+from .schedules import ScheduleSpec, manual_run_id
 from .settings import Settings
 from .task import Task
 from .transport import TaskMessage
@@ -207,6 +207,15 @@ class Admin:
             print(f"minicelery: {task_id} is not a dead letter on {', '.join(queues)}", file=sys.stderr)
         return 1 if missing else 0
 
+    def schedule_queues(self, asked: Sequence[str] | None) -> list[str]:
+        """The queues asked for; else worker.queues and every other queue that has schedules
+        (a schedule declared for a queue this config does not consume would otherwise be out
+        of sight, and never run)."""
+        if asked:
+            return list(asked)
+        mine = list(self.settings.worker.queues)
+        return mine + [queue for queue in self.broker.schedule_queues() if queue not in mine]
+
     def schedules(self, queues: Sequence[str], *, as_json: bool) -> int:
         """List every schedule of the queues: spec, zone, next due, last run, paused."""
         rows = [row for queue in queues for row in schedule_rows(self.broker, queue)]
@@ -224,7 +233,8 @@ class Admin:
             if row["last_start_ms"] is None:
                 print("  last run: never")
             else:
-                print(f"  last run: {_both_zones(row['last_start_ms'], row['tz'])}, {row['last_outcome']}")
+                by_hand = " (run by hand)" if row["last_by_hand"] else ""
+                print(f"  last run: {_both_zones(row['last_start_ms'], row['tz'])}, {row['last_outcome']}{by_hand}")
             policies = f"catch-up {row['catch_up']}, overlap {'allowed' if row['overlap'] else 'no'}"
             print(f"  runs {row['runs']}, missed slots {row['missed']}, {policies}")
         return 0
@@ -240,7 +250,8 @@ class Admin:
                 self.broker.schedule_remove(queue, name)
                 print(f"schedule {name} removed from queue {queue}")
             elif action == "run":
-                message = TaskMessage(uuid.uuid4().hex, spec.task, list(spec.args), dict(spec.kwargs))
+                task_id = manual_run_id(name, uuid.uuid4().hex)  # the worker records it as the last run
+                message = TaskMessage(task_id, spec.task, list(spec.args), dict(spec.kwargs))
                 message = dataclasses.replace(message, time_limit=spec.time_limit, retries=spec.retries)
                 self.broker.enqueue(queue, message.id, self.broker.transport.dumps_message(message))
                 print(message.id)
@@ -254,7 +265,9 @@ class Admin:
     def purge(self, queues: Sequence[str], *, assume_yes: bool) -> int:
         if not assume_yes:
             try:
-                answer = input(f"Delete every task, result and dead letter of {', '.join(queues)}? [y/N] ")
+                answer = input(
+                    f"Delete every task, result and dead letter of {', '.join(queues)} (schedules are kept)? [y/N] "
+                )
             except EOFError:  # stdin empty or closed (a script, < /dev/null): no answer is a no
                 print("\nminicelery: no answer on stdin; nothing deleted (--yes skips the question)", file=sys.stderr)
                 return EXIT_FAILED
@@ -264,6 +277,11 @@ class Admin:
         for queue in queues:
             deleted = self.broker.purge(queue)
             print(f"queue {queue}: {deleted} keys deleted")
+            # Schedules stay, paused or not; each gets its next occurrence back (its pending one
+            # was a task, and went).
+            for name, stored in self.broker.schedule_table(queue)[1].items():
+                status, pending = upsert(self.broker, ScheduleSpec.from_json(stored), keep_spec=True)
+                print(f"  schedule {name} kept: {status}{f', next {pending}' if pending else ''}")
         return 0
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, overload
 
 from .broker import RedisBroker
-from .errors import ConfigError, DuplicateTaskError, Retry
+from .errors import BadArguments, ConfigError, DuplicateTaskError, Retry
 from .keys import check_queue_name
 from .schedules import ScheduleSpec, every_ms
 from .task import Task, TaskDefinition, attach
@@ -157,7 +157,14 @@ class Client:
         ScheduleSpec("check", "check", self.default_queue, cron, every_in_ms, tz, overlap=overlap, catch_up=catch_up)
 
         def register(function: Callable[..., Any]) -> TaskDefinition:
+            from .runner import check_arguments
+
             definition = self.task(**task_options)(function)
+            try:  # every slot would be dead-lettered as BadArguments: refuse it at import instead
+                check_arguments(definition, list(args), dict(kwargs or {}))
+            except BadArguments as exc:
+                del self.tasks[definition.name]
+                raise ValueError(f"@app.periodic: {exc}") from None
             spec = ScheduleSpec(
                 name=definition.name,
                 task=definition.name,

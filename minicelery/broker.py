@@ -23,7 +23,7 @@ import redis.exceptions as redis_errors
 from redis.commands.core import Script
 
 from .errors import BrokerAuthError, BrokerError, BrokerUnavailable, MiniceleryError
-from .keys import QueueKeys, queue_keys, worker_wake_key
+from .keys import ROOT, QueueKeys, queue_keys, worker_wake_key
 from .records import (
     NO_RETRY,
     Claim,
@@ -104,9 +104,9 @@ def translate_errors(what: str) -> Iterator[None]:
 
 def _script_source(name: str) -> str:
     """The script with the shared steps it uses prepended: _common.lua for all, and
-    _schedules.lua for the schedule scripts."""
+    _schedules.lua for the schedule scripts and cancel.lua."""
     folder = resources.files("minicelery") / "scripts"
-    shared = ["_common", "_schedules"] if name.startswith("schedule_") else ["_common"]
+    shared = ["_common", "_schedules"] if name.startswith("schedule_") or name == "cancel" else ["_common"]
     return "\n".join((folder / f"{part}.lua").read_text() for part in [*shared, name])
 
 
@@ -320,6 +320,20 @@ class RedisBroker:
         reply = self._run("claim", queue_keys(queue), args, extra_keys)
         return self._parse_claim(queue, token, reply)
 
+    def claim_and_begin(
+        self, queue: str, token: str, lease_ms: int, worker_id: str, held_due_ms: int, batch: int, begin: list[Any]
+    ) -> tuple[list[Claim] | Idle, list[Any]]:
+        """claim(handoffs=True), and schedule_begin.lua with ARGV `begin` after it in the same
+        round trip (see periodic.Schedules.begin_with_claim); returns both replies."""
+        keys = queue_keys(queue)
+        extra_keys, args = _claim_call(queue, token, lease_ms, worker_id, held_due_ms, batch, False, True)
+        calls = [
+            ("claim", [*keys.as_list(), *extra_keys], args),
+            ("schedule_begin", [*keys.as_list(), *keys.schedule_keys()], begin),
+        ]
+        claimed, begun = self._pipelined("claim", calls)
+        return self._parse_claim(queue, token, claimed), [_text(begun[0]), *begun[1:]]
+
     def finish(
         self,
         queue: str,
@@ -415,12 +429,16 @@ class RedisBroker:
     def renew(self, queue: str, task_id: str, token: str, lease_ms: int) -> bool:
         return script_status(self._run("renew", queue_keys(queue), [task_id, token, lease_ms])) is ScriptStatus.OK
 
-    def cancel(self, queue: str, task_ids: Sequence[str], envelope: bytes, by: str) -> list[ScriptStatus]:
+    def cancel(
+        self, queue: str, task_ids: Sequence[str], envelope: bytes, by: str, plans: Sequence[Any] = ()
+    ) -> list[ScriptStatus]:
         """Cancel these tasks (cancel.lua; for a cascade, parents before children). Each gets
-        CANCELLED, FINISHED (nothing changed) or UNKNOWN."""
+        CANCELLED, FINISHED (nothing changed) or UNKNOWN; or the one status CHANGED, nothing
+        written, if a schedule changed since `plans` (occurrences.skip_plans) were made."""
         keys = queue_keys(queue)
-        args = [int(self.result_ttl * 1000), envelope, by, *task_ids]
-        reply = self._run("cancel", keys, args, extra_keys=[keys.done(i) for i in task_ids])
+        args = [int(self.result_ttl * 1000), envelope, by, len(plans) // 5, *plans, *task_ids]
+        extra = [*keys.schedule_keys(), *(keys.done(i) for i in task_ids)]
+        reply = self._run("cancel", keys, args, extra_keys=extra)
         return [script_status(status) for status in reply]
 
     def cancelled_by(self, queue: str, task_id: str) -> str:
@@ -599,6 +617,13 @@ class RedisBroker:
         with translate_errors("read schedule"):
             return self.redis.hget(queue_keys(queue).schedules, name)  # type: ignore[return-value]
 
+    def schedule_queues(self) -> list[str]:
+        """Every queue that has schedules stored (a SCAN: for the CLI, not the hot path)."""
+        pattern = f"{ROOT}:{{*}}:schedules"
+        with translate_errors("schedule_queues"):
+            keys = [_text(key) for key in self.redis.scan_iter(match=pattern, count=1000)]
+        return sorted(key[len(ROOT) + 2 : -len("}:schedules")] for key in keys)
+
     def schedule_table(self, queue: str) -> tuple[int, dict[str, bytes], dict[str, bytes]]:
         """(Redis now ms, name -> spec JSON, state field -> value) of a queue's schedules, plus
         the state of each last-started occurrence as state field "<name>:o"."""
@@ -755,11 +780,15 @@ class RedisBroker:
         return {"count": len(found), "examined": len(ids), "waiting": waiting, "oldest": listed}
 
     def purge(self, queue: str) -> int:
-        """Delete every key of a queue; returns how many keys went."""
+        """Delete every key of a queue but its schedules (declarations, not tasks: their pending
+        occurrences go, see Admin.purge); returns how many keys went."""
+        keys = queue_keys(queue)
+        kept = set(keys.schedule_keys())
         deleted = 0
         with translate_errors("purge"):
-            for key in self.redis.scan_iter(match=queue_keys(queue).all_keys_pattern(), count=500):
-                deleted += int(self.redis.delete(key))
+            for key in self.redis.scan_iter(match=keys.all_keys_pattern(), count=500):
+                if _text(key) not in kept:
+                    deleted += int(self.redis.delete(key))
         return deleted
 
 

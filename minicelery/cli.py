@@ -135,7 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     schedules.add_argument("action", nargs="?", choices=["pause", "resume", "run", "remove"], metavar="ACTION")
     schedules.add_argument("name", nargs="?", metavar="NAME", help="schedule name (with ACTION)")
-    schedules.add_argument("--queue", "-q", action="append", help="queue (repeatable; default: worker.queues)")
+    schedules.add_argument(
+        "--queue", "-q", action="append", help="queue (repeatable; default: worker.queues and any other with schedules)"
+    )
     schedules.add_argument("--json", action="store_true", help="print JSON (the list)")
 
     health = command("health", "Ask the local worker's /healthz (or /readyz); exit 0 if it answers 200.")
@@ -253,7 +255,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.action and not args.name:
             print(f"minicelery: schedules {args.action} needs a schedule NAME", file=sys.stderr)
             return 2
-        queues = args.queue or settings.worker.queues
+        queues = admin.schedule_queues(args.queue)
         if args.action:
             return admin.schedule_action(args.action, args.name, queues)
         return admin.schedules(queues, as_json=args.json)

@@ -14,14 +14,14 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .app import DEFAULT_QUEUE
 from .broker import RedisBroker, _text
-from .errors import BrokerError, ConfigError, MiniceleryError
+from .errors import BadArguments, BrokerError, ConfigError, MiniceleryError
+from .occurrences import occurrence_payload
 from .records import Claim
-from .schedules import ScheduleSpec, occurrence_id, parse_occurrence
+from .runner import check_arguments
+from .schedules import Plan, ScheduleSpec, occurrence_id, parse_manual_run, parse_occurrence
 from .settings import ScheduleSettings, Settings
 from .task import TaskDefinition
-from .transport import TaskMessage
 
 if TYPE_CHECKING:
     from .app import Client
@@ -33,17 +33,20 @@ log = logging.getLogger(__name__)
 OVERLAP_RECHECK_MS = 1000
 # How many later slots to try when the next one already ran (Redis's clock went back).
 TAKEN_RETRIES = 20
+# schedule_begin.lua's ARGV[6:] for a run by hand (slot ""): no plan, nothing created.
+MANUAL_PLAN = (1, "", 0, b"", 0, 1, OVERLAP_RECHECK_MS)
 
 
 def declared_specs(tasks: Mapping[str, TaskDefinition], settings: Settings) -> dict[str, ScheduleSpec]:
     """The schedules this worker declares: @app.periodic tasks, then [[schedules]] tables (which
     override one of the same name). Raises ConfigError naming a table whose task is unknown."""
-    fallback = settings.worker.queues[0]
     specs: dict[str, ScheduleSpec] = {}
     for definition in tasks.values():
         if definition.schedule is not None:
-            queue = definition.queue if definition.queue != DEFAULT_QUEUE else fallback
-            specs[definition.schedule.name] = dataclasses.replace(definition.schedule, queue=queue)
+            # The task's own queue, where a call in code sends it, whatever queues this worker
+            # consumes: a worker started with another -Q must not declare a second copy of the
+            # schedule on its own queue (each would run every slot).
+            specs[definition.schedule.name] = dataclasses.replace(definition.schedule, queue=definition.queue)
     for index, entry in enumerate(settings.schedules):
         found = tasks.get(entry.task)
         if found is None:
@@ -51,17 +54,20 @@ def declared_specs(tasks: Mapping[str, TaskDefinition], settings: Settings) -> d
                 f"invalid setting schedules.{index}: task {entry.task!r} is not registered by the task modules "
                 f"{settings.tasks} (known: {', '.join(sorted(tasks)) or 'none'})"
             )
-        spec = _spec_of(entry, found, fallback)
+        spec = _spec_of(entry, found)
+        try:  # every slot would be dead-lettered as BadArguments: refuse it at start instead
+            check_arguments(found, spec.args, spec.kwargs)
+        except BadArguments as exc:
+            raise ConfigError(f"invalid setting schedules.{index} ({spec.name}): {exc}") from None
         specs[spec.name] = spec
     return specs
 
 
-def _spec_of(entry: ScheduleSettings, definition: TaskDefinition, fallback: str) -> ScheduleSpec:
-    own = definition.queue if definition.queue != DEFAULT_QUEUE else fallback
+def _spec_of(entry: ScheduleSettings, definition: TaskDefinition) -> ScheduleSpec:
     return ScheduleSpec(
         name=entry.name or entry.task,
         task=entry.task,
-        queue=entry.queue or own,
+        queue=entry.queue or definition.queue,
         cron=entry.cron,
         every_ms=None if entry.every is None else max(1, round(entry.every * 1000)),
         tz=entry.tz,
@@ -72,18 +78,6 @@ def _spec_of(entry: ScheduleSettings, definition: TaskDefinition, fallback: str)
         time_limit=definition.time_limit,
         retries=definition.retries,
     )
-
-
-def occurrence_payload(broker: RedisBroker, spec: ScheduleSpec, task_id: str) -> bytes:
-    message = TaskMessage(
-        id=task_id,
-        name=spec.task,
-        args=list(spec.args),
-        kwargs=dict(spec.kwargs),
-        time_limit=spec.time_limit,
-        retries=spec.retries,
-    )
-    return broker.transport.dumps_message(message)
 
 
 def upsert(
@@ -110,6 +104,9 @@ class Schedules:
         self.broker = app.broker
         self.specs = declared_specs(app.tasks, settings)
         self.metrics = metrics
+        self._early: EarlyBegin | None = None  # see begin_with_claim
+        self.consumed = set(settings.worker.queues)
+        self._told_waiting: set[str] = set()  # occurrences whose wait was logged (once each)
         if metrics is not None:
             metrics.watch_schedules(lambda queue: schedule_rows(self.broker, queue), settings.worker.queues)
             for name in self.specs:  # at 0 from the start, so increase() works from the first scrape
@@ -119,8 +116,9 @@ class Schedules:
         """Declare this worker's schedules in Redis (at start and after Redis comes back)."""
         for spec in self.specs.values():
             status, pending = upsert(self.broker, spec)
-            log.info("schedule %s (%s, %s) on queue %s: %s %s", spec.name, spec.describe(), spec.tz, spec.queue,
-                     status, pending or "")  # fmt: skip
+            elsewhere = "" if spec.queue in self.consumed else " (not a queue of this worker: a worker of it runs it)"
+            log.info("schedule %s (%s, %s) on queue %s%s: %s %s", spec.name, spec.describe(), spec.tz, spec.queue,
+                     elsewhere, status, pending or "")  # fmt: skip
 
     def begin(self, claim: Claim) -> bool:
         """True if the claimed task is to run now: any task but a schedule's occurrence, or an
@@ -129,8 +127,16 @@ class Schedules:
             return True
         parsed = parse_occurrence(claim.id)
         if parsed is None:
+            by_hand = parse_manual_run(claim.id)
+            if by_hand is not None:  # recorded as the schedule's last run; it runs whatever the reply
+                self.broker.schedule_begin(claim.queue, [claim.id, claim.token, by_hand, "", "", *MANUAL_PLAN])
             return True
         name, slot = parsed
+        early, self._early = self._early, None
+        if early is not None and early.task_id == claim.id and early.token == claim.token and early.reply:
+            status, _ = self._outcome(claim.id, name, slot, early.plan, early.args, early.reply)
+            if status not in ("changed", "taken", "late"):  # else nothing was written: begin here
+                return status == "run"
         own = self.specs.get(name)
         text = own.to_json() if own is not None and own.queue == claim.queue else None
         floor = 0  # the next slot must be later than this (see 'taken')
@@ -138,7 +144,12 @@ class Schedules:
             if text is None:
                 stored = self.broker.schedule_spec(claim.queue, name)
                 text = "" if stored is None else _text(stored)
-            status, detail = self._begin(claim, name, slot, text, floor)
+            made = self._args(claim.id, claim.token, name, slot, text, claim.now_ms, floor)
+            if made is None:
+                return True
+            args, plan = made
+            reply = self.broker.schedule_begin(claim.queue, args)
+            status, detail = self._outcome(claim.id, name, slot, plan, args, reply)
             if status == "changed":  # the spec was replaced meanwhile: plan again with the stored one
                 text = _text(detail)
             elif status == "taken":  # the next slot already ran: plan the one after it
@@ -148,37 +159,95 @@ class Schedules:
         log.warning("occurrence %s: its schedule kept changing, or its next slots all ran; not run now", claim.id)
         return False
 
-    def _begin(self, claim: Claim, name: str, slot: int, text: str, floor: int) -> tuple[str, Any]:
+    def begin_with_claim(self, queue: str, due_ms: int, token: str) -> list[Any] | None:
+        """schedule_begin.lua's ARGV for the occurrence due at `due_ms`, if a schedule of this
+        worker has a slot then. The claim sent at that moment most likely leases it first
+        (token `token`/1), so this begin goes in the same round trip and starts it there: a
+        periodic run then waits no longer than any scheduled task. Planned as on time: the
+        script writes nothing if the claim is a slot late ('changed'), nor if the occurrence
+        was not leased under that token ('late'); begin() then starts it as usual."""
+        self._early = None
+        for spec in self.specs.values():
+            if spec.queue == queue and spec.after(due_ms - 1) == due_ms:
+                task_id, lease = occurrence_id(spec.name, due_ms), f"{token}/1"
+                made = self._args(task_id, lease, spec.name, due_ms, spec.to_json(), due_ms, on_time=True)
+                if made is None:
+                    return None
+                self._early = EarlyBegin(task_id, lease, made[1], made[0])
+                return made[0]
+        return None
+
+    def begun_with_claim(self, reply: list[Any]) -> None:
+        """The reply to begin_with_claim's begin; begin() uses it when that occurrence comes."""
+        if self._early is not None:
+            self._early.reply = reply
+
+    def _args(
+        self,
+        task_id: str,
+        token: str,
+        name: str,
+        slot: int,
+        text: str,
+        now_ms: int,
+        floor: int = 0,
+        on_time: bool = False,
+    ) -> tuple[list[Any], Plan | None] | None:
+        """schedule_begin.lua's ARGV and the plan in it; None if the stored spec is unreadable
+        (the occurrence then runs as stored). `on_time`: valid only before the next slot."""
         try:
             spec = ScheduleSpec.from_json(text) if text else None
         except (ValueError, TypeError) as exc:
             log.error("schedule %s: unreadable spec in Redis (%s); the occurrence runs as stored", name, exc)
-            return "run", None
+            return None
+        plan = None
         plan_args: list[Any] = [1, "", 0, b"", 0, 1]
         if spec is not None:
-            plan = spec.plan(slot, claim.now_ms)
+            plan = spec.plan(slot, now_ms)
             next_slot = plan.next_slot
             while next_slot <= floor:
                 next_slot = spec.after(next_slot)
             next_id = occurrence_id(name, next_slot)
             payload = occurrence_payload(self.broker, spec, next_id)
             plan_args = [1 if plan.run else 0, next_id, next_slot, payload, plan.missed, 1 if spec.overlap else 0]
-        args = [claim.id, claim.token, name, slot, text, *plan_args, OVERLAP_RECHECK_MS]
-        reply = self.broker.schedule_begin(claim.queue, args)
+        args = [task_id, token, name, slot, text, *plan_args, OVERLAP_RECHECK_MS]
+        if on_time and plan is not None:
+            args.append(plan.next_slot)
+        return args, plan
+
+    def _outcome(
+        self, task_id: str, name: str, slot: int, plan: Plan | None, args: list[Any], reply: list[Any]
+    ) -> tuple[str, Any]:
+        """Count and log what schedule_begin.lua did; returns (status, detail)."""
         status, detail = reply[0], reply[1]
         if status == "taken":
-            return status, plan_args[2]
+            return status, args[7]
         advanced = status == "skipped" or (status == "run" and len(reply) > 2 and int(reply[2]) == 1)
-        if spec is not None and advanced and plan.missed and self.metrics is not None:
+        if plan is not None and advanced and plan.missed and self.metrics is not None:
             self.metrics.schedule_missed.labels(name).inc(plan.missed)
         if status == "run":
             if self.metrics is not None:
                 self.metrics.schedule_lag.labels(name).observe(max(0, int(detail) - slot) / 1000)
         elif status == "wait":
-            log.info("occurrence %s waits for the schedule's earlier run to end", claim.id)
+            if task_id not in self._told_waiting:  # it looks again every second: say it once
+                if len(self._told_waiting) > 1000:  # (bounded: one id per waiting occurrence)
+                    self._told_waiting.clear()
+                self._told_waiting.add(task_id)
+                log.info("occurrence %s waits for the schedule's earlier run to end", task_id)
         elif status != "changed":
-            log.info("occurrence %s not run: %s", claim.id, status)
+            log.info("occurrence %s not run: %s", task_id, status)
         return status, detail
+
+
+@dataclasses.dataclass
+class EarlyBegin:
+    """A begin sent with a claim (Schedules.begin_with_claim), and Redis's reply to it."""
+
+    task_id: str
+    token: str
+    plan: Plan | None
+    args: list[Any]
+    reply: list[Any] | None = None
 
 
 def schedule_rows(broker: RedisBroker, queue: str) -> list[dict[str, Any]]:
@@ -190,7 +259,7 @@ def schedule_rows(broker: RedisBroker, queue: str) -> list[dict[str, Any]]:
             spec = ScheduleSpec.from_json(text)
         except (ValueError, TypeError, MiniceleryError):
             continue
-        field = {f: state.get(f"{name}:{f}") for f in ("d", "s", "S", "p", "m", "r", "o")}
+        field = {f: state.get(f"{name}:{f}") for f in ("d", "c", "s", "S", "p", "m", "r", "o")}
         rows.append(
             {
                 "name": name,
@@ -203,6 +272,7 @@ def schedule_rows(broker: RedisBroker, queue: str) -> list[dict[str, Any]]:
                 "last_start_ms": _int(field["s"]),
                 "last_slot_ms": _int(field["S"]),
                 "last_outcome": _text(field["o"]) if field["o"] else None,
+                "last_by_hand": field["c"] is not None and parse_manual_run(_text(field["c"])) is not None,
                 "paused": field["p"] is not None,
                 "missed": _int(field["m"]) or 0,
                 "runs": _int(field["r"]) or 0,

@@ -28,6 +28,7 @@ class ScriptStatus(enum.StrEnum):
     CANCELLED = "cancelled"  # cancel.lua: cancelled now; renew/finish: it was cancelled meanwhile
     FINISHED = "finished"  # cancel.lua: finished already, nothing changed
     UNKNOWN = "unknown"  # cancel.lua: no such task
+    CHANGED = "changed"  # cancel.lua: a schedule changed since its plan was made; nothing written
 
 
 def script_status(reply: Any) -> ScriptStatus:

@@ -19,11 +19,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 CatchUp = Literal["one", "all", "skip"]
 CATCH_UP_POLICIES: tuple[str, ...] = ("one", "all", "skip")
 OCCURRENCE_PREFIX = "sched:"
+MANUAL_MARK = "by-hand-"  # after the name in a run by hand's id, where an occurrence has its slot
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 # Counting missed cron slots walks them one by one: past this many, the count says "at least".
 MISSED_COUNT_CAP = 10_000
@@ -38,6 +39,10 @@ def check_schedule_name(name: str) -> str:
 def check_cron(expression: str) -> str:
     if not isinstance(expression, str) or not croniter.is_valid(expression):
         raise ValueError(f"{expression!r} is not a valid cron expression (e.g. '0 3 * * *')")
+    try:  # valid fields can still name no date at all ('0 0 31 2 *'): a worker would find no slot
+        croniter(expression, dt.datetime(2000, 1, 1)).get_next(dt.datetime)
+    except CroniterBadDateError:
+        raise ValueError(f"{expression!r} never matches a date (such as 31 February)") from None
     return expression
 
 
@@ -158,6 +163,20 @@ class Plan:
 def occurrence_id(name: str, slot_ms: int) -> str:
     """The task id of a schedule's slot: the same in every worker, so creating it is idempotent."""
     return f"{OCCURRENCE_PREFIX}{name}:{slot_ms}"
+
+
+def manual_run_id(name: str, unique: str) -> str:
+    """The task id of a run by hand (`minicelery schedules run NAME`): names its schedule, so
+    the worker that starts it records it as the schedule's last run; no slot."""
+    return f"{OCCURRENCE_PREFIX}{name}:{MANUAL_MARK}{unique}"
+
+
+def parse_manual_run(task_id: str) -> str | None:
+    """The schedule name of a run by hand's id, or None for any other task id."""
+    if not task_id.startswith(OCCURRENCE_PREFIX):
+        return None
+    name, _, rest = task_id[len(OCCURRENCE_PREFIX) :].rpartition(":")
+    return name if name and rest.startswith(MANUAL_MARK) else None
 
 
 def parse_occurrence(task_id: str) -> tuple[str, int] | None:

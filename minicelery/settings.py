@@ -348,7 +348,7 @@ def _describe(error: Any, toml_file: Path | None, overrides: Mapping[str, Any], 
         return f"invalid settings: {message}"
     name = ".".join(loc)
     value = error.get("input")
-    shown = "***" if "password" in name else "(section)" if isinstance(value, dict) else repr(value)
+    shown = "***" if "password" in name else None if isinstance(value, dict) else repr(value)
     variable = _env_name(loc)
     if _contains(overrides, loc):
         dotted = ".".join(part for part in loc if not part.isdigit())
@@ -365,7 +365,8 @@ def _describe(error: Any, toml_file: Path | None, overrides: Mapping[str, Any], 
     if error["type"] == "extra_forbidden":
         known = [".".join([*loc[:-1], key]) for key in _setting_names(loc[:-1])]
         message = "unknown setting" + _did_you_mean(name, known, "check the spelling")
-    return f"invalid setting {name}{where}: {message}; got {shown}"
+    # A rule about a whole table (a [[schedules]] entry) has no one value to show.
+    return f"invalid setting {name}{where}: {message}" + ("" if shown is None else f"; got {shown}")
 
 
 def _contains(tree: Mapping[str, Any], path: list[str]) -> bool:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import BrokerUnavailable, Cancelled, DependencyError, ResultNotKept, TaskError, TaskNotFound
+from .occurrences import skip_plans
 from .records import FINISHED_STATES, ScriptStatus
 from .schedules import ScheduleSpec
 from .transport import TaskMessage
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 # What `.state` says for a handle that has not been sent to Redis.
 CREATED = "created"
+# Plans of a schedule's next occurrence made for a cancel, should the schedule keep changing
+# meanwhile; the last try sends none (that schedule is then left with no next occurrence).
+CANCEL_PLAN_TRIES = 3
 
 
 def new_task_id() -> str:
@@ -252,7 +256,13 @@ class Task:
         broker = self.definition.app.broker
         ids = [self.id, *(broker.descendants(self.queue, self.id) if cascade else [])]
         envelope = broker.transport.dumps_error(Cancelled(f"task cancelled (by {by})"))
-        return dict(zip(ids, broker.cancel(self.queue, ids, envelope, by), strict=True))
+        for attempt in range(CANCEL_PLAN_TRIES):
+            # A schedule's occurrence: plan its next one, so cancelling skips this run only.
+            plans = skip_plans(broker, self.queue, ids) if attempt < CANCEL_PLAN_TRIES - 1 else []
+            statuses = broker.cancel(self.queue, ids, envelope, by, plans)
+            if statuses[0] is not ScriptStatus.CHANGED:
+                break
+        return dict(zip(ids, statuses, strict=True))
 
     def result(self, timeout: float | None = None) -> Any:
         """Block until the task finishes; return its value or raise its error.

@@ -141,6 +141,18 @@ def test_one_thousand_tasks_across_four_idle_workers_waste_almost_no_wake_ups(ap
     assert wasted <= 10  # ~1%: a wake that finds the last task already taken
 
 
+def test_a_lone_worker_wakes_for_delayed_tasks_without_wasted_wake_ups(app: Client, workers: Workers) -> None:
+    """The wake-up a worker held for a due time is passed on when it goes busy; once that time
+    has come, passing it on would wake the worker itself for nothing, once per delayed task."""
+    proc = workers.start()
+    workers.wait_ready(proc)
+    handles = [app.tasks["echo"](i).wait(0.3 * (i + 1)) for i in range(4)]
+    assert [h.result(timeout=30) for h in handles] == list(range(4))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    assert "stopped: 4 done, 0 failed, 0 wasted wake-ups" in workers.log(proc)
+
+
 def test_malformed_payloads_planted_in_redis_fail_visibly_and_the_worker_keeps_going(
     app: Client, workers: Workers, r: redis.Redis
 ) -> None:

@@ -111,7 +111,7 @@ class Prometheus:
 @pytest.fixture
 def scraped_worker(app: Client, workers: Workers, tmp_path: Path) -> Iterator[Prometheus]:
     port = free_port()
-    schedule = '[{"task": "add", "every": 3, "args": [1, 2]}]'  # the schedule panels need one
+    schedule = json.dumps([{"task": "add", "every": 3, "args": [1, 2], "queue": workers.queue}])  # for the panels
     worker = workers.start(
         MINICELERY_METRICS__ENABLED="true", MINICELERY_METRICS__PORT=str(port), MINICELERY_SCHEDULES=schedule
     )

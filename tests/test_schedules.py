@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import subprocess
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -118,6 +119,7 @@ def test_an_occurrence_id_names_its_schedule_and_slot() -> None:
     ("options", "complaint"),
     [
         ({"cron": "61 * * * *"}, "not a valid cron expression"),
+        ({"cron": "0 0 31 2 *"}, "never matches a date"),
         ({"cron": "0 3 * * *", "tz": "Mars/Olympus"}, "unknown time zone"),
         ({"cron": "0 3 * * *", "every": 5}, "exactly one of"),
         ({}, "exactly one of"),
@@ -133,6 +135,15 @@ def test_periodic_rejects_a_bad_schedule_at_import_time(
         def nightly() -> None: ...
 
     assert "nightly" not in app.tasks
+
+
+def test_periodic_refuses_arguments_that_do_not_fit_its_function(app: Client) -> None:
+    with pytest.raises(ValueError, match=r"@app\.periodic: arguments do not fit report\(day"):
+
+        @app.periodic(every=60, args=[1, 2])
+        def report(day: int) -> None: ...
+
+    assert "report" not in app.tasks  # not registered half-way
 
 
 def test_a_periodic_task_is_a_task_like_any_other(app: Client) -> None:
@@ -161,8 +172,8 @@ def _claim_occurrence(broker: RedisBroker, queue: str, token: str) -> Claim:
 
 
 def _spec(queue: str, **options: object) -> ScheduleSpec:
-    fields: dict[str, object] = {"every_ms": 3_600_000, **options}
-    return ScheduleSpec("hourly", "slot_run", queue, args=["t"], **fields)  # type: ignore[arg-type]
+    fields: dict[str, object] = {"every_ms": 3_600_000, "args": ["t"], **options}
+    return ScheduleSpec("hourly", "slot_run", queue, **fields)  # type: ignore[arg-type]
 
 
 def _state(r: redis.Redis, queue: str) -> dict[str, str]:
@@ -235,6 +246,79 @@ def test_removing_a_schedule_deletes_its_spec_state_and_pending_occurrence(
     assert r.hlen(f"minicelery:{{{queue}}}:payload") == 0
 
 
+def test_cancelling_the_pending_occurrence_skips_that_run_only_the_next_slot_is_pending_at_once(
+    app: Client, queue: str, r: redis.Redis
+) -> None:
+    _, pending = upsert(app.broker, _spec(queue))
+    assert pending is not None
+    assert app.handle(pending).cancel()
+    assert app.handle(pending).state == "cancelled"
+    parsed = parse_occurrence(pending)
+    assert parsed is not None
+    following = occurrence_id("hourly", parsed[1] + 3_600_000)
+    assert _state(r, queue)["hourly:n"] == following
+    assert r.zrange(f"minicelery:{{{queue}}}:scheduled", 0, -1) == [following.encode()]
+    assert not app.handle(pending).cancel()  # cancelled already: nothing more happens
+    assert _state(r, queue)["hourly:n"] == following
+
+
+def test_a_cancel_planned_from_a_spec_replaced_meanwhile_writes_nothing_and_plans_again(
+    app: Client, queue: str, r: redis.Redis
+) -> None:
+    from minicelery.occurrences import skip_plans
+    from minicelery.records import ScriptStatus
+
+    _, pending = upsert(app.broker, _spec(queue))
+    assert pending is not None
+    stale = skip_plans(app.broker, queue, [pending])
+    assert upsert(app.broker, _spec(queue, args=["new"])) == ("kept", pending)  # same slot, new spec
+    envelope = app.broker.transport.dumps_error(ValueError("x"))
+    assert app.broker.cancel(queue, [pending], envelope, "test", stale) == [ScriptStatus.CHANGED]
+    assert app.handle(pending).state == "scheduled"  # nothing written
+    assert app.handle(pending).cancel()  # task.cancel plans again from the stored spec
+    following = _state(r, queue)["hourly:n"]
+    payload = r.hget(f"minicelery:{{{queue}}}:payload", following)
+    assert following != pending and json.loads(payload)["args"] == ["new"]  # type: ignore[arg-type]
+
+
+def _early_begin(app: Client, queue: str, r: redis.Redis, spec: ScheduleSpec) -> tuple[Schedules, Claim, int]:
+    """A worker's claim at the slot it waited for, with the begin sent along (as the intake
+    does); the occurrence is made due now whatever its slot."""
+    schedules = Schedules(app, load_settings(worker={"queues": [queue]}))
+    schedules.specs = {spec.name: spec}
+    schedules.upsert()
+    pending = _state(r, queue)["hourly:n"]
+    r.zadd(f"minicelery:{{{queue}}}:scheduled", {pending: 0})
+    slot = int(_state(r, queue)["hourly:d"])
+    begin = schedules.begin_with_claim(queue, slot, "tok")
+    assert begin is not None
+    claimed, begun = app.broker.claim_and_begin(queue, "tok", 10_000, "w-test", slot, 1, begin)
+    schedules.begun_with_claim(begun)
+    assert isinstance(claimed, list) and claimed[0].id == pending
+    return schedules, claimed[0], slot
+
+
+def test_a_begin_sent_with_the_claim_starts_the_slot_in_that_round_trip(
+    app: Client, queue: str, r: redis.Redis
+) -> None:
+    schedules, claim, slot = _early_begin(app, queue, r, _spec(queue))  # hourly: the slot is ahead
+    state = _state(r, queue)
+    assert state["hourly:c"] == claim.id and state["hourly:r"] == "1"  # started with the claim
+    assert state["hourly:n"] == occurrence_id("hourly", slot + 3_600_000)
+    assert schedules.begin(claim)  # it runs, and is not begun a second time
+    assert _state(r, queue)["hourly:r"] == "1"
+
+
+def test_a_begin_sent_with_a_claim_a_slot_late_writes_nothing_and_catch_up_decides(
+    app: Client, queue: str, r: redis.Redis
+) -> None:
+    spec = _spec(queue, every_ms=1, catch_up="skip")  # its next slot has passed when the claim runs
+    schedules, claim, slot = _early_begin(app, queue, r, spec)
+    assert "hourly:c" not in _state(r, queue) and _state(r, queue)["hourly:n"] == claim.id  # nothing written
+    assert not schedules.begin(claim)  # planned again at the claim's time: catch-up "skip"
+    assert int(_state(r, queue)["hourly:m"]) >= 1 and int(_state(r, queue)["hourly:d"]) > slot
+
+
 def test_a_slot_due_while_the_previous_run_still_runs_waits_for_it(app: Client, queue: str, r: redis.Redis) -> None:
     spec = _spec(queue, every_ms=1)
     schedules = Schedules(app, load_settings(worker={"queues": [queue]}))
@@ -291,8 +375,10 @@ def test_a_schedules_table_overrides_the_code_schedule_of_the_same_name(app: Cli
 # --- real worker processes ----------------------------------------------------------------------
 
 
-def _schedule_env(tag: str, seconds: float = 0.0, **options: object) -> str:
-    return json.dumps([{"task": "slot_run", "every": 1, "args": [tag, seconds], **options}])
+def _schedule_env(queue: str, tag: str, seconds: float = 0.0, **options: object) -> str:
+    """The 1 s schedule of slot_run(tag) on the test's queue (the test task modules' Client
+    sends to "default", which the test workers do not consume)."""
+    return json.dumps([{"task": "slot_run", "every": 1, "args": [tag, seconds], "queue": queue, **options}])
 
 
 def _runs(r: redis.Redis, kind: str, tag: str) -> dict[int, int]:
@@ -303,6 +389,14 @@ def _runs(r: redis.Redis, kind: str, tag: str) -> dict[int, int]:
         assert parsed is not None, task_id
         runs[parsed[1]] = int(count)
     return runs
+
+
+def _running(workers: Workers, r: redis.Redis, tag: str, **options: object) -> subprocess.Popen[bytes]:
+    """A worker declaring the 1 s schedule of slot_run(tag), once a run of it has ended."""
+    proc = workers.start(MINICELERY_SCHEDULES=_schedule_env(workers.queue, tag, **options))
+    workers.wait_ready(proc)
+    wait_until(lambda: _runs(r, "ends", tag), 20, "a run")
+    return proc
 
 
 def _redis_ms(r: redis.Redis) -> int:
@@ -325,7 +419,7 @@ def test_three_workers_run_each_slot_of_a_one_second_schedule_once_though_one_is
     up "all" replays the slots that fell due while that lease held the schedule back (without
     overlap, a slot waits for the run before it)."""
     tag = f"exact-{queue}"
-    env = workers.env(MINICELERY_SCHEDULES=_schedule_env(tag, 0.4, catch_up="all"))
+    env = workers.env(MINICELERY_SCHEDULES=_schedule_env(workers.queue, tag, 0.4, catch_up="all"))
     procs = [workers.start(env=env) for _ in range(3)]
     for proc in procs:
         workers.wait_ready(proc)
@@ -364,6 +458,24 @@ def test_three_workers_run_each_slot_of_a_one_second_schedule_once_though_one_is
     assert ends[killed_slot] == 1
 
 
+def test_a_cancelled_occurrence_does_not_run_and_the_schedule_goes_on(
+    app: Client, workers: Workers, queue: str, r: redis.Redis
+) -> None:
+    """Cancelling one run skips it, as in Celery or Sidekiq; `schedules pause` stops a schedule."""
+    tag = f"cancel-{queue}"
+    proc = _running(workers, r, tag)
+    state = f"minicelery:{{{queue}}}:schedule_state"
+    pending = r.hget(state, "slot_run:n").decode()  # type: ignore[union-attr]
+    assert app.handle(pending).cancel(by="cli")
+    parsed = parse_occurrence(pending)
+    assert parsed is not None
+    skipped = parsed[1]
+    wait_until(lambda: len([s for s in _runs(r, "ends", tag) if s > skipped]) >= 2, 20, "two later slots run")
+    assert skipped not in _runs(r, "starts", tag)
+    assert skipped + 1000 in _runs(r, "ends", tag)  # the very next slot ran: no gap after the cancel
+    assert "Traceback" not in workers.log(proc)
+
+
 def _spec_named(app: Client, name: str) -> ScheduleSpec:
     stored = app.broker.schedule_spec(app.default_queue, name)
     assert stored is not None
@@ -374,7 +486,7 @@ def test_after_every_worker_was_down_across_slots_one_run_stands_for_the_missed_
     app: Client, workers: Workers, queue: str, r: redis.Redis
 ) -> None:
     tag = f"down-{queue}"
-    env = workers.env(MINICELERY_SCHEDULES=_schedule_env(tag))
+    env = workers.env(MINICELERY_SCHEDULES=_schedule_env(workers.queue, tag))
     first = workers.start(env=env)
     workers.wait_ready(first)
     wait_until(lambda: len(_runs(r, "ends", tag)) >= 2, 20, "two slots run")
@@ -398,9 +510,7 @@ def test_a_worker_without_the_schedule_neither_removes_nor_changes_it(
     app: Client, workers: Workers, queue: str, r: redis.Redis
 ) -> None:
     tag = f"keep-{queue}"
-    declaring = workers.start(MINICELERY_SCHEDULES=_schedule_env(tag))
-    workers.wait_ready(declaring)
-    wait_until(lambda: _runs(r, "ends", tag), 20, "a run")
+    declaring = _running(workers, r, tag)
     spec_before = r.hget(f"minicelery:{{{queue}}}:schedules", "slot_run")
     other = workers.start()  # deployed without any [[schedules]]
     workers.wait_ready(other)
@@ -417,7 +527,7 @@ def test_a_worker_with_a_skewed_clock_runs_slots_on_the_redis_clock(
 ) -> None:
     faketime = require_tool("faketime", "apt-get install faketime")
     tag = f"skew-{queue}"
-    proc = workers.start(wrapper=[faketime, "-f", skew], MINICELERY_SCHEDULES=_schedule_env(tag))
+    proc = workers.start(wrapper=[faketime, "-f", skew], MINICELERY_SCHEDULES=_schedule_env(workers.queue, tag))
     workers.wait_ready(proc)
     wait_until(lambda: len(_runs(r, "ends", tag)) >= 3, 30, "three slots run")
     slots = sorted(_runs(r, "ends", tag))
@@ -430,10 +540,8 @@ def test_an_older_worker_restarting_with_another_definition_wins_without_a_dupli
     app: Client, workers: Workers, queue: str, r: redis.Redis
 ) -> None:
     tag = f"upgrade-{queue}"
-    new = workers.start(MINICELERY_SCHEDULES=_schedule_env(tag, catch_up="skip"))
-    workers.wait_ready(new)
-    wait_until(lambda: _runs(r, "ends", tag), 20, "a run")
-    old = workers.start(MINICELERY_SCHEDULES=_schedule_env(tag))  # the older definition
+    _running(workers, r, tag, catch_up="skip")
+    old = workers.start(MINICELERY_SCHEDULES=_schedule_env(workers.queue, tag))  # the older definition
     workers.wait_ready(old)
     assert json.loads(r.hget(f"minicelery:{{{queue}}}:schedules", "slot_run"))["catch_up"] == "one"  # type: ignore[arg-type]
     done = len(_runs(r, "ends", tag))
@@ -450,6 +558,8 @@ def test_an_older_worker_restarting_with_another_definition_wins_without_a_dupli
         ({"task": "slot_run", "cron": "0 3 * * *", "every": 60}, "exactly one of cron and every"),
         ({"task": "slot_run"}, "exactly one of cron and every"),
         ({"task": "no_such_task", "every": 60}, "schedules.0: task 'no_such_task' is not registered"),
+        ({"task": "slot_run", "cron": "0 0 31 2 *"}, "never matches a date"),
+        ({"task": "slot_run", "every": 60}, "schedules.0 (slot_run): arguments do not fit slot_run("),
     ],
 )
 def test_a_worker_with_a_bad_schedules_table_exits_78_naming_it(
@@ -459,6 +569,47 @@ def test_a_worker_with_a_bad_schedules_table_exits_78_naming_it(
     assert proc.wait(30) == 78
     log = workers.log(proc)
     assert complaint in log and "Traceback" not in log, log
+
+
+def test_a_worker_of_another_queue_declares_a_schedule_on_its_tasks_queue_not_its_own(
+    app: Client, workers: Workers, queue: str, r: redis.Redis
+) -> None:
+    """Worker groups with different -Q importing the same modules: one schedule, not one each."""
+    from test_cli import run_cli
+
+    other_queue = f"{queue}-other"
+    tag = f"groups-{queue}"
+    entry = json.dumps([{"task": "slot_run", "every": 1, "args": [tag], "queue": queue}])
+    ours = _running(workers, r, tag)  # declares and runs it on `queue`
+    theirs = workers.start("-Q", other_queue, MINICELERY_SCHEDULES=entry.replace(f', "queue": "{queue}"', ""))
+    workers.wait_ready(theirs)
+    assert "on queue default (not a queue of this worker" in workers.log(theirs)  # the task's own queue
+    assert not r.exists(f"minicelery:{{{other_queue}}}:schedules")  # no copy on the worker's own queue
+    listed = run_cli("schedules", "--json", env=workers.env())
+    assert {row["queue"] for row in json.loads(listed.stdout) if row["name"] == "slot_run"} >= {queue, "default"}
+    run_cli("schedules", "remove", "slot_run", "-q", "default", env=workers.env())
+    for proc in (ours, theirs):
+        proc.send_signal(9)
+        proc.wait()
+
+
+def test_purge_keeps_the_schedules_paused_or_not_and_gives_each_its_next_occurrence(
+    app: Client, queue: str, workers: Workers, r: redis.Redis
+) -> None:
+    from test_cli import run_cli
+
+    upsert(app.broker, ScheduleSpec("hourly", "slot_run", queue, cron="0 * * * *", args=["p"]))
+    upsert(app.broker, ScheduleSpec("nightly", "slot_run", queue, cron="0 3 * * *", args=["p"]), paused="1")
+    app.tasks["echo"]("gone").wait(3600)
+    purged = run_cli("purge", "--yes", "-q", queue, env=workers.env())
+    assert purged.returncode == 0, purged.stderr
+    assert "schedule hourly kept: created" in purged.stdout and "schedule nightly kept: paused" in purged.stdout
+    rows = {
+        row["name"]: row for row in json.loads(run_cli("schedules", "--json", "-q", queue, env=workers.env()).stdout)
+    }
+    assert rows["hourly"]["next_due_ms"] is not None and not rows["hourly"]["paused"]
+    assert rows["nightly"]["paused"] and rows["nightly"]["next_due_ms"] is None
+    assert r.zcard(f"minicelery:{{{queue}}}:scheduled") == 1  # the hourly occurrence; the echo task went
 
 
 def test_the_schedules_command_lists_pauses_resumes_runs_and_removes(
@@ -480,9 +631,16 @@ def test_the_schedules_command_lists_pauses_resumes_runs_and_removes(
     assert json.loads(run_cli("schedules", "--json", env=env).stdout)[0]["next_due_ms"] is not None
     sent = run_cli("schedules", "run", "nightly", env=env)
     assert sent.returncode == 0, sent.stderr
-    assert app.handle(sent.stdout.strip()).state == "ready"  # one run now, besides the schedule
+    by_hand = app.handle(sent.stdout.strip())
+    assert by_hand.state == "ready"  # one run now, besides the schedule
+    workers.wait_ready(workers.start())  # a worker that does not declare the schedule runs it
+    by_hand.result(timeout=30)
+    row = json.loads(run_cli("schedules", "--json", env=env).stdout)[0]
+    assert (row["runs"], row["last_outcome"], row["last_by_hand"]) == (1, "succeeded", True)
+    assert row["next_due_ms"] is not None and row["last_slot_ms"] is None  # the schedule goes on
+    assert "succeeded (run by hand)" in run_cli("schedules", env=env).stdout
     assert run_cli("schedules", "remove", "nightly", env=env).returncode == 0
-    assert "no schedules" in run_cli("schedules", env=env).stdout
+    assert "no schedules" in run_cli("schedules", "-q", queue, env=env).stdout
     missing = run_cli("schedules", "pause", "nightly", env=env)
     assert missing.returncode == 1 and "no schedule 'nightly'" in missing.stderr
 
@@ -490,7 +648,7 @@ def test_the_schedules_command_lists_pauses_resumes_runs_and_removes(
 def test_check_config_lists_the_schedules_and_rejects_one_for_an_unregistered_task(workers: Workers) -> None:
     from test_cli import run_cli
 
-    good = run_cli("check-config", env=workers.env(MINICELERY_SCHEDULES=_schedule_env("x")))
+    good = run_cli("check-config", env=workers.env(MINICELERY_SCHEDULES=_schedule_env(workers.queue, "x")))
     assert good.returncode == 0, good.stderr
     assert "schedule slot_run: task slot_run, every 1s (UTC)" in good.stderr
     assert "no task modules configured" not in good.stderr  # they are: the worker's tasks are listed

@@ -53,6 +53,17 @@ def wait_for(condition: Callable[[], bool], timeout: float, workers: list[subpro
     return time.perf_counter()
 
 
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process, then wait for each; one that outlasts 20 s is killed."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 class Scenario:
     def __init__(self, venv_bin: str, module: str, url: str) -> None:
         self.venv_bin = venv_bin
@@ -76,13 +87,7 @@ class Scenario:
         try:
             yield procs
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop(procs)
 
     def commands(self) -> int:
         return int(self.r.info("stats")["total_commands_processed"])

@@ -149,6 +149,21 @@ local function unwake(now)
   marker_at_zero = false
 end
 
+-- A worker going busy passes on the future wake-up it was waiting for (`held_due`), so an
+-- idle worker takes it over. If that time has come, this claim promoted what was due then:
+-- what is left to pass on is the next scheduled time (a past one would only wake a worker,
+-- this one included, to find nothing: a wasted wake-up per delayed task on a lone worker).
+local function pass_on_wakeup(held_due, now)
+  if held_due > now then
+    redis.call('ZADD', K_MARKER, 'LT', held_due, 'm')
+  elseif held_due > 0 then
+    local first = redis.call('ZRANGE', K_SCHEDULED, 0, 0, 'WITHSCORES')
+    if first[2] then
+      redis.call('ZADD', K_MARKER, 'LT', first[2], 'm')
+    end
+  end
+end
+
 -- Tell idle workers about a due time that is earlier than any scheduled before it.
 local function wake_at(due)
   local first = redis.call('ZRANGE', K_SCHEDULED, 0, 0, 'WITHSCORES')

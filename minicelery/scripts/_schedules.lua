@@ -1,5 +1,6 @@
--- _schedules.lua: prepended, after _common.lua, to the schedule scripts (schedule_*.lua; see
--- broker._script_source), so the scripts of the task hot path (claim, finish) stay as they were.
+-- _schedules.lua: prepended, after _common.lua, to the schedule scripts (schedule_*.lua) and
+-- to cancel.lua (see broker._script_source), so the scripts of the task hot path (claim,
+-- finish) stay as they were.
 --
 -- KEYS after the queue key set (built by minicelery.keys.QueueKeys.schedule_keys):
 --   KEYS[15] schedules       hash  schedule name -> spec (JSON, opaque to Lua)

@@ -11,21 +11,68 @@
 -- unless they are cancelled in the same call (a cascade: ARGV lists them after their parents).
 -- A dead-lettered task's children got its error already; it only leaves the dead letters.
 --
--- KEYS: the queue key set (see _common.lua), then
---   KEYS[14 + i] done  the result-waiters list of ARGV[3 + i] (pushed only if watched)
+-- A schedule's pending occurrence (sched:<name>:<slot>, field n of its state) that is
+-- cancelled is that one run skipped: the schedule goes on, with the next occurrence the caller
+-- planned (occurrences.skip_plans: Lua has no cron calendar) created in this same step. With
+-- no plan (the schedule was removed, its spec unreadable) or when paused, none is created.
+--
+-- KEYS: the queue key set (see _common.lua), KEYS[15] schedules, KEYS[16] schedule_state
+-- (see _schedules.lua), then
+--   KEYS[16 + i] done  the result-waiters list of the i-th id (pushed only if watched)
 -- ARGV[1] keep_ms    how long the cancelled task is kept (result_ttl)
 -- ARGV[2] envelope   the Cancelled error, as a result envelope (JSON)
 -- ARGV[3] by         who cancelled: "api", "cli" (kept in the task's 'x' field)
--- ARGV[3 + i] id     a task to cancel; for a cascade, parents before their children
+-- ARGV[4] plans      P, how many occurrence plans follow, five values each: occurrence id,
+--                    the spec it was planned from, next id, next slot (ms), next payload
+-- then the ids       tasks to cancel; for a cascade, parents before their children
 --
 -- Returns one status per id: 'cancelled', 'finished' (succeeded, failed and not a dead
--- letter, or cancelled already: nothing changed) or 'unknown' (no such task).
+-- letter, or cancelled already: nothing changed) or 'unknown' (no such task); or {'changed'}
+-- alone, with nothing written, if a pending occurrence's spec is no longer the one its plan
+-- was made from (the caller plans again).
 
 local keep, envelope, by = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local now = now_ms()
+local plans = {}
+local first_id = 5 + 5 * tonumber(ARGV[4])
+for p = 5, first_id - 1, 5 do
+  plans[ARGV[p]] = { spec = ARGV[p + 1], id = ARGV[p + 2], slot = tonumber(ARGV[p + 3]), payload = ARGV[p + 4] }
+end
 local cancelling = {}
-for i = 4, #ARGV do
+for i = first_id, #ARGV do
   cancelling[ARGV[i]] = true
+end
+
+-- The schedule whose pending occurrence `id` is, or nil.
+local function pending_of(id)
+  local name = string.match(id, '^sched:(.+):%d+$')
+  if name and redis.call('HGET', K_STATE, name .. ':n') == id then
+    return name
+  end
+  return nil
+end
+
+for id, plan in pairs(plans) do
+  local name = pending_of(id)
+  if name and redis.call('HGET', K_SCHEDULES, name) ~= plan.spec then
+    return { 'changed' }
+  end
+end
+
+-- A pending occurrence was cancelled: create the next one, unless paused, removed or taken.
+local function skip_occurrence(id)
+  local name = pending_of(id)
+  if not name then
+    return
+  end
+  local plan = plans[id]
+  if plan == nil or redis.call('HGET', K_STATE, name .. ':p') or getf(plan.id, 's') then
+    redis.call('HDEL', K_STATE, name .. ':n', name .. ':d')
+    return
+  end
+  redis.call('HSET', K_PAYLOAD, plan.id, plan.payload)
+  make_due(plan.id, math.max(now, plan.slot), now, plan.payload)
+  redis.call('HSET', K_STATE, name .. ':n', plan.id, name .. ':d', plan.slot)
 end
 
 -- Take the task out of the structure its state says it is in.
@@ -50,7 +97,7 @@ local function unqueue(id, state, parents)
 end
 
 local statuses, released, cancelled = {}, {}, 0
-for i = 4, #ARGV do
+for i = first_id, #ARGV do
   local id = ARGV[i]
   local held = redis.call('HMGET', K_INFO, id .. ':s', id .. ':P', id .. ':c', id .. ':k', id .. ':w')
   local state = held[1]
@@ -63,8 +110,8 @@ for i = 4, #ARGV do
     redis.call('HDEL', K_INFO, id .. ':t', id .. ':n')
     redis.call('HSET', K_INFO, id .. ':s', 'cancelled', id .. ':x', by)
     -- (a dead letter's children got its error when it died: not released again)
-    -- KEYS[11 + i]: ARGV[3 + j] pairs with KEYS[14 + j]
-    settle(id, held, envelope, keep, now, KEYS[11 + i], state ~= 'failed', released, cancelling)
+    settle(id, held, envelope, keep, now, KEYS[17 + i - first_id], state ~= 'failed', released, cancelling)
+    skip_occurrence(id)
     cancelled = cancelled + 1
     statuses[#statuses + 1] = 'cancelled'
   end

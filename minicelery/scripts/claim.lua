@@ -60,9 +60,7 @@ local function claim_next(now, token, lease_ms, worker, held_due, batch, woken)
     wake_now(now)
   else
     unwake(now)
-    if held_due > 0 then
-      redis.call('ZADD', K_MARKER, 'LT', held_due, 'm')
-    end
+    pass_on_wakeup(held_due, now)
   end
   return lease_tasks(ids, now, token, lease_ms)
 end
@@ -78,9 +76,7 @@ local function claim(now, registration, held_due)
   local reply = claim_next(now, ARGV[1], tonumber(ARGV[2]), ARGV[3], held_due, tonumber(ARGV[5]), tonumber(ARGV[6]))
   if #handed > 0 and reply[1] == 'none' then
     reply = { 'ok' }
-    if held_due > 0 then -- busy now: the due time it waited for goes to an idle worker
-      redis.call('ZADD', K_MARKER, 'LT', held_due, 'm')
-    end
+    pass_on_wakeup(held_due, now) -- busy now: the due time it waited for goes to an idle worker
   end
   for _, task in ipairs(handed) do
     reply[#reply + 1] = task

@@ -13,7 +13,8 @@
 -- ARGV[1] id         the occurrence claimed
 -- ARGV[2] token      the claim's lease token
 -- ARGV[3] name       its schedule
--- ARGV[4] slot       its slot (ms)
+-- ARGV[4] slot       its slot (ms); "" for a run by hand (`schedules run NAME`), which is
+--                    only recorded as the last run (ARGV[5..] unused)
 -- ARGV[5] spec       the spec JSON the plan was made from
 -- ARGV[6] run        "1" run it, "0" give it up (catch-up "skip": it is too late)
 -- ARGV[7] next_id    the next slot's occurrence id
@@ -22,6 +23,9 @@
 -- ARGV[10] missed    slots given up by this plan (counted in field m)
 -- ARGV[11] overlap   "1" if a run may start while an earlier one still runs
 -- ARGV[12] recheck   ms after which an occurrence held back by a running one looks again
+-- ARGV[13] until     optional: the plan assumed the occurrence starts before this (ms); if
+--                    not, 'changed' (nothing written), and the worker plans it again. A begin
+--                    sent with the claim (periodic.Schedules.begin_with_claim) is planned so.
 --
 -- Returns {status, detail}:
 --   {'run', now, advanced}  run it; advanced is 1 if this start created the next occurrence
@@ -47,6 +51,16 @@ local function drop()
 end
 
 local stored = redis.call('HGET', K_SCHEDULES, name)
+if slot == '' then
+  -- A run by hand: it runs (the operator asked for it, besides the schedule), and is the
+  -- schedule's last run in the listing; it has no slot and creates no occurrence.
+  if stored then
+    redis.call('HSET', K_STATE, name .. ':c', id, name .. ':s', now)
+    redis.call('HDEL', K_STATE, name .. ':S')
+    redis.call('HINCRBY', K_STATE, name .. ':r', 1)
+  end
+  return { 'run', now, 0 }
+end
 if not stored then
   drop()
   return { 'removed', false }
@@ -88,6 +102,10 @@ if ARGV[11] ~= '1' and current and current ~= id then
     make_due(id, due, now)
     return { 'wait', due }
   end
+end
+
+if pending == id and ARGV[13] and now >= tonumber(ARGV[13]) then
+  return { 'changed', stored }
 end
 
 if pending == id then

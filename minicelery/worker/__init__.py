@@ -4,7 +4,7 @@ A map of the package, each module one job, dependencies one way (loop -> the par
 
   loop.py        Worker: start-up, run() around tick(), shutdown; owns the parts below and is
                  the heartbeat's host
-  clock.py       QueueClock: when to look at a queue again without being woken
+  clock.py       QueueClock: when to look at a queue again without being woken; RedisClock: due times on the local clock
   intake.py      every way a claimed task arrives (claim, claim with a finish, hand-off,
                  idle wait), behind Intake.next(); leaving idle sets and giving tasks back
   results.py     results run but not stored yet: held for a batch, stored with retries, and

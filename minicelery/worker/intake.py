@@ -16,15 +16,24 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from ..broker import RedisBroker
 from ..errors import BrokerError
 from ..metrics import WorkerMetrics
 from ..records import Claim, Idle, NextClaim, Wake
-from .clock import REDIS_TIMEOUT_GRAIN, QueueClock
+from .clock import REDIS_TIMEOUT_GRAIN, QueueClock, RedisClock
 from .observe import Observer
 
 log = logging.getLogger("minicelery.worker")
+
+
+class BeginsWithClaim(Protocol):
+    """periodic.Schedules, as the intake sees it."""
+
+    def begin_with_claim(self, queue: str, due_ms: int, token: str) -> list[Any] | None: ...
+
+    def begun_with_claim(self, reply: list[Any]) -> None: ...
 
 
 class Intake:
@@ -42,6 +51,7 @@ class Intake:
         usually_brief: Callable[[Claim], bool],
         sleep_until: Callable[[float], None],
         stopping: Callable[[], bool],
+        schedules: BeginsWithClaim,
     ) -> None:
         self.broker = broker
         self.worker_id = worker_id
@@ -54,7 +64,9 @@ class Intake:
         self.usually_brief = usually_brief
         self.sleep_until = sleep_until  # exact, waking for a stop signal
         self.stopping = stopping  # a stop was requested: do not start an idle wait
-        self.clocks = {queue: QueueClock() for queue in queues}
+        self.schedules = schedules  # a schedule's slot: its begin goes with the claim at that time
+        redis_clock = RedisClock()  # one Redis behind every queue
+        self.clocks = {queue: QueueClock(redis_clock) for queue in queues}
         self.local: deque[Claim] = deque()  # leased to this worker, not started yet
         self._claims = 0
         # Queues whose idle set holds this worker (tasks may be handed to it). A claim that
@@ -93,12 +105,22 @@ class Intake:
         elif isinstance(reply, Idle):
             self.clocks[queue].learn(reply)
 
-    def _claim(self, queue: str, *, woken: bool = False) -> list[Claim]:
+    def _claim(self, queue: str, *, woken: bool = False, timed: bool = False) -> list[Claim]:
+        """`timed`: the due time this worker waited for has come (it may be a schedule's slot)."""
         clock = self.clocks[queue]
-        reply = self.broker.claim(
-            queue, self._token(), self.lease_ms, self.worker_id, clock.held_due_ms, self.batch,
-            woken=woken, handoffs=True,
-        )  # fmt: skip
+        token = self._token()
+        begin = (
+            self.schedules.begin_with_claim(queue, clock.held_due_ms, token) if timed and clock.held_due_ms else None
+        )
+        if begin is None:
+            reply = self.broker.claim(
+                queue, token, self.lease_ms, self.worker_id, clock.held_due_ms, self.batch, woken=woken, handoffs=True
+            )
+        else:
+            reply, begun = self.broker.claim_and_begin(
+                queue, token, self.lease_ms, self.worker_id, clock.held_due_ms, self.batch, begin
+            )
+            self.schedules.begun_with_claim(begun)
         clock.last_claim = time.monotonic()
         if isinstance(reply, list):
             self._claimed(queue, reply)
@@ -122,7 +144,7 @@ class Intake:
         now = time.monotonic()
         for queue, clock in self.clocks.items():
             if clock.next_check <= now or now - clock.last_claim >= self.sweep_interval:
-                claims = self._claim(queue)
+                claims = self._claim(queue, timed=clock.next_check <= now)
                 if claims:
                     return claims
         return []
@@ -181,10 +203,10 @@ class Intake:
     def _on_wake(self, wake: Wake) -> None:
         assert wake.queue is not None
         clock = self.clocks[wake.queue]
-        redis_now = time.time() * 1000 + clock.offset_ms
-        if wake.score_ms > redis_now + 2:
+        due_at = clock.redis.local_time(wake.score_ms)
+        if due_at > time.monotonic() + 0.002:
             # A future due time: wait for it ourselves rather than claim now.
-            clock.next_check = min(clock.next_check, time.monotonic() + (wake.score_ms - redis_now) / 1000)
+            clock.next_check = min(clock.next_check, due_at)
             clock.held_due_ms = int(wake.score_ms)
             return
         self.local.extend(self._claim(wake.queue, woken=True))

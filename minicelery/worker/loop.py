@@ -58,6 +58,7 @@ class Worker:
         self.connection = Connection(
             self.broker, self.signals, self.observer, w.reconnect_max_delay, on_connect=lambda: self.schedules.upsert()
         )
+        self.schedules = Schedules(app, settings, self.metrics)  # periodic tasks: upsert() and begin()
         self.results = ResultBuffer(
             self.broker, self.observer, self.signals, self.connection.sleep,
             batch=w.batch_size, retry_max_delay=w.reconnect_max_delay,
@@ -67,9 +68,9 @@ class Worker:
             lease_ms=int(w.lease_seconds * 1000), batch=w.batch_size, sweep_interval=w.lease_seconds,
             observer=self.observer, metrics=self.metrics, usually_brief=self._usually_brief,
             sleep_until=self.connection.sleep_until, stopping=lambda: self.signals.requested,
+            schedules=self.schedules,
         )  # fmt: skip
         self.upkeep = Upkeep(self.broker, w, self.metrics)
-        self.schedules = Schedules(app, settings, self.metrics)  # periodic tasks: upsert() and begin()
         # Tasks held here (claimed, not started) whose cancel the heartbeat learned of: not run.
         self.cancelled_ids: set[str] = set()
 
