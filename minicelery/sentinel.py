@@ -1,0 +1,173 @@
+"""Redis Sentinel: finding the primary, and noticing at once when it moves.
+
+redis-py's `Sentinel` discovers the primary: a connection of a `master_for` pool asks the
+sentinels where the primary is each time it connects, and a READONLY reply (the old primary,
+now a replica) drops the connection, so the next attempt re-resolves. What redis-py does not
+do (redis-py #3867) is listen for `+switch-master`: a connection blocked on a primary that
+froze (kill -STOP, a long DEBUG SLEEP, a dead link) waits out its whole socket timeout,
+and an idle worker's blocking wait is the longest of those. `SwitchWatch` subscribes to
+`+switch-master` on a sentinel and shuts the sockets of the broker's pools when its primary
+moves: every blocked or in-flight call fails at once with a connection error, is retried,
+and so reconnects to the new primary. A failover is then noticed within down-after-milliseconds
+plus the election (about a second past it), not after a socket timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+import redis.exceptions as redis_errors
+from redis import connection as redis_connection
+from redis import sentinel as redis_sentinel
+
+log = logging.getLogger(__name__)
+
+SWITCH_CHANNEL = "+switch-master"
+# (redis-py leaves these untyped)
+parse_url: Any = redis_connection.parse_url
+
+
+class Sentinel(redis_sentinel.Sentinel):
+    """redis-py's Sentinel, asking GET-MASTER-ADDR-BY-NAME, as the Sentinel client guidelines
+    say: during a failover a sentinel's SENTINEL MASTERS keeps naming the old primary until
+    every replica is reconfigured (seconds: measured here), while this names the promoted one
+    as soon as it is primary; the old one keeps taking writes meanwhile, which are lost."""
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        errors = []
+        for number, sentinel in enumerate(self.sentinels):
+            try:
+                address: Any = sentinel.sentinel_get_master_addr_by_name(service_name)
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+                errors.append(f"{sentinel}: {exc!r}")
+                continue
+            if address:
+                # Ask this one first next time (redis-py does the same)
+                self.sentinels[0], self.sentinels[number] = sentinel, self.sentinels[0]
+                host = address[0].decode() if isinstance(address[0], bytes) else str(address[0])
+                return host, int(address[1])
+        raise redis_sentinel.MasterNotFoundError(f"no sentinel knows a primary {service_name!r} {errors}")
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Parse "host:port" (or "[v6]:port"); ValueError saying what is wrong."""
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not host:port (e.g. 10.0.0.5:26379)")
+    return host, int(port)
+
+
+def data_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Connection options for the primary found by the sentinels: the url's database,
+    credentials and scheme (rediss:// is TLS) with `options` over them; its host and port are
+    not used (the sentinels say where the primary is)."""
+    if url.startswith("unix://"):
+        raise ValueError("a unix:// url cannot be used with sentinels: use redis:// or rediss://")
+    parsed = parse_url(url)
+    kept = {key: value for key, value in parsed.items() if key in ("db", "username", "password")}
+    if url.startswith("rediss://"):
+        kept["ssl"] = True
+    return {**kept, **options}
+
+
+class Topology:
+    """The sentinels of one primary (`master`), and the clients that follow it."""
+
+    def __init__(self, sentinels: Sequence[str], master: str, sentinel_options: dict[str, Any]) -> None:
+        self.addresses = [parse_address(a) for a in sentinels]
+        self.master = master
+        self.sentinel_options = dict(sentinel_options)
+        # (redis-py leaves Sentinel untyped)
+        self.sentinel: Any = Sentinel(self.addresses, sentinel_kwargs=self.sentinel_options)  # type: ignore[no-untyped-call]
+
+    def describe(self) -> str:
+        listed = ",".join(f"{host}:{port}" for host, port in self.addresses)
+        return f"sentinel master {self.master!r} via {listed}"
+
+    def client(self, options: dict[str, Any]) -> redis.Redis:
+        """A client whose connections always go to the current primary."""
+        client: redis.Redis = self.sentinel.master_for(self.master, **options)
+        return client
+
+    def members(self) -> dict[str, Any]:
+        """The primary and replicas the sentinels report now (for check-config and inspect)."""
+        primary = self.sentinel.discover_master(self.master)
+        replicas = self.sentinel.discover_slaves(self.master)
+        return {
+            "master": self.master,
+            "primary": f"{primary[0]}:{primary[1]}",
+            "replicas": [f"{host}:{port}" for host, port in replicas],
+        }
+
+
+def shut_sockets(client: redis.Redis) -> None:
+    """Make every call on this client's connections fail now with a connection error, from
+    another thread: shutdown() wakes a recv() blocked on the socket, and the thread that owns
+    the connection then disconnects it and retries, re-resolving the primary. (The sockets are
+    not closed here: closing under another thread's read races with its parser.)"""
+    pool: Any = client.connection_pool
+    with pool._lock:  # redis-py keeps its connections in these two private sets
+        connections = [*pool._available_connections, *pool._in_use_connections]
+    for connection in connections:
+        sock = connection._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class SwitchWatch(threading.Thread):
+    """Calls `on_switch(new primary "host:port")` whenever a sentinel announces that `master`
+    moved. Subscribes on one sentinel at a time, moving to the next when one fails."""
+
+    def __init__(self, topology: Topology, on_switch: Callable[[str], None]) -> None:
+        super().__init__(name="minicelery-sentinel-watch", daemon=True)
+        self.topology = topology
+        self.on_switch = on_switch
+        self.pid = os.getpid()  # a forked child starts its own
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def run(self) -> None:
+        turn = 0
+        while not self._stopped.is_set():
+            host, port = self.topology.addresses[turn % len(self.topology.addresses)]
+            turn += 1
+            try:
+                self._listen(host, port)
+            except (redis_errors.RedisError, OSError) as exc:
+                log.debug("sentinel %s:%d: %s; watching the next", host, port, exc)
+                self._stopped.wait(0.2)
+
+    def _listen(self, host: str, port: int) -> None:
+        options = {**self.topology.sentinel_options, "socket_timeout": 1.0}
+        client: Any = redis.Redis(host, port, **options)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(SWITCH_CHANNEL)
+            while not self._stopped.is_set():
+                try:
+                    message = pubsub.get_message(timeout=1.0)
+                except redis_errors.TimeoutError:
+                    continue  # quiet: the socket timeout only bounds a read, and stop() is checked
+                if message is None:
+                    continue
+                # "<master name> <old ip> <old port> <new ip> <new port>"
+                data = message["data"]
+                fields = (data.decode() if isinstance(data, bytes) else str(data)).split()
+                if len(fields) == 5 and fields[0] == self.topology.master:
+                    new = f"{fields[3]}:{fields[4]}"
+                    log.warning("sentinel %s:%d: primary %r moved to %s", host, port, fields[0], new)
+                    self.on_switch(new)
+        finally:
+            pubsub.close()
+            client.close()
