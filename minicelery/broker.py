@@ -477,6 +477,16 @@ class RedisBroker:
         claimed = None if next_claim is None else self._parse_claim(next_claim.queue, next_claim.token, replies[-1])
         return statuses, claimed
 
+    def landed(self, finishes: Sequence[FinishItem], statuses: list[ScriptStatus]) -> list[ScriptStatus]:
+        """`statuses` of finishes sent again after a send that got no reply (a failover, a
+        lost connection): a LATE whose task holds this very outcome was the first send's,
+        which did land, so it is OK. (Safe either way: finish.lua never writes twice.)"""
+        checked = list(statuses)
+        for index, (item, status) in enumerate(zip(finishes, statuses, strict=True)):
+            if status is ScriptStatus.LATE and self.outcome(item.queue, item.id)[1] == item.envelope:
+                checked[index] = ScriptStatus.OK
+        return checked
+
     def _ttls(self) -> tuple[int, int]:
         return int(self.result_ttl * 1000), int(self.dead_letter_ttl * 1000)
 

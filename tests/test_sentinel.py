@@ -21,6 +21,8 @@ from sentinelkit import MASTER, SentinelSet
 
 from minicelery import BrokerUnavailable, Client, JSONTransport, NotReplicated, RedisBroker
 from minicelery.errors import ConfigError
+from minicelery.keys import QueueKeys
+from minicelery.records import FinishItem, ScriptStatus
 from minicelery.settings import load_settings
 
 pytestmark = pytest.mark.timeout(120)
@@ -162,3 +164,61 @@ def test_min_replicas_acked_waits_for_a_replica_and_says_when_none_holds_the_tas
     assert app.handle(task.id).state == "ready"  # stored on the primary, as the error says
     app.broker.close()
     strict.broker.close()
+
+
+def test_a_hand_off_lost_in_a_failover_never_reissues_its_fencing_token(
+    redis_url: str, queue: str, r: redis.Redis
+) -> None:
+    """A failover to a replica that missed the last writes loses a hand-off, with its
+    increment of the token counter. The task is handed again (here: its parent's finish is
+    redone): the new token differs, so the first holder's finish is late and cannot settle
+    the task the second holder runs."""
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=60, max_block=1)
+    keys = QueueKeys(queue)
+    broker.enqueue(queue, "parent", b"{}")
+    broker.enqueue(queue, "child", b"{}", parents=["parent"])
+    (parent,) = broker.claim(queue, "wx:1", 5000, "wx")  # type: ignore[misc]
+    replica = {key: r.dump(key) for key in r.scan_iter(match=keys.all_keys_pattern())}
+
+    def hand_child_to(worker: str) -> Any:
+        seconds, micros = r.time()
+        r.zadd(keys.workers, {worker: seconds * 1000 + micros // 1000})
+        assert broker.wait_for_work([queue], worker, 0.001, handoffs_lease_ms=5000, register=[queue]) is None
+        assert broker.finish(queue, "parent", parent.token, succeeded=True, envelope=b"{}") == "ok"
+        wake = broker.wait_for_work([queue], worker, 1, handoffs_lease_ms=5000)
+        assert wake is not None and wake.handed is not None and wake.handed.id == "child"
+        return wake.handed
+
+    first = hand_child_to("w1")
+    r.delete(*r.scan_iter(match=keys.all_keys_pattern()))  # the failover: the replica's copy
+    for key, value in replica.items():
+        r.restore(key, 0, value)
+    second = hand_child_to("w2")
+    assert first.token != second.token
+    assert broker.finish(queue, "child", first.token, succeeded=True, envelope=b"{}") == "late"
+    assert broker.finish(queue, "child", second.token, succeeded=True, envelope=b"{}") == "ok"
+    broker.close()
+
+
+def test_an_enqueue_or_finish_sent_again_after_a_lost_reply_changes_nothing(
+    redis_url: str, queue: str, r: redis.Redis
+) -> None:
+    """What a client resends when a failover swallowed the reply: the enqueue finds its task
+    id stored ("exists"), the finish finds its token spent ("late", nothing written), and the
+    worker counts that finish as its own (`landed`), not as a lost lease."""
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=60, max_block=1)
+    keys = QueueKeys(queue)
+    broker.enqueue(queue, "p", b"{}")
+    broker.enqueue(queue, "c", b"{}", parents=["p"])
+    assert broker.enqueue(queue, "p", b'{"other": 1}').status == "exists"
+    assert r.hget(keys.payload, "p") == b"{}" and r.llen(keys.ready) == 1
+    (claim,) = broker.claim(queue, "w:1", 5000, "w")  # type: ignore[misc]
+    item = FinishItem(queue, "p", claim.token, True, b'{"ok":true,"value":1}', None)
+    assert broker.finish_many([item])[0] == [ScriptStatus.OK]
+    again, _ = broker.finish_many([item])
+    assert again == [ScriptStatus.LATE] and broker.landed([item], again) == [ScriptStatus.OK]
+    other = FinishItem(queue, "p", claim.token, True, b'{"ok":true,"value":2}', None)
+    assert broker.landed([other], [ScriptStatus.LATE]) == [ScriptStatus.LATE]  # not its outcome
+    assert r.hget(keys.result, "p") == b'{"ok":true,"value":1}'
+    assert r.lrange(keys.ready, 0, -1) == [b"c"]  # the child released once
+    broker.close()
