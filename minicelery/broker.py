@@ -302,6 +302,8 @@ class RedisBroker:
         again: a NOSCRIPT reply means that script did not run. An error reply from any script
         raises, after every reply has been read. `replicated`: with min_replicas_acked, a WAIT
         follows in the same round trip, and fewer replicas than that raise NotReplicated."""
+        if self.topology is not None:
+            self.follow_failovers()  # (a producer may never block nor ping)
         wait = replicated and self.min_replicas_acked > 0
         for attempt in (1, 2):
             # (built again after a reload: loading sets each script's SHA)

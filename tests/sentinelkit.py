@@ -16,7 +16,8 @@ from minicelery.redis_server import RedisServer, find_server_binary, free_port
 
 MASTER = "mc"
 # Diskless full syncs at once (the default waits 5 s for more replicas to join one).
-NODE_ARGS = ("--repl-diskless-sync-delay", "0")
+# DEBUG (SLEEP) from loopback only, for the failover suite.
+NODE_ARGS = ("--repl-diskless-sync-delay", "0", "--enable-debug-command", "local")
 DOWN_AFTER_MS = 1000
 
 
@@ -143,6 +144,8 @@ class SentinelSet:
     def restart(self, port: int) -> None:
         """Start a killed node again on its port, as a replica of the current primary."""
         node = self.node(port)
+        if node.process is not None:
+            node.process.wait()  # reap the killed one
         primary = self.primary_port()
         node.extra_args = (*NODE_ARGS, "--replicaof", "127.0.0.1", str(primary))
         node.start()
