@@ -200,7 +200,7 @@ class RedisBroker:
         options.setdefault("socket_connect_timeout", 5.0)
         self._options = options
         self.topology: Topology | None = None
-        self._watch: SwitchWatch | None = None
+        self._watches: list[SwitchWatch] = []
         self.where = url
         if sentinels:
             if not sentinel_master:
@@ -244,14 +244,20 @@ class RedisBroker:
         in flight on an old primary fail over at once when the sentinels announce a new one
         (see sentinel.py). Called before blocking waits and at a worker's connect, not at
         construction: no thread may start before a worker pool forks."""
-        if self.topology is None or (self._watch is not None and self._watch.pid == os.getpid()):
+        if self.topology is None or (self._watches and self._watches[0].pid == os.getpid()):
             return
-        self._watch = SwitchWatch(self.topology, self._primary_moved)
-        self._watch.start()
+        self._watches = [
+            SwitchWatch(self.topology, address, self._primary_moved) for address in self.topology.addresses
+        ]
+        for watch in self._watches:
+            watch.start()
 
-    def _primary_moved(self, primary: str) -> None:
-        for client in (self.redis, self.blocking_redis):
-            shut_sockets(client)
+    def _primary_moved(self, sentinel: str, primary: str) -> None:
+        assert self.topology is not None
+        if self.topology.moved(sentinel, primary):
+            log.warning("sentinel %s: the primary is now %s; following it", sentinel, primary)
+            for client in (self.redis, self.blocking_redis):
+                shut_sockets(client)
 
     def members(self) -> dict[str, Any] | None:
         """With sentinels: the primary and replicas they report now (check-config, inspect)."""
@@ -287,8 +293,8 @@ class RedisBroker:
         return _text(next(iter(reply.values()), "unknown"))
 
     def close(self) -> None:
-        if self._watch is not None:
-            self._watch.stop()
+        for watch in self._watches:
+            watch.stop()
         self.redis.close()
         self.blocking_redis.close()
 

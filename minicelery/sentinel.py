@@ -30,6 +30,7 @@ from redis import sentinel as redis_sentinel
 log = logging.getLogger(__name__)
 
 SWITCH_CHANNEL = "+switch-master"
+PROMOTED_CHANNEL = "+promoted-slave"
 # (redis-py leaves these untyped)
 parse_url: Any = redis_connection.parse_url
 
@@ -87,6 +88,8 @@ class Topology:
         self.sentinel_options = dict(sentinel_options)
         # (redis-py leaves Sentinel untyped)
         self.sentinel: Any = Sentinel(self.addresses, sentinel_kwargs=self.sentinel_options)  # type: ignore[no-untyped-call]
+        self.announced: str | None = None  # the primary the sentinels last announced
+        self._lock = threading.Lock()
 
     def describe(self) -> str:
         listed = ",".join(f"{host}:{port}" for host, port in self.addresses)
@@ -96,6 +99,20 @@ class Topology:
         """A client whose connections always go to the current primary."""
         client: redis.Redis = self.sentinel.master_for(self.master, **options)
         return client
+
+    def moved(self, sentinel: str, primary: str) -> bool:
+        """A sentinel announced `primary`: ask that sentinel first from now on (during a
+        failover only the leading sentinel names the promoted replica). True if this is news
+        (each sentinel announces the same move)."""
+        with self._lock:
+            clients = self.sentinel.sentinels
+            for number, client in enumerate(clients):
+                kwargs = client.connection_pool.connection_kwargs
+                if f"{kwargs.get('host')}:{kwargs.get('port')}" == sentinel:
+                    clients.insert(0, clients.pop(number))
+                    break
+            news, self.announced = primary != self.announced, primary
+        return news
 
     def members(self) -> dict[str, Any]:
         """The primary and replicas the sentinels report now (for check-config and inspect)."""
@@ -124,13 +141,16 @@ def shut_sockets(client: redis.Redis) -> None:
 
 
 class SwitchWatch(threading.Thread):
-    """Calls `on_switch(new primary "host:port")` whenever a sentinel announces that `master`
-    moved. Subscribes on one sentinel at a time, moving to the next when one fails."""
+    """Subscribed to one sentinel: calls `on_move(this sentinel, new primary "host:port")` when
+    it announces that `master` moved. The broker runs one per sentinel: +promoted-slave (a
+    replica is primary now) comes only from the sentinel leading the failover, about a second
+    before +switch-master (the failover is over) comes from each."""
 
-    def __init__(self, topology: Topology, on_switch: Callable[[str], None]) -> None:
-        super().__init__(name="minicelery-sentinel-watch", daemon=True)
+    def __init__(self, topology: Topology, address: tuple[str, int], on_move: Callable[[str, str], None]) -> None:
+        super().__init__(name=f"minicelery-sentinel-{address[0]}:{address[1]}", daemon=True)
         self.topology = topology
-        self.on_switch = on_switch
+        self.address = address
+        self.on_move = on_move
         self.pid = os.getpid()  # a forked child starts its own
         self._stopped = threading.Event()
 
@@ -138,36 +158,42 @@ class SwitchWatch(threading.Thread):
         self._stopped.set()
 
     def run(self) -> None:
-        turn = 0
         while not self._stopped.is_set():
-            host, port = self.topology.addresses[turn % len(self.topology.addresses)]
-            turn += 1
             try:
-                self._listen(host, port)
+                self._listen()
             except (redis_errors.RedisError, OSError) as exc:
-                log.debug("sentinel %s:%d: %s; watching the next", host, port, exc)
-                self._stopped.wait(0.2)
+                log.debug("sentinel %s:%d: %s; subscribing again", *self.address, exc)
+                self._stopped.wait(0.5)
 
-    def _listen(self, host: str, port: int) -> None:
+    def _listen(self) -> None:
         options = {**self.topology.sentinel_options, "socket_timeout": 1.0}
-        client: Any = redis.Redis(host, port, **options)
+        client: Any = redis.Redis(*self.address, **options)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
+        sentinel = f"{self.address[0]}:{self.address[1]}"
         try:
-            pubsub.subscribe(SWITCH_CHANNEL)
+            pubsub.subscribe(SWITCH_CHANNEL, PROMOTED_CHANNEL)
             while not self._stopped.is_set():
                 try:
                     message = pubsub.get_message(timeout=1.0)
                 except redis_errors.TimeoutError:
                     continue  # quiet: the socket timeout only bounds a read, and stop() is checked
-                if message is None:
-                    continue
-                # "<master name> <old ip> <old port> <new ip> <new port>"
-                data = message["data"]
-                fields = (data.decode() if isinstance(data, bytes) else str(data)).split()
-                if len(fields) == 5 and fields[0] == self.topology.master:
-                    new = f"{fields[3]}:{fields[4]}"
-                    log.warning("sentinel %s:%d: primary %r moved to %s", host, port, fields[0], new)
-                    self.on_switch(new)
+                new = message and moved_to(self.topology.master, _text(message["channel"]), _text(message["data"]))
+                if new:
+                    self.on_move(sentinel, new)
         finally:
             pubsub.close()
             client.close()
+
+
+def moved_to(master: str, channel: str, data: str) -> str | None:
+    """The new primary "host:port" a sentinel event announces for `master`, else None."""
+    fields = data.split()
+    if channel == SWITCH_CHANNEL and len(fields) == 5 and fields[0] == master:
+        return f"{fields[3]}:{fields[4]}"  # <master> <old ip> <old port> <new ip> <new port>
+    if channel == PROMOTED_CHANNEL and len(fields) == 8 and fields[0] == "slave" and fields[5] == master:
+        return f"{fields[2]}:{fields[3]}"  # slave <ip:port> <ip> <port> @ <master> <ip> <port>
+    return None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import redis
 from conftest import wait_until
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from minicelery.redis_server import RedisServer, find_server_binary, free_port
 
@@ -62,7 +64,9 @@ class SentinelSet:
         return path
 
     def _ask(self, port: int, *command: str) -> object:
-        client = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+        # No retries: redis-py's default (10, each after a socket timeout) makes one question
+        # to a stopped server take 15 s.
+        client = redis.Redis(port=port, socket_timeout=1, decode_responses=True, retry=Retry(NoBackoff(), 0))
         try:
             return client.execute_command(*command)
         finally:
@@ -130,8 +134,24 @@ class SentinelSet:
         self.wait_new_primary(old)
 
     def wait_new_primary(self, old: int | None, timeout: float = 30) -> int:
-        port = wait_until(lambda: (p := self.primary_port()) not in (None, old) and p, timeout, "a new primary")
+        """Until a quorum (2) of sentinels names a primary other than `old` that says it is
+        primary (the third may lag for seconds: clients asking it first retry)."""
+        port = wait_until(lambda: (p := self._quorum_primary()) not in (None, old) and p, timeout, "a new primary")
         return int(port)  # type: ignore[call-overload]
+
+    def _quorum_primary(self) -> int | None:
+        named: dict[int, int] = {}
+        for sentinel in self.sentinel_ports:
+            try:
+                port = int(self._ask(sentinel, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER)[1])  # type: ignore[index]
+            except redis.RedisError:
+                continue
+            named[port] = named.get(port, 0) + 1
+        port = next((p for p, votes in named.items() if votes >= 2), None)
+        try:
+            return port if port is not None and self._ask(port, "ROLE")[0] == "master" else None  # type: ignore[index]
+        except redis.RedisError:
+            return None
 
     def signal_primary(self, sig: signal.Signals) -> int:
         port = self.primary_port()
