@@ -94,6 +94,10 @@ class RedisSettings(_Section):
             raise ValueError("redis.sentinel_master must name the monitored primary when redis.sentinels is set")
         if self.sentinel_master and not self.sentinels:
             raise ValueError("redis.sentinel_master is set but redis.sentinels lists no sentinel")
+        if self.min_replicas_acked and self.replica_ack_timeout >= self.socket_timeout:
+            raise ValueError(
+                "redis.replica_ack_timeout must be below redis.socket_timeout (the WAIT rides in the enqueue)"
+            )
         if self.sentinels and self.url.startswith("unix://"):
             raise ValueError("redis.url cannot be unix:// with redis.sentinels: use redis:// or rediss://")
         return self

@@ -68,6 +68,7 @@ def test_sentinel_settings_are_checked_and_each_problem_names_the_setting(tmp_pa
         'sentinel_master = "mc"': "lists no sentinel",
         'sentinels = ["a:1"]\nsentinel_master = "mc"\nurl = "unix:///run/redis.sock"': "cannot be unix://",
         "min_replicas_acked = -1": "redis.min_replicas_acked",
+        "min_replicas_acked = 1\nreplica_ack_timeout = 5": "must be below redis.socket_timeout",
     }
     for body, expected in cases.items():
         path = tmp_path / "bad.toml"
