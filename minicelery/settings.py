@@ -44,6 +44,7 @@ CONFIG_ENV = "MINICELERY_CONFIG"
 OTHER_ENV = (CONFIG_ENV, "MINICELERY_REQUIRE_TOOLS", "MINICELERY_ROOTFS", "MINICELERY_TEST_")
 # systemd's LoadCredential=redis-password:/path puts the file here for the service.
 CREDENTIAL_NAME = "redis-password"
+SENTINEL_CREDENTIAL_NAME = "sentinel-password"  # the same, for the sentinels' own password
 
 
 class _Section(BaseModel):
@@ -133,15 +134,21 @@ class RedisSettings(_Section):
 
     def sentinel_options(self) -> dict[str, Any]:
         """Keyword arguments for the connections to the sentinels (their own credentials:
-        sentinels usually have none, or other ones than the data nodes)."""
+        sentinels usually have none, or other ones than the data nodes). The password is
+        sentinel_password, else sentinel_password_file, else the systemd credential
+        $CREDENTIALS_DIRECTORY/sentinel-password."""
         options: dict[str, Any] = {
             "socket_timeout": self.socket_timeout,
             "socket_connect_timeout": self.connect_timeout,
         }
+        path = self.sentinel_password_file
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if path is None and credentials and (Path(credentials) / SENTINEL_CREDENTIAL_NAME).is_file():
+            path = Path(credentials) / SENTINEL_CREDENTIAL_NAME
         if self.sentinel_password is not None:
             options["password"] = self.sentinel_password.get_secret_value()
-        elif self.sentinel_password_file is not None:
-            options["password"] = self.sentinel_password_file.read_text().strip() or None
+        elif path is not None:
+            options["password"] = path.read_text().strip() or None
         if self.sentinel_username is not None:
             options["username"] = self.sentinel_username
         if self.sentinel_tls:

@@ -82,6 +82,23 @@ def test_sentinel_settings_are_checked_and_each_problem_names_the_setting(tmp_pa
     assert result.returncode == 78 and "redis.sentinels" in result.stderr and "host:port" in result.stderr
 
 
+def test_the_sentinels_password_comes_from_the_setting_its_file_or_the_systemd_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "sentinel-password").write_text("from-credential\n")
+    (tmp_path / "file").write_text("from-file\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    path = tmp_path / "tasks.toml"
+    base = '[redis]\nsentinels = ["127.0.0.1:26379"]\nsentinel_master = "mc"\n'
+    for extra, expected in (
+        ("", "from-credential"),
+        (f'sentinel_password_file = "{tmp_path / "file"}"\n', "from-file"),
+        ('sentinel_password = "inline"\n', "inline"),
+    ):
+        path.write_text(base + extra)
+        assert load_settings(path).redis.sentinel_options()["password"] == expected
+
+
 def test_check_config_and_inspect_show_the_primary_and_replicas(sentinel_set: SentinelSet, tmp_path: Path) -> None:
     path = tmp_path / "tasks.toml"
     addresses = ", ".join(f'"{a}"' for a in sentinel_set.addresses)
