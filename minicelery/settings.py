@@ -116,11 +116,7 @@ class RedisSettings(_Section):
         An empty file means no password (so one can be provisioned empty and filled in later)."""
         if self.password is not None:
             return self.password.get_secret_value()
-        path = self.password_file
-        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-        if path is None and credentials and (Path(credentials) / CREDENTIAL_NAME).is_file():
-            path = Path(credentials) / CREDENTIAL_NAME
-        return (path.read_text().strip() or None) if path is not None else None
+        return _read_secret(self.password_file, CREDENTIAL_NAME)
 
     def _tls_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {}
@@ -141,14 +137,10 @@ class RedisSettings(_Section):
             "socket_timeout": self.socket_timeout,
             "socket_connect_timeout": self.connect_timeout,
         }
-        path = self.sentinel_password_file
-        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-        if path is None and credentials and (Path(credentials) / SENTINEL_CREDENTIAL_NAME).is_file():
-            path = Path(credentials) / SENTINEL_CREDENTIAL_NAME
         if self.sentinel_password is not None:
             options["password"] = self.sentinel_password.get_secret_value()
-        elif path is not None:
-            options["password"] = path.read_text().strip() or None
+        else:
+            options["password"] = _read_secret(self.sentinel_password_file, SENTINEL_CREDENTIAL_NAME)
         if self.sentinel_username is not None:
             options["username"] = self.sentinel_username
         if self.sentinel_tls:
@@ -168,6 +160,16 @@ class RedisSettings(_Section):
             options["username"] = self.username
         options.update(self._tls_options())
         return options
+
+
+def _read_secret(path: Path | None, credential: str) -> str | None:
+    """The file's text, else that of the systemd credential of this name
+    ($CREDENTIALS_DIRECTORY/<credential>), else None. An empty file means no password (so one
+    can be provisioned empty and filled in later)."""
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if path is None and credentials and (Path(credentials) / credential).is_file():
+        path = Path(credentials) / credential
+    return (path.read_text().strip() or None) if path is not None else None
 
 
 class WorkerSettings(_Section):
