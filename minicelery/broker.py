@@ -252,9 +252,9 @@ class RedisBroker:
         for watch in self._watches:
             watch.start()
 
-    def _primary_moved(self, sentinel: str, primary: str) -> None:
+    def _primary_moved(self, sentinel: str, primary: str, promoting: bool) -> None:
         assert self.topology is not None
-        if self.topology.moved(sentinel, primary):
+        if self.topology.moved(sentinel, primary, promoting):
             log.warning("sentinel %s: the primary is now %s; following it", sentinel, primary)
             for client in (self.redis, self.blocking_redis):
                 shut_sockets(client)

@@ -9,9 +9,9 @@ Per fault the scorecard gets: accepted tasks lost by each, tasks run twice, and 
 the fault each worker ran a task again (p50, max). The test fails if a worker is stuck (does
 not run a task within 30 s of the fault) or dies, or if a kill -9 or kill -STOP loses a task
 that min_replicas_acked = 1 accepted: a replica held it, and Sentinel promotes the replica
-with the most data. (A planned failover or a DEBUG SLEEP can still lose one: the old primary
-takes writes until it is demoted, and a replica not yet moved to the new primary can
-acknowledge them; the scorecard shows how many.)
+with the most data. (A planned failover can still lose a write the old primary took in the
+milliseconds before the clients heard of the promotion, which the replica not yet moved to
+the new primary acknowledges; the scorecard shows how many.)
 """
 
 from __future__ import annotations
