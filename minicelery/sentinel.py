@@ -57,37 +57,36 @@ class Sentinel(redis_sentinel.Sentinel):
 
     promoting: tuple[str, int] | None = None  # the replica a failover is promoting, if any
     promoting_until = 0.0
-    announced: tuple[str, int] | None = None  # the primary a sentinel last announced
     data_options: dict[str, Any] = {}  # noqa: RUF012  # (set per instance by Topology.client)
 
     def discover_master(self, service_name: str) -> tuple[str, int]:
-        """The replica being promoted, once it says it is primary; else the primary last
-        announced, if it still says so; else what the first sentinel that answers says.
+        """The replica being promoted, once it says it is primary; else the primary most of
+        the sentinels that answer name (the first one's answer on a tie).
 
-        The announcements come first because a sentinel can name the old primary for seconds
-        after a failover (until it hears of it), and an old primary that was frozen (kill
-        -STOP) still says it is primary when it wakes, until the sentinels demote it: a
-        worker that reached it claimed stale tasks there (measured: 460 ran twice)."""
+        Not the first answer alone: a sentinel can lag behind a failover, and even announce
+        an earlier one late (+switch-master to a primary that has since failed): a frozen old
+        primary (kill -STOP) that wakes still says it is primary until the sentinels demote
+        it, and clients sent there by such a sentinel wrote to it for ~10 s (measured: ~460
+        tasks lost, or run twice, in 3 of ~12 runs of the failover suite)."""
         candidate = self.promoting
         if candidate is not None and time.monotonic() < self.promoting_until:
             if self._says_primary(candidate, min(PROMOTION_WAIT, self.promoting_until - time.monotonic())):
-                self.announced = candidate
                 return candidate
             self.promoting = None  # not primary in time: the sentinels decide
-        if self.announced is not None and self._says_primary(self.announced, 0):
-            return self.announced
+        votes: dict[tuple[str, int], int] = {}
         errors = []
-        for number, sentinel in enumerate(self.sentinels):
+        for sentinel in self.sentinels:
             try:
                 address: Any = sentinel.sentinel_get_master_addr_by_name(service_name)
             except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
                 errors.append(f"{sentinel}: {exc!r}")
                 continue
             if address:
-                # Ask this one first next time (redis-py does the same)
-                self.sentinels[0], self.sentinels[number] = sentinel, self.sentinels[0]
-                return _text(address[0]), int(address[1])
-        raise redis_sentinel.MasterNotFoundError(f"no sentinel knows a primary {service_name!r} {errors}")
+                named = (_text(address[0]), int(address[1]))
+                votes[named] = votes.get(named, 0) + 1
+        if not votes:
+            raise redis_sentinel.MasterNotFoundError(f"no sentinel knows a primary {service_name!r} {errors}")
+        return max(votes, key=lambda named: votes[named])  # (dicts keep order: the first answer wins a tie)
 
     def _says_primary(self, address: tuple[str, int], wait: float) -> bool:
         """Whether the server answers ROLE with master, asking until `wait` s have passed
@@ -157,12 +156,10 @@ class Topology:
         failover only the leading sentinel names the promoted replica). `promoting`: it is
         only being promoted (see Sentinel._promoted). True if this is news (each sentinel
         announces the same move)."""
-        host, _, port = primary.rpartition(":")
         if promoting:
+            host, _, port = primary.rpartition(":")
             self.sentinel.promoting = (host, int(port))
             self.sentinel.promoting_until = time.monotonic() + PROMOTION_WINDOW
-        else:
-            self.sentinel.announced = (host, int(port))
         with self._lock:
             clients = self.sentinel.sentinels
             for number, client in enumerate(clients):
