@@ -256,8 +256,10 @@ class RedisBroker:
         assert self.topology is not None
         if self.topology.moved(sentinel, primary, promoting):
             log.warning("sentinel %s: the primary is now %s; following it", sentinel, primary)
-            for client in (self.redis, self.blocking_redis):
-                shut_sockets(client)
+        # On every announcement, news or not: a connection made meanwhile may have gone to a
+        # server a lagging sentinel still named (an old primary that, woken, says it is one).
+        for client in (self.redis, self.blocking_redis):
+            shut_sockets(client, keep=primary)
 
     def members(self) -> dict[str, Any] | None:
         """With sentinels: the primary and replicas they report now (check-config, inspect)."""

@@ -181,17 +181,18 @@ class Topology:
         }
 
 
-def shut_sockets(client: redis.Redis) -> None:
+def shut_sockets(client: redis.Redis, keep: str | None = None) -> None:
     """Make every call on this client's connections fail now with a connection error, from
     another thread: shutdown() wakes a recv() blocked on the socket, and the thread that owns
     the connection then disconnects it and retries, re-resolving the primary. (The sockets are
-    not closed here: closing under another thread's read races with its parser.)"""
+    not closed here: closing under another thread's read races with its parser.) Connections
+    to `keep` ("host:port") are left alone."""
     pool: Any = client.connection_pool
     with pool._lock:  # redis-py keeps its connections in these two private sets
         connections = [*pool._available_connections, *pool._in_use_connections]
     for connection in connections:
         sock = connection._sock
-        if sock is not None:
+        if sock is not None and f"{connection.host}:{connection.port}" != keep:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
