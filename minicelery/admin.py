@@ -151,6 +151,10 @@ class Admin:
         if as_json:
             print(json.dumps(report, indent=2))
             return 0
+        members = self.broker.members()
+        if members is not None:
+            replicas = " ".join(members["replicas"]) or "none"
+            print(f"sentinel master {members['master']}: primary {members['primary']}, replicas {replicas}")
         for queue, info in report.items():
             depths = ", ".join(f"{state} {count}" for state, count in info["depths"].items())
             print(f"queue {queue}: {depths}")

@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import socket
 import time
 from collections.abc import Iterator, Sequence
@@ -22,7 +23,7 @@ import redis
 import redis.exceptions as redis_errors
 from redis.commands.core import Script
 
-from .errors import BrokerAuthError, BrokerError, BrokerUnavailable, MiniceleryError
+from .errors import BrokerAuthError, BrokerError, BrokerUnavailable, MiniceleryError, NotReplicated
 from .keys import ROOT, QueueKeys, queue_keys, worker_wake_key
 from .records import (
     NO_RETRY,
@@ -36,6 +37,7 @@ from .records import (
     Wake,
     script_status,
 )
+from .sentinel import SwitchWatch, Topology, data_options, shut_sockets
 from .transport import JSONTransport
 
 if TYPE_CHECKING:
@@ -98,8 +100,18 @@ def translate_errors(what: str) -> Iterator[None]:
         dns = isinstance(exc.__cause__ or exc.__context__, socket.gaierror)
         reason = f"cannot resolve host: {exc}" if dns else str(exc)
         raise BrokerUnavailable(f"Redis unavailable during {what}: {reason}") from exc
+    except redis_errors.ResponseError as exc:
+        if _primary_moved(exc):  # the primary became a replica (a failover): follow it, as for a lost connection
+            raise BrokerUnavailable(f"Redis primary moved during {what}: {exc}") from exc
+        raise BrokerError(f"Redis error during {what}: {exc}") from exc
     except redis_errors.RedisError as exc:
         raise BrokerError(f"Redis error during {what}: {exc}") from exc
+
+
+def _primary_moved(exc: redis_errors.ResponseError) -> bool:
+    """READONLY (a write reached a replica) or UNBLOCKED (a blocking call ended because its
+    server turned replica): the primary moved; reconnecting finds the new one."""
+    return isinstance(exc, redis_errors.ReadOnlyError) or str(exc).startswith("UNBLOCKED")
 
 
 def _script_source(name: str) -> str:
@@ -108,6 +120,11 @@ def _script_source(name: str) -> str:
     folder = resources.files("minicelery") / "scripts"
     shared = ["_common", "_schedules"] if name.startswith("schedule_") or name == "cancel" else ["_common"]
     return "\n".join((folder / f"{part}.lua").read_text() for part in [*shared, name])
+
+
+def _socket_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The timeouts of the data connection, which the sentinel connections share by default."""
+    return {key: value for key, value in options.items() if key.startswith("socket_")}
 
 
 def _text(value: Any) -> str:
@@ -132,18 +149,40 @@ class RedisBroker:
         dead_letter_ttl: float | None = None,
         connection_options: dict[str, Any] | None = None,
         settings: Settings | None = None,
+        sentinels: Sequence[str] | None = None,
+        sentinel_master: str | None = None,
+        sentinel_options: dict[str, Any] | None = None,
+        min_replicas_acked: int | None = None,
+        replica_ack_timeout: float | None = None,
     ) -> None:
         """What is not given comes from `settings`, loaded here if not passed: the one source
-        of every default (the worker and the CLI pass theirs, via from_settings)."""
-        from .settings import WorkerSettings, load_settings  # deferred: settings read env and files
+        of every default (the worker and the CLI pass theirs, via from_settings).
+
+        With `sentinels` ("host:port" each) and `sentinel_master`, the sentinels say where the
+        primary is, and every call follows it across a failover (see sentinel.py); `url` then
+        gives only the database, credentials and scheme. `min_replicas_acked`: enqueues
+        return only once that many replicas hold them (WAIT, up to `replica_ack_timeout` s)."""
+        from .settings import RedisSettings, WorkerSettings, load_settings  # deferred: settings read env and files
 
         options = dict(connection_options or {})
         if settings is None and None in (url, result_ttl, max_block):
             settings = load_settings()
         worker = settings.worker if settings is not None else WorkerSettings()
+        redis_settings = settings.redis if settings is not None else RedisSettings()
         if settings is not None:
             url = url or settings.redis.url
             options = {**settings.redis.connection_options(), **options}
+            if sentinels is None and settings.redis.sentinels:
+                sentinels, sentinel_master = settings.redis.sentinels, settings.redis.sentinel_master
+                sentinel_options = {**settings.redis.sentinel_options(), **(sentinel_options or {})}
+        if min_replicas_acked is None:
+            min_replicas_acked = redis_settings.min_replicas_acked
+        if replica_ack_timeout is None:
+            replica_ack_timeout = redis_settings.replica_ack_timeout
+        if min_replicas_acked < 0 or replica_ack_timeout <= 0:
+            raise ValueError("min_replicas_acked must be 0 or more, replica_ack_timeout positive (seconds)")
+        self.min_replicas_acked = int(min_replicas_acked)
+        self.replica_ack_timeout = float(replica_ack_timeout)
         result_ttl = worker.result_ttl if result_ttl is None else result_ttl
         max_block = worker.idle_block_max if max_block is None else max_block
         dead_letter_ttl = worker.dead_letter_ttl if dead_letter_ttl is None else dead_letter_ttl
@@ -160,10 +199,21 @@ class RedisBroker:
         options.setdefault("socket_timeout", 5.0)
         options.setdefault("socket_connect_timeout", 5.0)
         self._options = options
-        self.redis = redis.Redis.from_url(url, **options)
-        blocking_options = {**options, "socket_timeout": self.max_block + BLOCKING_SOCKET_SLACK}
+        self.topology: Topology | None = None
+        self._watches: list[SwitchWatch] = []
+        self.where = url
+        if sentinels:
+            if not sentinel_master:
+                raise ValueError("sentinel_master must name the primary the sentinels monitor")
+            self.topology = Topology(
+                sentinels, sentinel_master, {**_socket_options(options), **(sentinel_options or {})}
+            )
+            self._options = data_options(url, options)
+            self.where = self.topology.describe()
+        self.redis = self._client(self._options)
+        blocking_options = {**self._options, "socket_timeout": self.max_block + BLOCKING_SOCKET_SLACK}
         # Blocking calls get their own pool whose socket timeout outlasts the longest block.
-        self.blocking_redis = redis.Redis.from_url(url, **blocking_options)
+        self.blocking_redis = self._client(blocking_options)
         self._scripts: dict[str, Script] = {
             name: self.redis.register_script(_script_source(name)) for name in SCRIPT_NAMES
         }
@@ -181,7 +231,42 @@ class RedisBroker:
             # The blocking connections' socket timeout must outlast the longest block.
             self.blocking_redis.close()
             options = {**self._options, "socket_timeout": self.max_block + BLOCKING_SOCKET_SLACK}
-            self.blocking_redis = redis.Redis.from_url(self.url, **options)
+            self.blocking_redis = self._client(options)
+
+    def _client(self, options: dict[str, Any]) -> redis.Redis:
+        """A client of the one Redis server, or of whichever is primary now (sentinels)."""
+        if self.topology is not None:
+            return self.topology.client(options)
+        return redis.Redis.from_url(self.url, **options)
+
+    def follow_failovers(self) -> None:
+        """With sentinels: start (once per process) the thread that makes every call blocked or
+        in flight on an old primary fail over at once when the sentinels announce a new one
+        (see sentinel.py). Called before blocking waits and at a worker's connect, not at
+        construction: no thread may start before a worker pool forks."""
+        if self.topology is None or (self._watches and self._watches[0].pid == os.getpid()):
+            return
+        self._watches = [
+            SwitchWatch(self.topology, address, self._primary_moved) for address in self.topology.addresses
+        ]
+        for watch in self._watches:
+            watch.start()
+
+    def _primary_moved(self, sentinel: str, primary: str, promoting: bool) -> None:
+        assert self.topology is not None
+        if self.topology.moved(sentinel, primary, promoting):
+            log.warning("sentinel %s: the primary is now %s; following it", sentinel, primary)
+        # On every announcement, news or not: a connection made meanwhile may have gone to a
+        # server a lagging sentinel still named (an old primary that, woken, says it is one).
+        for client in (self.redis, self.blocking_redis):
+            shut_sockets(client, keep=primary)
+
+    def members(self) -> dict[str, Any] | None:
+        """With sentinels: the primary and replicas they report now (check-config, inspect)."""
+        if self.topology is None:
+            return None
+        with translate_errors("ask the sentinels"):
+            return self.topology.members()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisBroker:
@@ -191,6 +276,7 @@ class RedisBroker:
     # --- lifecycle -----------------------------------------------------------------------------
 
     def ping(self) -> None:
+        self.follow_failovers()
         with translate_errors("PING"):
             self.redis.ping()
 
@@ -209,25 +295,51 @@ class RedisBroker:
         return _text(next(iter(reply.values()), "unknown"))
 
     def close(self) -> None:
+        for watch in self._watches:
+            watch.stop()
         self.redis.close()
         self.blocking_redis.close()
 
     # --- scripts -------------------------------------------------------------------------------
 
-    def _pipelined(self, what: str, calls: Sequence[tuple[str, list[str], list[Any]]]) -> list[Any]:
-        """Several scripts in one round trip, by SHA. Scripts missing after a Redis restart are
-        loaded and the whole lot is sent again: a NOSCRIPT reply means that script did not run.
-        An error reply from any script raises, after every reply has been read."""
-        commands = [("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args) for name, keys, args in calls]
+    def _pipelined(
+        self, what: str, calls: Sequence[tuple[str, list[str], list[Any]]], *, replicated: bool = False
+    ) -> list[Any]:
+        """Several scripts in one round trip, by SHA. Scripts missing after a Redis restart (or
+        on a new primary: the script cache is per server) are loaded and the whole lot is sent
+        again: a NOSCRIPT reply means that script did not run. An error reply from any script
+        raises, after every reply has been read. `replicated`: with min_replicas_acked, a WAIT
+        follows in the same round trip, and fewer replicas than that raise NotReplicated."""
+        if self.topology is not None:
+            self.follow_failovers()  # (a producer may never block nor ping)
+        wait = replicated and self.min_replicas_acked > 0
         for attempt in (1, 2):
+            # (built again after a reload: loading sets each script's SHA)
+            commands: list[tuple[Any, ...]] = [
+                ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args) for name, keys, args in calls
+            ]
+            if wait:
+                commands.append(("WAIT", self.min_replicas_acked, int(self.replica_ack_timeout * 1000)))
             with translate_errors(what):
                 try:
-                    return self._exchange(self.redis, commands)
+                    replies = self._exchange(self.redis, commands)
                 except redis_errors.NoScriptError:
                     if attempt == 2:
                         raise
                     self.load_scripts()
+                    continue
+            if wait:
+                self._check_replicated(what, int(replies.pop()))
+            return replies
         raise AssertionError("unreachable")
+
+    def _check_replicated(self, what: str, acked: int) -> None:
+        if acked < self.min_replicas_acked:
+            raise NotReplicated(
+                f"{what}: stored on the primary, but {acked} of the {self.min_replicas_acked} replicas required "
+                f"(redis.min_replicas_acked) acknowledged it within {self.replica_ack_timeout:g} s, so a failover "
+                "now could lose it; sending it again is safe (the task id makes it idempotent)"
+            )
 
     @staticmethod
     def _exchange(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -244,11 +356,15 @@ class RedisBroker:
         def send_and_read() -> list[Any]:
             connection.send_packed_command([b"".join([hiredis.pack_command(c) for c in commands])])
             replies: list[Any] = []
+            moved = None
             for _ in commands:
                 try:
                     replies.append(connection.read_response())
                 except redis_errors.ResponseError as exc:
                     replies.append(exc)
+                    moved = moved or (exc if _primary_moved(exc) else None)
+            if moved is not None:  # nothing ran on a replica: reconnect (to the new primary) and resend
+                raise redis_errors.ConnectionError(f"the primary moved: {moved}")
             return replies
 
         try:
@@ -289,14 +405,15 @@ class RedisBroker:
 
     def enqueue(self, queue: str, task_id: str, payload: bytes, **options: Any) -> EnqueueReply:
         """Store one task (options: delay_ms, at_ms, parents, dedup_key, reschedule)."""
-        reply = self._run("enqueue", queue_keys(queue), self._enqueue_args(task_id, payload, **options))
+        calls = [("enqueue", queue_keys(queue).as_list(), self._enqueue_args(task_id, payload, **options))]
+        reply = self._pipelined(f"enqueue of task {task_id}", calls, replicated=True)[0]
         return EnqueueReply(_text(reply[0]), _text(reply[1]))
 
     def enqueue_many(self, queue: str, tasks: Sequence[tuple[str, bytes]]) -> list[EnqueueReply]:
         """Store many ready-to-run tasks in one round trip (a pipeline of enqueue scripts)."""
         keys = queue_keys(queue).as_list()
         calls = [("enqueue", keys, self._enqueue_args(task_id, payload)) for task_id, payload in tasks]
-        replies = self._pipelined("enqueue many", calls)
+        replies = self._pipelined(f"enqueue of {len(calls)} tasks", calls, replicated=True)
         return [EnqueueReply(_text(reply[0]), _text(reply[1])) for reply in replies]
 
     def claim(
@@ -385,6 +502,16 @@ class RedisBroker:
                 statuses[index] = script_status(status)
         claimed = None if next_claim is None else self._parse_claim(next_claim.queue, next_claim.token, replies[-1])
         return statuses, claimed
+
+    def landed(self, finishes: Sequence[FinishItem], statuses: list[ScriptStatus]) -> list[ScriptStatus]:
+        """`statuses` of finishes sent again after a send that got no reply (a failover, a
+        lost connection): a LATE whose task holds this very outcome was the first send's,
+        which did land, so it is OK. (Safe either way: finish.lua never writes twice.)"""
+        checked = list(statuses)
+        for index, (item, status) in enumerate(zip(finishes, statuses, strict=True)):
+            if status is ScriptStatus.LATE and self.outcome(item.queue, item.id)[1] == item.envelope:
+                checked[index] = ScriptStatus.OK
+        return checked
 
     def _ttls(self) -> tuple[int, int]:
         return int(self.result_ttl * 1000), int(self.dead_letter_ttl * 1000)
@@ -513,6 +640,7 @@ class RedisBroker:
         `handoffs_lease_ms`, one of its inboxes is pushed. First, in the same round trip, it
         joins the idle set of each queue in `register`: from then on a ready task on that queue
         may be handed straight to its inbox, leased for `handoffs_lease_ms`."""
+        self.follow_failovers()
         markers = {queue_keys(q).marker: q for q in queues}
         inboxes = {} if handoffs_lease_ms is None else {queue_keys(q).inbox(worker_id): q for q in queues}
         wake_key = worker_wake_key(worker_id)
@@ -579,6 +707,7 @@ class RedisBroker:
         BLMOVE from the task's done list back onto itself returns to every waiter in turn
         and leaves the element in place, so any number of waiters wake on one finish.
         """
+        self.follow_failovers()
         key = queue_keys(queue).done(task_id)
         timeout = max(0.001, min(timeout, self.max_block))
         with translate_errors("BLMOVE"):

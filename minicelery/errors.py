@@ -48,6 +48,10 @@ class BrokerUnavailable(BrokerError):
     """Redis could not be reached (connection refused, reset, timed out, loading)."""
 
 
+class NotReplicated(BrokerError):
+    """An enqueue reached the primary but not the replicas redis.min_replicas_acked asks for."""
+
+
 class BrokerAuthError(ConfigError, BrokerError):
     """Redis refused our credentials or the ACL user lacks a command: retrying cannot fix it."""
 

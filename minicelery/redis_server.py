@@ -46,6 +46,7 @@ class RedisServer:
         password: str | None = None,
         extra_args: tuple[str, ...] = (),
         own_process_group: bool = False,
+        command: tuple[str, ...] = (),
     ) -> None:
         self.port = port or free_port()
         self.password = password
@@ -55,6 +56,7 @@ class RedisServer:
         # The demo's server: a terminal's Ctrl-C then reaches only its owner, which stops it last.
         self.own_process_group = own_process_group
         self.process: subprocess.Popen[bytes] | None = None
+        self.command = command  # the server's command instead of find_server_binary()'s (tests: faketime)
 
     @property
     def url(self) -> str:
@@ -63,7 +65,7 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         args = [
-            find_server_binary(),
+            *(self.command or [find_server_binary()]),
             "--port",
             str(self.port),
             "--bind",

@@ -45,6 +45,7 @@ CONFIG_ENV = "MINICELERY_CONFIG"
 OTHER_ENV = (CONFIG_ENV, "MINICELERY_REQUIRE_TOOLS", "MINICELERY_ROOTFS", "MINICELERY_TEST_")
 # systemd's LoadCredential=redis-password:/path puts the file here for the service.
 CREDENTIAL_NAME = "redis-password"
+SENTINEL_CREDENTIAL_NAME = "sentinel-password"  # the same, for the sentinels' own password
 
 
 class _Section(BaseModel):
@@ -61,6 +62,17 @@ class RedisSettings(_Section):
     tls_key_file: Path | None = None
     socket_timeout: float = Field(5.0, gt=0)
     connect_timeout: float = Field(5.0, gt=0)
+    # Sentinel (high availability): the sentinels find the primary; `url` then gives only the
+    # database, the credentials and the scheme (rediss:// = TLS) of the data connection.
+    sentinels: list[str] = Field(default_factory=list, description='"host:port" of each sentinel')
+    sentinel_master: str | None = Field(None, description="the name the sentinels monitor the primary by")
+    sentinel_username: str | None = None
+    sentinel_password: SecretStr | None = None
+    sentinel_password_file: Path | None = None
+    sentinel_tls: bool = Field(False, description="TLS to the sentinels, with the tls_* files of the data connection")
+    # Durable enqueue: start() returns once this many replicas hold the task (Redis WAIT).
+    min_replicas_acked: int = Field(0, ge=0, description="replicas that must hold an enqueue before start() returns")
+    replica_ack_timeout: float = Field(1.0, gt=0, description="seconds start() waits for those replicas")
 
     @field_validator("url")
     @classmethod
@@ -71,7 +83,30 @@ class RedisSettings(_Section):
         parse_url(url)  # type: ignore[no-untyped-call]
         return url
 
-    @field_validator("password_file", "tls_ca_file", "tls_cert_file", "tls_key_file")
+    @field_validator("sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, sentinels: list[str]) -> list[str]:
+        from .sentinel import parse_address
+
+        for address in sentinels:
+            parse_address(address)
+        return sentinels
+
+    @model_validator(mode="after")
+    def _sentinel_master_named(self) -> RedisSettings:
+        if self.sentinels and not self.sentinel_master:
+            raise ValueError("redis.sentinel_master must name the monitored primary when redis.sentinels is set")
+        if self.sentinel_master and not self.sentinels:
+            raise ValueError("redis.sentinel_master is set but redis.sentinels lists no sentinel")
+        if self.min_replicas_acked and self.replica_ack_timeout >= self.socket_timeout:
+            raise ValueError(
+                "redis.replica_ack_timeout must be below redis.socket_timeout (the WAIT rides in the enqueue)"
+            )
+        if self.sentinels and self.url.startswith("unix://"):
+            raise ValueError("redis.url cannot be unix:// with redis.sentinels: use redis:// or rediss://")
+        return self
+
+    @field_validator("password_file", "sentinel_password_file", "tls_ca_file", "tls_cert_file", "tls_key_file")
     @classmethod
     def _readable_file(cls, path: Path | None) -> Path | None:
         if path is not None and not os.access(path, os.R_OK):
@@ -84,11 +119,36 @@ class RedisSettings(_Section):
         An empty file means no password (so one can be provisioned empty and filled in later)."""
         if self.password is not None:
             return self.password.get_secret_value()
-        path = self.password_file
-        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-        if path is None and credentials and (Path(credentials) / CREDENTIAL_NAME).is_file():
-            path = Path(credentials) / CREDENTIAL_NAME
-        return (path.read_text().strip() or None) if path is not None else None
+        return _read_secret(self.password_file, CREDENTIAL_NAME)
+
+    def _tls_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.tls_ca_file is not None:
+            options["ssl_ca_certs"] = str(self.tls_ca_file)
+        if self.tls_cert_file is not None:
+            options["ssl_certfile"] = str(self.tls_cert_file)
+        if self.tls_key_file is not None:
+            options["ssl_keyfile"] = str(self.tls_key_file)
+        return options
+
+    def sentinel_options(self) -> dict[str, Any]:
+        """Keyword arguments for the connections to the sentinels (their own credentials:
+        sentinels usually have none, or other ones than the data nodes). The password is
+        sentinel_password, else sentinel_password_file, else the systemd credential
+        $CREDENTIALS_DIRECTORY/sentinel-password."""
+        options: dict[str, Any] = {
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.connect_timeout,
+        }
+        if self.sentinel_password is not None:
+            options["password"] = self.sentinel_password.get_secret_value()
+        else:
+            options["password"] = _read_secret(self.sentinel_password_file, SENTINEL_CREDENTIAL_NAME)
+        if self.sentinel_username is not None:
+            options["username"] = self.sentinel_username
+        if self.sentinel_tls:
+            options.update(ssl=True, **self._tls_options())
+        return options
 
     def connection_options(self) -> dict[str, Any]:
         """Keyword arguments for redis.Redis.from_url (only the ones that are set)."""
@@ -101,13 +161,18 @@ class RedisSettings(_Section):
             options["password"] = password
         if self.username is not None:
             options["username"] = self.username
-        if self.tls_ca_file is not None:
-            options["ssl_ca_certs"] = str(self.tls_ca_file)
-        if self.tls_cert_file is not None:
-            options["ssl_certfile"] = str(self.tls_cert_file)
-        if self.tls_key_file is not None:
-            options["ssl_keyfile"] = str(self.tls_key_file)
+        options.update(self._tls_options())
         return options
+
+
+def _read_secret(path: Path | None, credential: str) -> str | None:
+    """The file's text, else that of the systemd credential of this name
+    ($CREDENTIALS_DIRECTORY/<credential>), else None. An empty file means no password (so one
+    can be provisioned empty and filled in later)."""
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if path is None and credentials and (Path(credentials) / credential).is_file():
+        path = Path(credentials) / credential
+    return (path.read_text().strip() or None) if path is not None else None
 
 
 class WorkerSettings(_Section):
@@ -287,8 +352,9 @@ class Settings(BaseSettings):
     def masked(self) -> dict[str, Any]:
         """The effective settings as plain data, with secrets shown as '***'."""
         data = self.model_dump(mode="json")
-        if self.redis.password is not None:
-            data["redis"]["password"] = "***"
+        for secret in ("password", "sentinel_password"):
+            if getattr(self.redis, secret) is not None:
+                data["redis"][secret] = "***"
         data["redis"]["url"] = _mask_url(self.redis.url)
         return data
 

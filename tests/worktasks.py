@@ -292,6 +292,15 @@ def register(app: Client) -> None:
         _r().hincrby("test:finished", tag, 1)
         return tag
 
+    @app.task
+    def stamp_run(tag: str, *inputs: Any) -> str:
+        """count_run that also records which process ran it and when (test:stamps, pid|tag ->
+        time), so the failover suite sees when each worker resumed."""
+        _count_execution(tag)
+        _r().zadd(STAMPS_KEY, {f"{os.getpid()}|{tag}": time.time()})
+        return tag
 
+
+STAMPS_KEY = "test:stamps"
 app = Client(RedisBroker(JSONTransport()))
 register(app)

@@ -237,20 +237,25 @@ local function hand_off(id, now, fresh_payload)
   if idle_set_empty then
     return false
   end
-  local lease_ms, inbox
+  local lease_ms, inbox, worker
   repeat
     local newest = redis.call('ZPOPMAX', K_IDLE)
     if newest[1] == nil then
       idle_set_empty = true
       return false
     end
-    local worker
     lease_ms, worker, inbox = string.match(newest[1], '^(%d+)|([^|]+)|(.+)$')
     lease_ms = tonumber(lease_ms)
     local seen = worker and tonumber(redis.call('ZSCORE', K_WORKERS, worker) or 0) -- nil: junk
     -- A worker not seen alive lately died idle, and a malformed entry is no worker: dropped.
   until seen and now - seen <= 2 * lease_ms + IDLE_SILENCE_MS
-  local token = 'h' .. redis.call('HINCRBY', K_INFO, '#handoffs', 1)
+  -- Fencing: a token must never be issued twice, even across a failover that loses the last
+  -- increments of '#handoffs' (replication is asynchronous: the new primary's counter can be
+  -- behind). So the counter alone is not the token: the receiving worker's id (host, pid and
+  -- a random part, never reused) makes two workers' tokens differ whatever the counter says,
+  -- and the Redis time makes one worker's differ unless the new primary repeats the counter at
+  -- the very millisecond. (Claim tokens are made by the worker: its id and its own count.)
+  local token = 'h' .. redis.call('HINCRBY', K_INFO, '#handoffs', 1) .. '.' .. now .. '@' .. worker
   local task
   if fresh_payload then -- lease_tasks' writes, for a first attempt
     redis.call('ZADD', K_RUNNING, now + lease_ms, id)

@@ -52,7 +52,7 @@ class Connection:
                 raise  # refused credentials or ACL: waiting will not help; exit 78
             except BrokerError as exc:
                 self.observer.status("waiting for Redis")
-                log.warning("waiting for Redis at %s: %s (retrying in %.1f s)", self.broker.url, exc, delay)
+                log.warning("waiting for Redis at %s: %s (retrying in %.1f s)", self.broker.where, exc, delay)
                 self.sleep(delay)
                 delay = min(delay * 2, self.max_delay)
         return False

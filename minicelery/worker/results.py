@@ -128,5 +128,7 @@ class ResultBuffer:
                 self.sleep(delay)
                 delay = min(delay * 2, self.retry_max_delay)
                 next_claim = None
+        if delay > 0.1:  # sent again: a "late" may be the earlier send's own finish, reply lost
+            statuses = self.broker.landed(items, statuses)
         self.observer.count_all(finished, statuses)
         return True, following
