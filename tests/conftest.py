@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -186,12 +187,30 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_wheelhouse(tmp_path_factory.mktemp("wheels"))
 
 
+# Scorecard rows the run's workers (pytest -n) sent back when they finished.
+_WORKER_SCORECARDS: list[dict[str, Any]] = []
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In a worker of `pytest -n`: hand the fault suite's scorecard to the controller."""
+    faultkit = sys.modules.get("faultkit")
+    if hasattr(session.config, "workeroutput") and faultkit is not None:
+        session.config.workeroutput["scorecard"] = json.dumps(faultkit.SCORECARD)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """In the controller of `pytest -n`: a worker finished; keep its scorecard rows."""
+    _WORKER_SCORECARDS.extend(json.loads(getattr(node, "workeroutput", {}).get("scorecard", "[]")))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """The fault suite's scorecard (tests/faults/), when it ran."""
     faultkit = sys.modules.get("faultkit")
-    if faultkit is None or not faultkit.SCORECARD:
+    rows = [*(faultkit.SCORECARD if faultkit is not None else []), *_WORKER_SCORECARDS]
+    if not rows:
         return
     terminalreporter.section("fault-injection scorecard")
-    for row in faultkit.SCORECARD:
+    for row in rows:
         figures = ", ".join(f"{k}={v}" for k, v in row.items() if k != "scenario")
         terminalreporter.write_line(f"{row['scenario']:<34} {figures}")

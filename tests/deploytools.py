@@ -8,6 +8,8 @@ tests import it as the image's base.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shlex
@@ -15,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +43,22 @@ def debian_mirror() -> str:
     raise RuntimeError("no Debian mirror found in the apt sources")
 
 
+@contextlib.contextmanager
+def _one_at_a_time(what: str) -> Iterator[None]:
+    """Across processes: the test run's workers (pytest -n) share the rootfs and the checkout's
+    build/ folder; the first builds, the others wait for it."""
+    with open(f"/var/tmp/minicelery-{what}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def debian_rootfs() -> Path:
     """A minimal Debian with systemd and python3, built on first use."""
+    with _one_at_a_time("rootfs"):
+        return _debian_rootfs()
+
+
+def _debian_rootfs() -> Path:
     if (ROOTFS / COMPLETE).is_file():
         return ROOTFS
     debootstrap = require_tool("debootstrap", "apt-get install debootstrap")
@@ -60,6 +77,11 @@ def debian_rootfs() -> Path:
 def build_wheelhouse(dest: Path) -> Path:
     """Wheels of the project and everything it needs, for installs that cannot reach PyPI
     (pip inside the rootfs cannot verify PyPI's certificate here)."""
+    with _one_at_a_time("wheelhouse"):
+        return _build_wheelhouse(dest)
+
+
+def _build_wheelhouse(dest: Path) -> Path:
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     # setuptools builds in the checkout's build/ and keeps what an earlier build left there: a
     # module since deleted or moved (worker.py became worker/) would ship in the wheel.
