@@ -106,6 +106,7 @@ class Schedules:
         self.metrics = metrics
         self._early: EarlyBegin | None = None  # see begin_with_claim
         self.consumed = set(settings.worker.queues)
+        self.first_queue = settings.worker.queues[0]  # where schedules went before 2026-12-03
         self._told_waiting: set[str] = set()  # occurrences whose wait was logged (once each)
         if metrics is not None:
             metrics.watch_schedules(lambda queue: schedule_rows(self.broker, queue), settings.worker.queues)
@@ -115,10 +116,32 @@ class Schedules:
     def upsert(self) -> None:
         """Declare this worker's schedules in Redis (at start and after Redis comes back)."""
         for spec in self.specs.values():
+            self._move_old_copy(spec)
             status, pending = upsert(self.broker, spec)
             elsewhere = "" if spec.queue in self.consumed else " (not a queue of this worker: a worker of it runs it)"
             log.info("schedule %s (%s, %s) on queue %s%s: %s %s", spec.name, spec.describe(), spec.tz, spec.queue,
                      elsewhere, status, pending or "")  # fmt: skip
+
+    def _move_old_copy(self, spec: ScheduleSpec) -> None:
+        """Before 2026-12-03 a schedule of a task with no queue of its own was declared on the
+        first of the worker's queues; now it is on the task's queue. A copy of the same task
+        left there would run every slot a second time: remove it (a schedule of another task
+        under that name is not this one's, and is left alone)."""
+        if spec.queue == self.first_queue:
+            return
+        stored = self.broker.schedule_spec(self.first_queue, spec.name)
+        if stored is None:
+            return
+        try:
+            old = ScheduleSpec.from_json(stored)
+        except (ValueError, TypeError):
+            return
+        if old.task == spec.task:
+            self.broker.schedule_remove(self.first_queue, spec.name)
+            log.warning(
+                "schedule %s moved from queue %s to %s, its task's queue (an older version declared it on "
+                "the first of worker.queues): the old copy is removed", spec.name, self.first_queue, spec.queue,
+            )  # fmt: skip
 
     def begin(self, claim: Claim) -> bool:
         """True if the claimed task is to run now: any task but a schedule's occurrence, or an

@@ -75,7 +75,7 @@ class Sentinel(redis_sentinel.Sentinel):
             self.promoting = None  # not primary in time: the sentinels decide
         votes: dict[tuple[str, int], int] = {}
         errors = []
-        for sentinel in self.sentinels:
+        for sentinel in list(self.sentinels):  # (a watch thread may reorder them meanwhile)
             try:
                 address: Any = sentinel.sentinel_get_master_addr_by_name(service_name)
             except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
@@ -165,7 +165,9 @@ class Topology:
             for number, client in enumerate(clients):
                 kwargs = client.connection_pool.connection_kwargs
                 if f"{kwargs.get('host')}:{kwargs.get('port')}" == sentinel:
-                    clients.insert(0, clients.pop(number))
+                    # A new list, bound at once: a discovery reading the old one in another
+                    # thread never sees a sentinel missing or twice.
+                    self.sentinel.sentinels = [client, *clients[:number], *clients[number + 1 :]]
                     break
             news, self.announced = primary != self.announced, primary
         return news

@@ -581,9 +581,12 @@ def test_a_worker_of_another_queue_declares_a_schedule_on_its_tasks_queue_not_it
     tag = f"groups-{queue}"
     entry = json.dumps([{"task": "slot_run", "every": 1, "args": [tag], "queue": queue}])
     ours = _running(workers, r, tag)  # declares and runs it on `queue`
+    # What an older version left: the schedule declared on the first of that worker's queues.
+    upsert(app.broker, ScheduleSpec("slot_run", "slot_run", other_queue, every_ms=1000, args=[tag]))
     theirs = workers.start("-Q", other_queue, MINICELERY_SCHEDULES=entry.replace(f', "queue": "{queue}"', ""))
     workers.wait_ready(theirs)
     assert "on queue default (not a queue of this worker" in workers.log(theirs)  # the task's own queue
+    assert f"schedule slot_run moved from queue {other_queue} to default" in workers.log(theirs)
     assert not r.exists(f"minicelery:{{{other_queue}}}:schedules")  # no copy on the worker's own queue
     listed = run_cli("schedules", "--json", env=workers.env())
     assert {row["queue"] for row in json.loads(listed.stdout) if row["name"] == "slot_run"} >= {queue, "default"}

@@ -36,6 +36,12 @@ class RedisClock:
         decayed = self.lead_ms - (local - self.seen_at) * CLOCK_DRIFT_MS_PER_S
         self.lead_ms, self.seen_at = max(decayed, redis_now_ms - local * 1000), local
 
+    def restart(self, redis_now_ms: int) -> None:
+        """Forget the best estimate and start again from this reply: the Redis clock stepped
+        back (NTP, a VM resumed, a failover to a host whose clock is behind)."""
+        self.lead_ms = -math.inf
+        self.observe(redis_now_ms)
+
     def local_time(self, redis_ms: float) -> float:
         """The monotonic time (s) at which the Redis clock reads `redis_ms`."""
         return (redis_ms - self.lead_ms) / 1000
@@ -63,3 +69,9 @@ class QueueClock:
         else:
             self.held_due_ms = idle.now_ms + idle.next_due_in_ms
             self.next_check = self.redis.local_time(self.held_due_ms)
+            if idle.next_due_in_ms > 0 and self.next_check <= time.monotonic():
+                # Redis says "not yet", the estimate says "past": the estimate is ahead of a
+                # Redis clock that stepped back. Kept, it would claim again at once, and again,
+                # until the due time (one claim per round trip).
+                self.redis.restart(idle.now_ms)
+                self.next_check = self.redis.local_time(self.held_due_ms)

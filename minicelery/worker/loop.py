@@ -262,8 +262,8 @@ class Worker:
         /healthz end that one.) Without the worker's signal handlers (install_signals=False)
         limits are not enforced, and this does nothing."""
         running, claim = self.running, self.running_claim
-        if running is None or claim is None or not self.alarm.installed:
-            return
+        if running is None or claim is None or claim.token != running.token or not self.alarm.installed:
+            return  # (nothing runs, or the run just ended and the next began between the two reads)
         outcome = stuck_outcome(
             running,
             self.runner.name_of(claim),
