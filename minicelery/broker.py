@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -201,6 +202,7 @@ class RedisBroker:
         self._options = options
         self.topology: Topology | None = None
         self._watches: list[SwitchWatch] = []
+        self._watch_lock = threading.Lock()
         self.where = url
         if sentinels:
             if not sentinel_master:
@@ -246,11 +248,13 @@ class RedisBroker:
         construction: no thread may start before a worker pool forks."""
         if self.topology is None or (self._watches and self._watches[0].pid == os.getpid()):
             return
-        self._watches = [
-            SwitchWatch(self.topology, address, self._primary_moved) for address in self.topology.addresses
-        ]
-        for watch in self._watches:
-            watch.start()
+        with self._watch_lock:  # the heartbeat thread may get here at the same moment
+            if self._watches and self._watches[0].pid == os.getpid():
+                return
+            watches = [SwitchWatch(self.topology, address, self._primary_moved) for address in self.topology.addresses]
+            for watch in watches:
+                watch.start()
+            self._watches = watches
 
     def _primary_moved(self, sentinel: str, primary: str, promoting: bool) -> None:
         assert self.topology is not None
@@ -297,6 +301,7 @@ class RedisBroker:
     def close(self) -> None:
         for watch in self._watches:
             watch.stop()
+        self._watches = []  # (a broker used again after close() starts fresh ones)
         self.redis.close()
         self.blocking_redis.close()
 
