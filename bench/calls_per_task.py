@@ -11,31 +11,13 @@ import pstats
 import sys
 
 sys.path.insert(0, ".")
-import redis
-
-from minicelery import Client, JSONTransport, RedisBroker
-from minicelery.redis_server import RedisServer
-from minicelery.settings import load_settings
-from minicelery.worker import Worker
+from drain import incr_app, loaded_worker  # (bench/ is not a package: run from bench/)
 
 logging.basicConfig(level=logging.ERROR)
 N = 3000
-with RedisServer() as server:
-    counter = redis.Redis.from_url(server.url)
-    app = Client(RedisBroker(JSONTransport(), url=server.url), default_queue="bench")
-
-    @app.task
-    def bump() -> int:
-        return int(counter.incr("bench:counter"))
-
+with incr_app() as app:
     for batch in (1, 16):
-        app.start_many([bump() for _ in range(N)])
-        settings = load_settings(
-            worker={"queues": ["bench"], "idle_block_max": 1, "batch_size": batch},
-            metrics={"enabled": False},
-            logging={"level": "WARNING"},
-        )
-        w = Worker(app, settings)
+        w = loaded_worker(app, N, batch)
         p = cProfile.Profile()
         p.enable()
         w.run(burst=True, install_signals=False)

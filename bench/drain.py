@@ -10,9 +10,11 @@ sizes alternate so drift hits all; prints each run, then medians and ratios to b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import statistics
 import time
+from collections.abc import Iterator
 
 import redis
 
@@ -22,8 +24,23 @@ from minicelery.settings import load_settings
 from minicelery.worker import Worker
 
 
-def drain(app: Client, tasks: int, batch: int) -> tuple[float, float]:
-    """(tasks/s, the worker's Redis round trips per task) of one burst drain."""
+@contextlib.contextmanager
+def incr_app() -> Iterator[Client]:
+    """A private Redis and a Client whose one task, `bump`, INCRs a counter: the drain's body
+    (also bench/calls_per_task.py's)."""
+    with RedisServer() as server:
+        counter = redis.Redis.from_url(server.url)
+        app = Client(RedisBroker(JSONTransport(), url=server.url), default_queue="bench")
+
+        @app.task
+        def bump() -> int:
+            return int(counter.incr("bench:counter"))
+
+        yield app
+
+
+def loaded_worker(app: Client, tasks: int, batch: int) -> Worker:
+    """`tasks` bump tasks sent, and an in-process worker (claim batch `batch`) to drain them."""
     bump = app.tasks["bump"]
     app.start_many([bump() for _ in range(tasks)])
     settings = load_settings(
@@ -31,7 +48,12 @@ def drain(app: Client, tasks: int, batch: int) -> tuple[float, float]:
         metrics={"enabled": False},
         logging={"level": "WARNING"},
     )
-    worker = Worker(app, settings)
+    return Worker(app, settings)
+
+
+def drain(app: Client, tasks: int, batch: int) -> tuple[float, float]:
+    """(tasks/s, the worker's Redis round trips per task) of one burst drain."""
+    worker = loaded_worker(app, tasks, batch)
     trips = _count_round_trips(app.broker)
     started = time.perf_counter()
     try:
@@ -68,14 +90,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    with RedisServer() as server:
-        counter = redis.Redis.from_url(server.url)
-        app = Client(RedisBroker(JSONTransport(), url=server.url), default_queue="bench")
-
-        @app.task
-        def bump() -> int:
-            return int(counter.incr("bench:counter"))
-
+    with incr_app() as app:
         rates: dict[int, list[float]] = {b: [] for b in args.batch}
         for run in range(args.runs):
             for batch in args.batch:
