@@ -34,13 +34,38 @@ FINISHED = {b"succeeded", b"failed", b"cancelled"}
 HOUR_MS = 3_600_000
 
 
-class BrokerModel(RuleBasedStateMachine):
+class QueueMachine(RuleBasedStateMachine):
+    """What both state machines stand on: a broker on a fresh queue of the test Redis, a task's
+    state as the scripts store it, and the queue's keys deleted after each example."""
+
     def __init__(self, url: str) -> None:
         super().__init__()
         self.broker = RedisBroker(JSONTransport(), url=url, result_ttl=3600, max_block=1)
         self.r: redis.Redis = self.broker.redis
         self.queue = f"prop-{uuid.uuid4().hex[:10]}"
         self.keys = QueueKeys(self.queue)
+
+    def state(self, task_id: str) -> bytes | None:
+        return self.r.hget(self.keys.info, f"{task_id}:s")  # type: ignore[return-value]
+
+    def teardown(self) -> None:
+        for key in self.r.scan_iter(match=self.keys.all_keys_pattern(), count=1000):
+            self.r.delete(key)
+        self.broker.close()
+
+
+def check(machine: type[QueueMachine], redis_url: str, steps: int) -> None:
+    run_state_machine_as_test(
+        lambda: machine(redis_url),
+        settings=settings(
+            max_examples=100, stateful_step_count=steps, deadline=None, suppress_health_check=list(HealthCheck)
+        ),
+    )
+
+
+class BrokerModel(QueueMachine):
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
         self.parents: dict[str, list[str]] = {}  # every task enqueued -> its parents
         self.held: dict[str, str] = {}  # task -> the token of our live claim on it
         self.expiring: dict[str, str] = {}  # task -> our token, lease run out but not yet reclaimed
@@ -48,9 +73,6 @@ class BrokerModel(RuleBasedStateMachine):
         self.expired: set[str] = set()  # finished tasks whose result TTL we let pass
         self.unkept: set[str] = set()  # succeeded without keeping a result (store_result=False)
         self.ghosts: list[str] = []  # parents given to children but never started (not enqueued)
-
-    def state(self, task_id: str) -> bytes | None:
-        return self.r.hget(self.keys.info, f"{task_id}:s")  # type: ignore[return-value]
 
     def now_ms(self) -> int:
         seconds, micros = self.r.time()
@@ -244,22 +266,12 @@ class BrokerModel(RuleBasedStateMachine):
             children = (self.r.hget(self.keys.info, f"{ghost}:c") or b"").decode().split(",")
             assert all(self.state(child) == b"waiting" for child in children if child), ghost
 
-    def teardown(self) -> None:
-        for key in self.r.scan_iter(match=self.keys.all_keys_pattern(), count=1000):
-            self.r.delete(key)
-        self.broker.close()
-
 
 def test_broker_scripts_keep_the_data_model_consistent(redis_url: str) -> None:
-    run_state_machine_as_test(
-        lambda: BrokerModel(redis_url),
-        settings=settings(
-            max_examples=100, stateful_step_count=50, deadline=None, suppress_health_check=list(HealthCheck)
-        ),
-    )
+    check(BrokerModel, redis_url, steps=50)
 
 
-class ScheduleModel(RuleBasedStateMachine):
+class ScheduleModel(QueueMachine):
     """The schedule scripts under random declarations (changing definitions: last writer wins),
     pauses, resumes, removals, claims and starts of occurrences, finishes, lease expiries and
     the passing of time. After every step:
@@ -273,14 +285,10 @@ class ScheduleModel(RuleBasedStateMachine):
     EVERY = (1, HOUR_MS)  # a slot every millisecond (always late: catch-up decides) or hour
 
     def __init__(self, url: str) -> None:
-        super().__init__()
+        super().__init__(url)
         from minicelery.periodic import Schedules
         from minicelery.settings import load_settings
 
-        self.broker = RedisBroker(JSONTransport(), url=url, result_ttl=3600, max_block=1)
-        self.r: redis.Redis = self.broker.redis
-        self.queue = f"prop-{uuid.uuid4().hex[:10]}"
-        self.keys = QueueKeys(self.queue)
         host = type("Host", (), {"broker": self.broker, "tasks": {}})()
         self.schedules = Schedules(host, load_settings(worker={"queues": [self.queue]}))  # type: ignore[arg-type]
         self.specs: dict[str, ScheduleSpec] = {}  # declared, as last written
@@ -291,9 +299,6 @@ class ScheduleModel(RuleBasedStateMachine):
         self.started: set[str] = set()  # occurrences begun (run) at least once
         self.last_started: dict[str, str] = {}  # schedule -> the occurrence that started last
         self.ever_overlap: set[str] = set()  # schedules declared with overlap=True at some point
-
-    def state(self, task_id: str) -> bytes | None:
-        return self.r.hget(self.keys.info, f"{task_id}:s")  # type: ignore[return-value]
 
     def field(self, name: str, f: str) -> str | None:
         value = self.r.hget(self.keys.schedule_state, f"{name}:{f}")
@@ -418,16 +423,6 @@ class ScheduleModel(RuleBasedStateMachine):
                 waiting = {i for i in never_started if self.state(i) == b"scheduled"}
                 assert not waiting, (name, waiting)
 
-    def teardown(self) -> None:
-        for key in self.r.scan_iter(match=self.keys.all_keys_pattern(), count=1000):
-            self.r.delete(key)
-        self.broker.close()
-
 
 def test_schedule_scripts_keep_one_pending_occurrence_and_start_no_overlapping_run(redis_url: str) -> None:
-    run_state_machine_as_test(
-        lambda: ScheduleModel(redis_url),
-        settings=settings(
-            max_examples=100, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
-        ),
-    )
+    check(ScheduleModel, redis_url, steps=40)
