@@ -23,6 +23,7 @@ from deploytools import REPO, Machine, config_from_example, documented_blocks, d
 
 from minicelery import Client, JSONTransport, RedisBroker
 from minicelery.redis_server import RedisServer, free_port
+from minicelery.task import Task
 
 # Building the rootfs (debootstrap, once per machine) and the image take minutes, not seconds.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -85,6 +86,21 @@ def machine(rootfs: Path, wheelhouse: Path, tmp_path_factory: pytest.TempPathFac
     finally:
         booted.shutdown()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def stop_drains(machine: Machine, unit: str, running: dict[Task, object]) -> float:
+    """`systemctl stop` while the `running` tasks run: each still finishes with its value, the
+    unit ends inactive, success, exit 0, with no traceback in its journal. Returns the stop's
+    seconds."""
+    began = time.monotonic()
+    stop = machine.run("systemctl", "stop", unit)
+    took = time.monotonic() - began
+    assert stop.returncode == 0, stop.stderr
+    assert {handle: handle.result(timeout=1) for handle in running} == running
+    final = machine.show(unit, "ActiveState", "Result", "ExecMainStatus")
+    assert final == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, final
+    assert "Traceback" not in machine.journal(unit)
+    return took
 
 
 def install_instance(machine: Machine, name: str, redis_port: int, queue: str, **settings: object) -> int:
@@ -153,14 +169,8 @@ def test_start_waits_for_redis_runs_tasks_reports_status_and_stop_drains(machine
         # finishes within shutdown_grace, the worker exits 0, nothing is lost.
         slow = app.tasks["sleep_for"](12).start()
         wait_until(lambda: slow.state == "running", 30, "the slow task to start")
-        began = time.monotonic()
-        stop = machine.run("systemctl", "stop", unit)
-        print(f"systemd: stop with a running 12 s task took {time.monotonic() - began:.2f} s")
-        assert stop.returncode == 0, stop.stderr
-        assert slow.result(timeout=1) == 12
-        final = machine.show(unit, "ActiveState", "Result", "ExecMainStatus")
-        assert final == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, final
-        assert "Traceback" not in machine.journal(unit)
+        took = stop_drains(machine, unit, {slow: 12})
+        print(f"systemd: stop with a running 12 s task took {took:.2f} s")
         app.broker.close()
 
 
@@ -257,11 +267,7 @@ def test_concurrency_3_starts_three_children_survives_a_killed_one_reloads_and_s
 
         slow = [app.tasks["sleep_for"](3).start() for _ in range(3)]
         wait_until(lambda: all(h.state == "running" for h in slow), 30, "a slow task in every child")
-        assert machine.run("systemctl", "stop", unit).returncode == 0
-        assert [h.result(timeout=1) for h in slow] == [3, 3, 3]  # each child finished its task
-        final = machine.show(unit, "ActiveState", "Result", "ExecMainStatus")
-        assert final == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, final
-        assert "Traceback" not in machine.journal(unit)
+        stop_drains(machine, unit, dict.fromkeys(slow, 3))  # each child finishes its task
         app.broker.close()
 
 
