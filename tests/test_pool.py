@@ -353,13 +353,19 @@ def test_a_single_worker_logs_and_ignores_sighup_instead_of_dying(app: Client, w
     assert proc.wait(timeout=20) == 0
 
 
+def deployed_pool(workers: Workers, tmp_path: Path, **settings: str) -> subprocess.Popen[bytes]:
+    """A pool of 2 whose task module is the test's own tmp_path/deployed_tasks.py (rewritten
+    between reloads, as a deploy would)."""
+    path = os.pathsep.join([str(tmp_path), workers.env()["PYTHONPATH"]])
+    return start_pool(workers, 2, MINICELERY_TASKS='["deployed_tasks"]', PYTHONPATH=path, **settings)
+
+
 def test_a_reload_whose_fresh_child_fails_to_start_keeps_the_old_children_working(
     app: Client, workers: Workers, tmp_path: Path
 ) -> None:
     module = tmp_path / "deployed_tasks.py"
     module.write_text("import worktasks  # noqa: F401  (registers the test tasks)\n")
-    path = os.pathsep.join([str(tmp_path), workers.env()["PYTHONPATH"]])
-    proc = start_pool(workers, 2, MINICELERY_TASKS='["deployed_tasks"]', PYTHONPATH=path)
+    proc = deployed_pool(workers, tmp_path)
     old = children(proc)
     module.write_text("raise RuntimeError('a broken deploy')\n")  # what the fresh child imports
     proc.send_signal(signal.SIGHUP)
@@ -396,9 +402,7 @@ def test_a_sighup_during_a_reload_is_followed_by_one_more_reload_that_loads_the_
         )
 
     deploy("a")
-    path = os.pathsep.join([str(tmp_path), workers.env()["PYTHONPATH"]])
-    settings = {"MINICELERY_TASKS": '["deployed_tasks"]', "PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = start_pool(workers, 2, **settings)
+    proc = deployed_pool(workers, tmp_path, PYTHONDONTWRITEBYTECODE="1")
     old = children(proc)
     deploy("b")
     proc.send_signal(signal.SIGHUP)
