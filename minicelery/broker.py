@@ -1,31 +1,28 @@
 """The Redis broker: every state change is one Lua script (scripts/*.lua), run by SHA.
 
-This is the only module that talks to Redis. Redis exceptions are translated here, once,
-into minicelery's BrokerError tree.
+This module and the three beside it are the only ones that talk to Redis: redis_wire.py
+(the round trip, the scripts' source, errors translated into minicelery's BrokerError
+tree), claim_wire.py (claims on the wire) and queue_reads.py (read-only views).
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
-import json
 import logging
 import os
-import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-import hiredis
 import redis
 import redis.exceptions as redis_errors
 from redis.commands.core import Script
 
-from .errors import BrokerAuthError, BrokerError, BrokerUnavailable, MiniceleryError, NotReplicated
-from .keys import ROOT, QueueKeys, queue_keys, worker_wake_key
+from .claim_wire import claim_call, decode_handed, idle_registration, parse_claim
+from .errors import NotReplicated
+from .keys import QueueKeys, queue_keys, worker_wake_key
+from .queue_reads import QueueReads
 from .records import (
     NO_RETRY,
     Claim,
@@ -38,6 +35,8 @@ from .records import (
     Wake,
     script_status,
 )
+from .redis_wire import SCRIPT_NAMES, exchange, script_source, translate_errors
+from .redis_wire import text as _text
 from .sentinel import SwitchWatch, Topology, data_options, shut_sockets
 from .transport import JSONTransport
 
@@ -46,38 +45,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCRIPT_NAMES = (
-    "enqueue",
-    "claim",
-    "finish",
-    "release",
-    "defer",
-    "renew",
-    "rearm",
-    "revive",
-    "watch",
-    "orphans",
-    "cancel",
-    "schedule_upsert",
-    "schedule_begin",
-    "schedule_remove",
-)
 # A blocking call must end before its connection's socket times out: this much slack.
 BLOCKING_SOCKET_SLACK = 5.0
-
-# The orphan sweep looks at this many of the oldest waiting tasks per call; inspect at more.
+# The orphan sweep looks at this many of the oldest waiting tasks per call.
 ORPHAN_SWEEP_BATCH = 100
-ORPHANS_EXAMINED = 1000
 
 
 # finish.lua's retry fields for an outcome that is never retried (max_retries 0)
 _NO_RETRY_ARGS = (0, NO_RETRY.base_ms, NO_RETRY.cap_ms, repr(NO_RETRY.jitter), NO_RETRY.fixed_ms)
-
-
-def idle_registration(queue: str, worker_id: str, lease_ms: int) -> str:
-    """A worker's member in a queue's idle set: the lease a hand-off gives, who it is (the
-    hand-off skips a worker its claims have not shown alive lately), and its inbox."""
-    return f"{lease_ms}|{worker_id}|{queue_keys(queue).inbox(worker_id)}"
 
 
 @dataclass(frozen=True)
@@ -86,53 +61,12 @@ class EnqueueReply:
     detail: str  # the task's state, or the id of the task holding the idempotency key
 
 
-@contextlib.contextmanager
-def translate_errors(what: str) -> Iterator[None]:
-    """Turn redis-py exceptions into minicelery's, naming the operation."""
-    try:
-        yield
-    except (redis_errors.AuthenticationError, redis_errors.NoPermissionError) as exc:
-        raise BrokerAuthError(
-            f"Redis refused {what}: {exc} (check redis.username, the password and the ACL user's permissions)"
-        ) from exc
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.BusyLoadingError) as exc:
-        # A host name that does not resolve is said plainly; it stays "unavailable" (retried),
-        # since DNS can come back.
-        dns = isinstance(exc.__cause__ or exc.__context__, socket.gaierror)
-        reason = f"cannot resolve host: {exc}" if dns else str(exc)
-        raise BrokerUnavailable(f"Redis unavailable during {what}: {reason}") from exc
-    except redis_errors.ResponseError as exc:
-        if _primary_moved(exc):  # the primary became a replica (a failover): follow it, as for a lost connection
-            raise BrokerUnavailable(f"Redis primary moved during {what}: {exc}") from exc
-        raise BrokerError(f"Redis error during {what}: {exc}") from exc
-    except redis_errors.RedisError as exc:
-        raise BrokerError(f"Redis error during {what}: {exc}") from exc
-
-
-def _primary_moved(exc: redis_errors.ResponseError) -> bool:
-    """READONLY (a write reached a replica) or UNBLOCKED (a blocking call ended because its
-    server turned replica): the primary moved; reconnecting finds the new one."""
-    return isinstance(exc, redis_errors.ReadOnlyError) or str(exc).startswith("UNBLOCKED")
-
-
-def _script_source(name: str) -> str:
-    """The script with the shared steps it uses prepended: _common.lua for all, and
-    _schedules.lua for the schedule scripts and cancel.lua."""
-    folder = resources.files("minicelery") / "scripts"
-    shared = ["_common", "_schedules"] if name.startswith("schedule_") or name == "cancel" else ["_common"]
-    return "\n".join((folder / f"{part}.lua").read_text() for part in [*shared, name])
-
-
 def _socket_options(options: dict[str, Any]) -> dict[str, Any]:
     """The timeouts of the data connection, which the sentinel connections share by default."""
     return {key: value for key, value in options.items() if key.startswith("socket_")}
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class RedisBroker:
+class RedisBroker(QueueReads):
     """Talks to one Redis server for producers (`Client`) and workers alike.
 
     `url` is a redis://, rediss:// or unix:// URL; without it the settings decide (the
@@ -217,7 +151,7 @@ class RedisBroker:
         # Blocking calls get their own pool whose socket timeout outlasts the longest block.
         self.blocking_redis = self._client(blocking_options)
         self._scripts: dict[str, Script] = {
-            name: self.redis.register_script(_script_source(name)) for name in SCRIPT_NAMES
+            name: self.redis.register_script(script_source(name)) for name in SCRIPT_NAMES
         }
 
     def configure(
@@ -327,7 +261,7 @@ class RedisBroker:
                 commands.append(("WAIT", self.min_replicas_acked, int(self.replica_ack_timeout * 1000)))
             with translate_errors(what):
                 try:
-                    replies = self._exchange(self.redis, commands)
+                    replies = exchange(self.redis, commands)
                 except redis_errors.NoScriptError:
                     if attempt == 2:
                         raise
@@ -345,44 +279,6 @@ class RedisBroker:
                 f"(redis.min_replicas_acked) acknowledged it within {self.replica_ack_timeout:g} s, so a failover "
                 "now could lose it; sending it again is safe (the task id makes it idempotent)"
             )
-
-    @staticmethod
-    def _exchange(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """Send commands on one of the client's pooled connections and read every reply, then
-        raise the first error reply, if any (every reply is read first, so the socket stays in
-        step). Connection errors are retried as redis-py retries them.
-
-        Not redis-py's Pipeline: its bookkeeping (and packing argument by argument in Python)
-        cost a busy worker 19 µs of CPU per task, a quarter of all it spends on a no-op task;
-        this is the same wire exchange with hiredis packing each command in C."""
-        pool = client.connection_pool
-        connection: Any = pool.get_connection()  # (redis-py leaves its connection API untyped)
-
-        def send_and_read() -> list[Any]:
-            connection.send_packed_command([b"".join([hiredis.pack_command(c) for c in commands])])
-            replies: list[Any] = []
-            moved = None
-            for _ in commands:
-                try:
-                    replies.append(connection.read_response())
-                except redis_errors.ResponseError as exc:
-                    replies.append(exc)
-                    moved = moved or (exc if _primary_moved(exc) else None)
-            if moved is not None:  # nothing ran on a replica: reconnect (to the new primary) and resend
-                raise redis_errors.ConnectionError(f"the primary moved: {moved}")
-            return replies
-
-        try:
-            replies: list[Any] = connection.retry.call_with_retry(send_and_read, lambda _error: connection.disconnect())
-        except BaseException:
-            connection.disconnect()  # replies may be left unread: never reuse this socket
-            raise
-        finally:
-            pool.release(connection)
-        for reply in replies:
-            if isinstance(reply, redis_errors.ResponseError):
-                raise reply
-        return replies
 
     def _run(self, name: str, keys: QueueKeys, args: Sequence[Any], extra_keys: Sequence[str] = ()) -> Any:
         return self._pipelined(name, [(name, [*keys.as_list(), *extra_keys], list(args))])[0]
@@ -438,9 +334,9 @@ class RedisBroker:
         `handoffs`: this worker takes tasks handed to it while idle (see wait_for_work); the
         claim takes those waiting in its inbox too, and a worker that gets tasks leaves the
         idle set."""
-        extra_keys, args = _claim_call(queue, token, lease_ms, worker_id, held_due_ms, batch, woken, handoffs)
+        extra_keys, args = claim_call(queue, token, lease_ms, worker_id, held_due_ms, batch, woken, handoffs)
         reply = self._run("claim", queue_keys(queue), args, extra_keys)
-        return self._parse_claim(queue, token, reply)
+        return parse_claim(queue, token, reply)
 
     def claim_and_begin(
         self, queue: str, token: str, lease_ms: int, worker_id: str, held_due_ms: int, batch: int, begin: list[Any]
@@ -448,13 +344,13 @@ class RedisBroker:
         """claim(handoffs=True), and schedule_begin.lua with ARGV `begin` after it in the same
         round trip (see periodic.Schedules.begin_with_claim); returns both replies."""
         keys = queue_keys(queue)
-        extra_keys, args = _claim_call(queue, token, lease_ms, worker_id, held_due_ms, batch, False, True)
+        extra_keys, args = claim_call(queue, token, lease_ms, worker_id, held_due_ms, batch, False, True)
         calls = [
             ("claim", [*keys.as_list(), *extra_keys], args),
             ("schedule_begin", [*keys.as_list(), *keys.schedule_keys()], begin),
         ]
         claimed, begun = self._pipelined("claim", calls)
-        return self._parse_claim(queue, token, claimed), [_text(begun[0]), *begun[1:]]
+        return parse_claim(queue, token, claimed), [_text(begun[0]), *begun[1:]]
 
     def finish(
         self,
@@ -496,7 +392,7 @@ class RedisBroker:
             calls.append(("finish", script_keys, args))
         if next_claim is not None:
             nc = next_claim
-            extra_keys, claim_args = _claim_call(
+            extra_keys, claim_args = claim_call(
                 nc.queue, nc.token, nc.lease_ms, nc.worker_id, nc.held_due_ms, nc.batch, False, True
             )
             calls.append(("claim", [*queue_keys(nc.queue).as_list(), *extra_keys], claim_args))
@@ -505,7 +401,7 @@ class RedisBroker:
         for indexes, reply in zip(by_queue.values(), replies, strict=False):
             for index, status in zip(indexes, reply, strict=True):
                 statuses[index] = script_status(status)
-        claimed = None if next_claim is None else self._parse_claim(next_claim.queue, next_claim.token, replies[-1])
+        claimed = None if next_claim is None else parse_claim(next_claim.queue, next_claim.token, replies[-1])
         return statuses, claimed
 
     def landed(self, finishes: Sequence[FinishItem], statuses: list[ScriptStatus]) -> list[ScriptStatus]:
@@ -573,36 +469,10 @@ class RedisBroker:
         reply = self._run("cancel", keys, args, extra_keys=extra)
         return [script_status(status) for status in reply]
 
-    def cancelled_by(self, queue: str, task_id: str) -> str:
-        """Who cancelled the task, as cancel.lua recorded it ("api", "cli"; "?" if unknown)."""
-        with translate_errors("read who cancelled"):
-            by = self.redis.hget(queue_keys(queue).info, f"{task_id}:x")
-        return "?" if by is None else _text(by)
-
-    def descendants(self, queue: str, task_id: str) -> list[str]:
-        """The task's children, theirs, and so on, parents before children (one round trip
-        per generation)."""
-        info = queue_keys(queue).info
-        found: list[str] = []
-        seen = {task_id}
-        generation = [task_id]
-        with translate_errors("read children"):
-            while generation:
-                lists = self.redis.hmget(info, [f"{i}:c" for i in generation])
-                generation = [c for csv in lists if csv for c in _text(csv).split(",") if c not in seen]
-                seen.update(generation)
-                found += generation
-        return found
-
     def renew_many(self, leases: Sequence[Lease], lease_ms: int) -> list[ScriptStatus]:
         """Renew several (queue, id, token) leases in one pipelined round trip."""
         calls = [("renew", queue_keys(q).as_list(), [task_id, token, lease_ms]) for q, task_id, token in leases]
         return [script_status(reply) for reply in self._pipelined("renew", calls)]
-
-    def dead_letters(self, queue: str) -> list[str]:
-        """Ids of every task in the queue's dead-letter set, oldest first."""
-        with translate_errors("dead letters"):
-            return [_text(i) for i in self.redis.zrange(queue_keys(queue).dead, 0, -1)]
 
     def revive(self, queue: str, task_ids: Sequence[str]) -> list[str]:
         """Put dead letters back in the queue to run again; returns the ids put back."""
@@ -616,19 +486,6 @@ class RedisBroker:
 
     def rearm(self, queue: str, due_ms: int) -> None:
         self._run("rearm", queue_keys(queue), [due_ms])
-
-    @staticmethod
-    def _parse_claim(queue: str, token: str, reply: list[Any]) -> list[Claim] | Idle:
-        if _text(reply[0]) == "none":
-            delay = int(reply[1])
-            return Idle(next_due_in_ms=None if delay < 0 else delay, now_ms=int(reply[2]))
-        claims = []
-        for number, task in enumerate(reply[1:], start=1):
-            if isinstance(task, bytes):  # handed to this worker while it was idle
-                claims.append(_decode_handed(queue, task))
-            else:
-                claims.append(_claim_of(queue, f"{token}/{number}", task))  # the token claim_next made
-        return claims
 
     # --- waiting -------------------------------------------------------------------------------
 
@@ -658,12 +515,12 @@ class RedisBroker:
         # A stop comes first, then a task already leased to this worker, then a marker.
         commands.append(("BZPOPMIN", wake_key, *inboxes, *markers, timeout))
         with translate_errors("BZPOPMIN"):
-            reply = self._exchange(self.blocking_redis, commands)[-1]
+            reply = exchange(self.blocking_redis, commands)[-1]
         if reply is None:
             return None
         key, member, score = _text(reply[0]), reply[1], float(reply[2])
         if key in inboxes:
-            return Wake(queue=inboxes[key], score_ms=score, handed=_decode_handed(inboxes[key], member))
+            return Wake(queue=inboxes[key], score_ms=score, handed=decode_handed(inboxes[key], member))
         return Wake(queue=markers.get(key), score_ms=score)
 
     def leave(self, queues: Sequence[str], worker_id: str, lease_ms: int) -> list[Claim]:
@@ -678,7 +535,7 @@ class RedisBroker:
                 pipe.zrange(keys.inbox(worker_id), 0, -1)
                 pipe.delete(keys.inbox(worker_id))
                 _, members, _ = pipe.execute()
-                handed += [_decode_handed(queue, member) for member in members]
+                handed += [decode_handed(queue, member) for member in members]
         return handed
 
     def wake_worker(self, worker_id: str) -> None:
@@ -689,16 +546,6 @@ class RedisBroker:
             pipe.zadd(key, {"w": 0})
             pipe.expire(key, 60)
             pipe.execute()
-
-    def outcome(self, queue: str, task_id: str) -> tuple[str | None, bytes | None]:
-        """The task's state and (once finished) its result envelope, read atomically."""
-        keys = queue_keys(queue)
-        with translate_errors("read result"):
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hget(keys.info, f"{task_id}:s")
-            pipe.hget(keys.result, task_id)
-            state, envelope = pipe.execute()
-        return (None if state is None else _text(state)), envelope
 
     def watch(self, queue: str, task_id: str) -> tuple[str | None, bytes | None]:
         """Like outcome(), and a pending task's finish will wake wait_done() (only watched tasks
@@ -747,109 +594,6 @@ class RedisBroker:
         keys = queue_keys(queue)
         return int(self._run("schedule_remove", keys, [name], keys.schedule_keys())) == 1
 
-    def schedule_spec(self, queue: str, name: str) -> bytes | None:
-        with translate_errors("read schedule"):
-            return self.redis.hget(queue_keys(queue).schedules, name)  # type: ignore[return-value]
-
-    def schedule_queues(self) -> list[str]:
-        """Every queue that has schedules stored (a SCAN: for the CLI, not the hot path)."""
-        pattern = f"{ROOT}:{{*}}:schedules"
-        with translate_errors("schedule_queues"):
-            keys = [_text(key) for key in self.redis.scan_iter(match=pattern, count=1000)]
-        return sorted(key[len(ROOT) + 2 : -len("}:schedules")] for key in keys)
-
-    def schedule_table(self, queue: str) -> tuple[int, dict[str, bytes], dict[str, bytes]]:
-        """(Redis now ms, name -> spec JSON, state field -> value) of a queue's schedules, plus
-        the state of each last-started occurrence as state field "<name>:o"."""
-        keys = queue_keys(queue)
-        with translate_errors("read schedules"):
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.time()
-            pipe.hgetall(keys.schedules)
-            pipe.hgetall(keys.schedule_state)
-            (seconds, micros), specs, state = pipe.execute()
-            specs = {_text(k): v for k, v in specs.items()}
-            state = {_text(k): v for k, v in state.items()}
-            current = {name: _text(state[f"{name}:c"]) for name in specs if f"{name}:c" in state}
-            if current:
-                outcomes = self.redis.hmget(keys.info, [f"{task_id}:s" for task_id in current.values()])
-                for name, outcome in zip(current, outcomes, strict=True):
-                    state[f"{name}:o"] = outcome or b"expired"
-        return int(seconds) * 1000 + int(micros) // 1000, specs, state
-
-    # --- inspection ----------------------------------------------------------------------------
-
-    def depths(self, queue: str) -> dict[str, int]:
-        """How many tasks are in each state, in one round trip (cheap enough for every scrape)."""
-        keys = queue_keys(queue)
-        with translate_errors("queue depths"):
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.llen(keys.ready)
-            pipe.zcard(keys.scheduled)
-            pipe.zcard(keys.waiting)
-            pipe.zcard(keys.running)
-            pipe.zcard(keys.dead)
-            pipe.zcard(keys.expiry)
-            pipe.hget(keys.info, "#cancelled")
-            ready, scheduled, waiting, running, dead, finished, cancelled = pipe.execute()
-        return {
-            "ready": ready,
-            "scheduled": scheduled,
-            "waiting": waiting,
-            "running": running,
-            "dead": dead,
-            "finished": finished,
-            "cancelled": int(cancelled or 0),  # (included in finished, kept until their result TTL)
-        }
-
-    def queue_report(self, queue: str, lease_seconds: float, dead_shown: int = 20) -> dict[str, Any]:
-        """Depths, next due time, live workers and the latest dead letters of one queue."""
-        keys = queue_keys(queue)
-        depths = self.depths(queue)
-        with translate_errors("inspect"):
-            server_time = self.redis.time()
-            now_ms = server_time[0] * 1000 + server_time[1] // 1000
-            first = self.redis.zrange(keys.scheduled, 0, 0, withscores=True)
-            workers = self.redis.zrangebyscore(keys.workers, now_ms - 2 * lease_seconds * 1000, "+inf")
-            dead_ids = [_text(i) for i in self.redis.zrevrange(keys.dead, 0, dead_shown - 1)]
-            dead = []
-            for task_id in dead_ids:
-                payload, envelope = (
-                    self.redis.hget(keys.payload, task_id),
-                    self.redis.hget(keys.result, task_id),
-                )
-                attempts = self.redis.hget(keys.info, f"{task_id}:a")
-                died = self.redis.zscore(keys.dead, task_id)
-                dead.append(self._dead_summary(task_id, payload, envelope, attempts, died))
-        next_due = None
-        if first:
-            next_due = dt.datetime.fromtimestamp(float(first[0][1]) / 1000, dt.UTC).isoformat()
-        return {
-            "depths": depths,
-            "next_due": next_due,
-            "workers": [_text(w) for w in workers],
-            "dead_letters": dead,
-        }
-
-    def _dead_summary(self, task_id: str, payload: Any, envelope: Any, attempts: Any, died: Any) -> dict[str, Any]:
-        name, error, traceback = "?", "?", ""
-        with contextlib.suppress(MiniceleryError):
-            name = self.transport.loads_message(payload).name
-        if envelope is not None:
-            with contextlib.suppress(MiniceleryError):
-                _ok, exc = self.transport.loads_outcome(envelope)
-                error = f"{type(exc).__name__}: {exc}"
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                traceback = json.loads(envelope)["error"].get("traceback") or ""
-        return {
-            "id": task_id,
-            "name": name,
-            "attempts": int(attempts or 0),
-            "error": error,
-            "failed_at": dt.datetime.fromtimestamp(float(died) / 1000, dt.UTC).isoformat() if died else None,
-            "traceback": traceback,
-        }
-
     # --- orphans: waiting tasks whose parents were never started ------------------------------
 
     def sweep_orphans(self, queue: str, orphan_ttl: float, batch: int = ORPHAN_SWEEP_BATCH) -> list[str]:
@@ -872,47 +616,6 @@ class RedisBroker:
         args = [ttl_ms, keep_ms, f"{orphan_ttl:g}", *due]
         return [_text(i) for i in self._run("orphans", keys, args, extra_keys=[keys.done(i) for i in due])]
 
-    def orphans(self, queue: str, shown: int = 10, examined: int = ORPHANS_EXAMINED) -> dict[str, Any]:
-        """Waiting tasks none of whose unfinished parents was ever started: what the orphan
-        sweep dead-letters once they have waited orphan_ttl. Counted among the `examined`
-        oldest waiting tasks; the oldest `shown` are listed with their name, the parents never
-        started and the seconds waited (since registered, or since a parent was last seen in
-        flight). Read-only, a few round trips."""
-        keys = queue_keys(queue)
-        with translate_errors("inspect orphans"):
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.time()
-            pipe.zcard(keys.waiting)
-            pipe.zrange(keys.waiting, 0, examined - 1, withscores=True)
-            (seconds, micros), waiting, oldest = pipe.execute()
-            ids = [_text(task_id) for task_id, _since in oldest]
-            parents = (
-                [_text(p).split(",") if p else [] for p in self.redis.hmget(keys.info, [f"{i}:P" for i in ids])]
-                if ids
-                else []
-            )
-            pipe = self.redis.pipeline(transaction=False)
-            for task_id, its_parents in zip(ids, parents, strict=True):
-                for parent in its_parents:
-                    pipe.hexists(keys.inputs, f"{task_id}|{parent}")
-                    pipe.hexists(keys.info, f"{parent}:s")
-            facts = iter(pipe.execute())
-            found = []
-            for (task_id, since), its_parents in zip(oldest, parents, strict=True):
-                unsent = _never_started({p: (next(facts), next(facts)) for p in its_parents})
-                if unsent:
-                    found.append((_text(task_id), since, unsent))
-            payloads = self.redis.hmget(keys.payload, [task_id for task_id, _, _ in found[:shown]]) if found else []
-        now_ms = seconds * 1000 + micros // 1000
-        listed = []
-        for (task_id, since, unsent), payload in zip(found, payloads, strict=False):
-            name = "?"
-            with contextlib.suppress(MiniceleryError):
-                name = self.transport.loads_message(payload).name
-            waited = max(0.0, (now_ms - since) / 1000)
-            listed.append({"id": task_id, "name": name, "waited_seconds": waited, "never_started": unsent})
-        return {"count": len(found), "examined": len(ids), "waiting": waiting, "oldest": listed}
-
     def purge(self, queue: str) -> int:
         """Delete every key of a queue but its schedules (declarations, not tasks: their pending
         occurrences go, see Admin.purge); returns how many keys went."""
@@ -924,69 +627,3 @@ class RedisBroker:
                 if _text(key) not in kept:
                     deleted += int(self.redis.delete(key))
         return deleted
-
-
-def _never_started(parents: dict[str, tuple[bool, bool]]) -> list[str]:
-    """The parents a waiting task still waits for, if none of them was ever sent; else [].
-    `parents`: parent id -> (it gave the task its result, it has a state). The same test as
-    never_started in scripts/orphans.lua."""
-    unfinished = {parent: sent for parent, (gave_result, sent) in parents.items() if not gave_result}
-    if any(unfinished.values()):
-        return []
-    return list(unfinished)
-
-
-def _claim_call(
-    queue: str,
-    token: str,
-    lease_ms: int,
-    worker_id: str,
-    held_due_ms: int,
-    batch: int,
-    woken: bool,
-    handoffs: bool,
-) -> tuple[list[str], list[Any]]:
-    """claim.lua's keys after the queue's own, and its ARGV (see the script's header)."""
-    args: list[Any] = [token, lease_ms, worker_id, held_due_ms, batch, 1 if woken else 0]
-    if not handoffs:
-        return [], args
-    return [queue_keys(queue).inbox(worker_id)], [*args, idle_registration(queue, worker_id, lease_ms)]
-
-
-def _claim_of(queue: str, token: str, task: Sequence[Any]) -> Claim:
-    """A Claim from one task of a claim reply (its fields: lease_tasks in scripts/_common.lua)."""
-    parents = _text(task[6]).split(",") if task[6] else []
-    return Claim(
-        queue=queue,
-        id=_text(task[0]),
-        token=token,
-        payload=task[1] or None,
-        attempts=int(task[2]),
-        leases_lost=int(task[3]),
-        due_ms=int(task[4]),
-        now_ms=int(task[5]),
-        inputs={parent: (task[7 + i] or None) for i, parent in enumerate(parents)},
-    )
-
-
-def _decode_handed(queue: str, member: bytes) -> Claim:
-    """A task handed to an inbox, as encode_handed (scripts/_common.lua) wrote it."""
-    fields: list[bytes | None] = []
-    at = 0
-    try:
-        while at < len(member):
-            colon = member.index(b":", at)
-            head = member[at:colon]
-            if head == b"-":
-                fields.append(None)
-                at = colon + 1
-            else:
-                end = colon + 1 + int(head)
-                fields.append(member[colon + 1 : end])
-                at = end
-        token = fields[0]
-        if token is None:
-            raise ValueError("no lease token")
-        return _claim_of(queue, _text(token), fields[1:])
-    except (ValueError, IndexError) as exc:  # not written by hand_off; its lease, if any, expires
-        raise BrokerError(f"unreadable task handed to queue {queue!r} ({exc}): {member[:200]!r}") from exc

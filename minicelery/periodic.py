@@ -14,10 +14,11 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .broker import RedisBroker, _text
+from .broker import RedisBroker
 from .errors import BadArguments, BrokerError, ConfigError, MiniceleryError
 from .occurrences import occurrence_payload
 from .records import Claim
+from .redis_wire import text as _text
 from .runner import check_arguments
 from .schedules import Plan, ScheduleSpec, occurrence_id, parse_manual_run, parse_occurrence
 from .settings import ScheduleSettings, Settings

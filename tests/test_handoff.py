@@ -15,7 +15,7 @@ import redis
 from conftest import Workers, wait_until
 
 from minicelery import Client, JSONTransport, RedisBroker
-from minicelery.broker import idle_registration
+from minicelery.claim_wire import idle_registration
 from minicelery.errors import BrokerError
 from minicelery.keys import QueueKeys
 from minicelery.records import Claim, RetryPlan

@@ -8,10 +8,10 @@ import pytest
 import redis
 
 from minicelery import JSONTransport, RedisBroker
-from minicelery.broker import SCRIPT_NAMES
 from minicelery.errors import BrokerError, ParentNeverStarted
 from minicelery.keys import QueueKeys
 from minicelery.records import Claim, FinishItem, Idle, NextClaim
+from minicelery.redis_wire import SCRIPT_NAMES
 
 
 def test_every_lua_file_is_a_registered_script_and_loads(redis_url: str) -> None:

@@ -1,4 +1,4 @@
--- _common.lua: prepended to every minicelery script when it is loaded (see broker.py).
+-- _common.lua: prepended to every minicelery script when it is loaded (see redis_wire.script_source).
 -- It names the queue's keys and holds the steps several operations share:
 -- putting a task where it belongs, releasing children, sweeping expired data, claiming.
 --

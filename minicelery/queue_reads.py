@@ -1,0 +1,218 @@
+"""Read-only views of a queue for the CLI, `inspect`, metrics and `.result()`: plain reads
+in few round trips, no script (so they work on a replica's data too). Mixed into
+RedisBroker, which owns the connection."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+from typing import Any
+
+import redis
+
+from .errors import MiniceleryError
+from .keys import ROOT, queue_keys
+from .redis_wire import text as _text
+from .redis_wire import translate_errors
+from .transport import JSONTransport
+
+# `inspect` looks for orphans among this many of the oldest waiting tasks.
+ORPHANS_EXAMINED = 1000
+
+
+class QueueReads:
+    """The reads; RedisBroker provides the client and the transport."""
+
+    redis: redis.Redis
+    transport: JSONTransport
+
+    def outcome(self, queue: str, task_id: str) -> tuple[str | None, bytes | None]:
+        """The task's state and (once finished) its result envelope, read atomically."""
+        keys = queue_keys(queue)
+        with translate_errors("read result"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hget(keys.info, f"{task_id}:s")
+            pipe.hget(keys.result, task_id)
+            state, envelope = pipe.execute()
+        return (None if state is None else _text(state)), envelope
+
+    def cancelled_by(self, queue: str, task_id: str) -> str:
+        """Who cancelled the task, as cancel.lua recorded it ("api", "cli"; "?" if unknown)."""
+        with translate_errors("read who cancelled"):
+            by = self.redis.hget(queue_keys(queue).info, f"{task_id}:x")
+        return "?" if by is None else _text(by)
+
+    def descendants(self, queue: str, task_id: str) -> list[str]:
+        """The task's children, theirs, and so on, parents before children (one round trip
+        per generation)."""
+        info = queue_keys(queue).info
+        found: list[str] = []
+        seen = {task_id}
+        generation = [task_id]
+        with translate_errors("read children"):
+            while generation:
+                lists = self.redis.hmget(info, [f"{i}:c" for i in generation])
+                generation = [c for csv in lists if csv for c in _text(csv).split(",") if c not in seen]
+                seen.update(generation)
+                found += generation
+        return found
+
+    def dead_letters(self, queue: str) -> list[str]:
+        """Ids of every task in the queue's dead-letter set, oldest first."""
+        with translate_errors("dead letters"):
+            return [_text(i) for i in self.redis.zrange(queue_keys(queue).dead, 0, -1)]
+
+    def schedule_spec(self, queue: str, name: str) -> bytes | None:
+        with translate_errors("read schedule"):
+            return self.redis.hget(queue_keys(queue).schedules, name)  # type: ignore[return-value]
+
+    def schedule_queues(self) -> list[str]:
+        """Every queue that has schedules stored (a SCAN: for the CLI, not the hot path)."""
+        pattern = f"{ROOT}:{{*}}:schedules"
+        with translate_errors("schedule_queues"):
+            keys = [_text(key) for key in self.redis.scan_iter(match=pattern, count=1000)]
+        return sorted(key[len(ROOT) + 2 : -len("}:schedules")] for key in keys)
+
+    def schedule_table(self, queue: str) -> tuple[int, dict[str, bytes], dict[str, bytes]]:
+        """(Redis now ms, name -> spec JSON, state field -> value) of a queue's schedules, plus
+        the state of each last-started occurrence as state field "<name>:o"."""
+        keys = queue_keys(queue)
+        with translate_errors("read schedules"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.time()
+            pipe.hgetall(keys.schedules)
+            pipe.hgetall(keys.schedule_state)
+            (seconds, micros), specs, state = pipe.execute()
+            specs = {_text(k): v for k, v in specs.items()}
+            state = {_text(k): v for k, v in state.items()}
+            current = {name: _text(state[f"{name}:c"]) for name in specs if f"{name}:c" in state}
+            if current:
+                outcomes = self.redis.hmget(keys.info, [f"{task_id}:s" for task_id in current.values()])
+                for name, outcome in zip(current, outcomes, strict=True):
+                    state[f"{name}:o"] = outcome or b"expired"
+        return int(seconds) * 1000 + int(micros) // 1000, specs, state
+
+    # --- inspection ----------------------------------------------------------------------------
+
+    def depths(self, queue: str) -> dict[str, int]:
+        """How many tasks are in each state, in one round trip (cheap enough for every scrape)."""
+        keys = queue_keys(queue)
+        with translate_errors("queue depths"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.llen(keys.ready)
+            pipe.zcard(keys.scheduled)
+            pipe.zcard(keys.waiting)
+            pipe.zcard(keys.running)
+            pipe.zcard(keys.dead)
+            pipe.zcard(keys.expiry)
+            pipe.hget(keys.info, "#cancelled")
+            ready, scheduled, waiting, running, dead, finished, cancelled = pipe.execute()
+        return {
+            "ready": ready,
+            "scheduled": scheduled,
+            "waiting": waiting,
+            "running": running,
+            "dead": dead,
+            "finished": finished,
+            "cancelled": int(cancelled or 0),  # (included in finished, kept until their result TTL)
+        }
+
+    def queue_report(self, queue: str, lease_seconds: float, dead_shown: int = 20) -> dict[str, Any]:
+        """Depths, next due time, live workers and the latest dead letters of one queue."""
+        keys = queue_keys(queue)
+        depths = self.depths(queue)
+        with translate_errors("inspect"):
+            server_time = self.redis.time()
+            now_ms = server_time[0] * 1000 + server_time[1] // 1000
+            first = self.redis.zrange(keys.scheduled, 0, 0, withscores=True)
+            workers = self.redis.zrangebyscore(keys.workers, now_ms - 2 * lease_seconds * 1000, "+inf")
+            dead_ids = [_text(i) for i in self.redis.zrevrange(keys.dead, 0, dead_shown - 1)]
+            dead = []
+            for task_id in dead_ids:
+                payload, envelope = (
+                    self.redis.hget(keys.payload, task_id),
+                    self.redis.hget(keys.result, task_id),
+                )
+                attempts = self.redis.hget(keys.info, f"{task_id}:a")
+                died = self.redis.zscore(keys.dead, task_id)
+                dead.append(self._dead_summary(task_id, payload, envelope, attempts, died))
+        next_due = None
+        if first:
+            next_due = dt.datetime.fromtimestamp(float(first[0][1]) / 1000, dt.UTC).isoformat()
+        return {
+            "depths": depths,
+            "next_due": next_due,
+            "workers": [_text(w) for w in workers],
+            "dead_letters": dead,
+        }
+
+    def _dead_summary(self, task_id: str, payload: Any, envelope: Any, attempts: Any, died: Any) -> dict[str, Any]:
+        name, error, traceback = "?", "?", ""
+        with contextlib.suppress(MiniceleryError):
+            name = self.transport.loads_message(payload).name
+        if envelope is not None:
+            with contextlib.suppress(MiniceleryError):
+                _ok, exc = self.transport.loads_outcome(envelope)
+                error = f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                traceback = json.loads(envelope)["error"].get("traceback") or ""
+        return {
+            "id": task_id,
+            "name": name,
+            "attempts": int(attempts or 0),
+            "error": error,
+            "failed_at": dt.datetime.fromtimestamp(float(died) / 1000, dt.UTC).isoformat() if died else None,
+            "traceback": traceback,
+        }
+
+    def orphans(self, queue: str, shown: int = 10, examined: int = ORPHANS_EXAMINED) -> dict[str, Any]:
+        """Waiting tasks none of whose unfinished parents was ever started: what the orphan
+        sweep dead-letters once they have waited orphan_ttl. Counted among the `examined`
+        oldest waiting tasks; the oldest `shown` are listed with their name, the parents never
+        started and the seconds waited (since registered, or since a parent was last seen in
+        flight). Read-only, a few round trips."""
+        keys = queue_keys(queue)
+        with translate_errors("inspect orphans"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.time()
+            pipe.zcard(keys.waiting)
+            pipe.zrange(keys.waiting, 0, examined - 1, withscores=True)
+            (seconds, micros), waiting, oldest = pipe.execute()
+            ids = [_text(task_id) for task_id, _since in oldest]
+            parents = (
+                [_text(p).split(",") if p else [] for p in self.redis.hmget(keys.info, [f"{i}:P" for i in ids])]
+                if ids
+                else []
+            )
+            pipe = self.redis.pipeline(transaction=False)
+            for task_id, its_parents in zip(ids, parents, strict=True):
+                for parent in its_parents:
+                    pipe.hexists(keys.inputs, f"{task_id}|{parent}")
+                    pipe.hexists(keys.info, f"{parent}:s")
+            facts = iter(pipe.execute())
+            found = []
+            for (task_id, since), its_parents in zip(oldest, parents, strict=True):
+                unsent = _never_started({p: (next(facts), next(facts)) for p in its_parents})
+                if unsent:
+                    found.append((_text(task_id), since, unsent))
+            payloads = self.redis.hmget(keys.payload, [task_id for task_id, _, _ in found[:shown]]) if found else []
+        now_ms = seconds * 1000 + micros // 1000
+        listed = []
+        for (task_id, since, unsent), payload in zip(found, payloads, strict=False):
+            name = "?"
+            with contextlib.suppress(MiniceleryError):
+                name = self.transport.loads_message(payload).name
+            waited = max(0.0, (now_ms - since) / 1000)
+            listed.append({"id": task_id, "name": name, "waited_seconds": waited, "never_started": unsent})
+        return {"count": len(found), "examined": len(ids), "waiting": waiting, "oldest": listed}
+
+
+def _never_started(parents: dict[str, tuple[bool, bool]]) -> list[str]:
+    """The parents a waiting task still waits for, if none of them was ever sent; else [].
+    `parents`: parent id -> (it gave the task its result, it has a state). The same test as
+    never_started in scripts/orphans.lua."""
+    unfinished = {parent: sent for parent, (gave_result, sent) in parents.items() if not gave_result}
+    if any(unfinished.values()):
+        return []
+    return list(unfinished)
