@@ -64,6 +64,19 @@ def app(redis_url: str, queue: str) -> Iterator[Client]:
     Client.instances.remove(client)
 
 
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real 6-node Redis Cluster (3 primaries, 3 replicas) for the session: a
+    clusterkit.RedisCluster. Needs redis-cli (Debian: redis-tools)."""
+    from clusterkit import RedisCluster
+
+    if shutil.which("redis-cli") is None:
+        unavailable("redis-cli is not installed (apt-get install redis-tools)")
+    nodes = RedisCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield nodes
+    nodes.stop()
+
+
 def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> object:
     """Poll `condition` until it is truthy; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
