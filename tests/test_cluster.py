@@ -5,8 +5,10 @@ test modules run again on the cluster (where a cross-slot access fails loudly)."
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ from typing import Any
 import pytest
 import worktasks
 from clusterkit import RedisCluster, slot_of_queue
-from conftest import Workers, wait_until
+from conftest import TESTS, Workers, wait_until
 from helpers import drain
 
 from minicelery import Client, JSONTransport, RedisBroker
@@ -171,3 +173,53 @@ def test_an_enqueue_during_a_migration_follows_ask_and_waits_out_tryagain(
     assert cluster.ask(target, "HGET", QueueKeys(queue).info, f"{total.id}:s") == "succeeded"
     app.broker.close()
     Client.instances.remove(app)
+
+
+def run_cli(pool: Workers, queues: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+    env = pool.env(MINICELERY_WORKER__QUEUES=json.dumps(queues))
+    command = [sys.executable, "-m", "minicelery", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, check=False)
+
+
+def test_the_cli_on_a_cluster_finds_each_queue_on_its_node(
+    cluster: RedisCluster, spread: list[str], apps: list[Client], cluster_workers: Workers
+) -> None:
+    later, failing, done = apps
+    pending = later.tasks["echo"]("later").wait(3600).start()
+    dead = failing.tasks["boom"]("on purpose").start()
+    ok = done.tasks["echo"]("fine").start()
+    drain(failing)
+    drain(done)
+
+    checked = run_cli(cluster_workers, spread, "check-config")
+    assert checked.returncode == 0 and "cluster: 3 primaries, 3 replicas" in checked.stderr, checked.stderr
+    inspected = run_cli(cluster_workers, spread, "inspect")
+    assert inspected.returncode == 0, inspected.stderr
+    for queue in spread:
+        assert f"queue {queue}:" in inspected.stdout
+    assert f"dead: {dead.id} boom" in inspected.stdout
+    result = run_cli(cluster_workers, spread, "result", ok.id)
+    assert result.returncode == 0 and "fine" in result.stdout, result
+    cancelled = run_cli(cluster_workers, spread, "cancel", pending.id)
+    assert cancelled.returncode == 0 and pending.state == "cancelled", cancelled
+    retried = run_cli(cluster_workers, spread, "retry-dead")
+    assert retried.returncode == 0 and dead.state == "ready", retried
+    purged = run_cli(cluster_workers, spread, "purge", "-q", failing.default_queue, "--yes")
+    assert purged.returncode == 0 and dead.state == "unknown", purged
+    assert later.broker.depths(done.default_queue)["finished"] == 1  # other queues untouched
+
+    for queue in spread:  # schedules are found on every primary (a SCAN of each)
+        later.broker.schedule_upsert(queue, "nightly", '{"cron": "0 3 * * *"}', f"s-{queue}", 2**40, b"{}")
+    assert set(spread) <= set(later.broker.schedule_queues())
+
+
+def test_the_broker_tests_pass_on_the_cluster(tmp_path: Path) -> None:
+    """test_scripts.py and test_dependencies.py again, every broker on a cluster of their own
+    (MINICELERY_TEST_CLUSTER=1, see conftest.py): a script touching a key outside its queue's
+    slot, or a pipeline spanning nodes wrongly, fails there."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MINICELERY_", "PYTEST_"))}
+    env["MINICELERY_TEST_CLUSTER"] = "1"
+    modules = [str(TESTS / "test_scripts.py"), str(TESTS / "test_dependencies.py")]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *modules]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stdout[-4000:]
