@@ -137,6 +137,7 @@ def test_a_slot_moved_by_hand_is_followed_by_producer_and_idle_worker(
     cluster.migrate_slot(slot_of_queue(queue), target)
     try:
         assert cluster.node_of_queue(queue) == target
+        assert app.broker.depths(queue)["finished"] == 1  # a plain read follows MOVED too
         handles = [app.tasks["echo"](n).start() for n in range(5)]
         assert [handle.result(timeout=20) for handle in handles] == list(range(5))
         assert "Traceback" not in cluster_workers.log(proc)
