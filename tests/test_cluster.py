@@ -229,3 +229,12 @@ def test_the_broker_tests_pass_on_the_cluster(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *modules]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stdout[-4000:]
+
+
+def test_a_worker_or_cli_not_told_it_talks_to_a_cluster_says_so(
+    cluster: RedisCluster, spread: list[str], tmp_path: Path
+) -> None:
+    queue = next(q for q in spread if cluster.node_of_queue(q) != cluster.live_ports()[0])  # not the url's node
+    plain = Workers(cluster.url, queue, tmp_path, cluster=False)
+    sent = run_cli(plain, [queue], "enqueue", "echo", '["x"]')
+    assert sent.returncode != 0 and "set redis.cluster = true" in sent.stderr, sent
