@@ -124,8 +124,10 @@ class ClusterRoute:
 
     def refresh(self) -> None:
         """Read the slot map again (CLUSTER SLOTS from a node that answers)."""
-        self.stale = False
-        self.cluster.nodes_manager.initialize()
+        cluster = self.cluster
+        with self._lock:  # (the heartbeat thread's renewals may find the map stale at once)
+            self.stale = False
+            cluster.nodes_manager.initialize()
 
     def primary_of(self, slot: int) -> str:
         """ "host:port" of the primary that owns `slot` now."""
