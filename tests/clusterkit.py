@@ -6,22 +6,43 @@ Each node gets two free ports: its client port and its cluster bus port (`--clus
 Redis 7), so the bus never needs port+10000 to be free. Slots go 0-5460, 5461-10922,
 10923-16383 to the first three nodes (the primaries, in creation order); redis-cli picks
 each one's replica among the other three.
+
+Use (the fault suite, the scale-out bench):
+
+    def test_x(cluster: RedisCluster, tmp_path):           # session fixture, conftest.py
+        queues = cluster.queues_on_distinct_primaries("q")  # one queue per primary
+        app = cluster_app(cluster, queues[0])              # a producer (tests/worktasks.py)
+        pool = Workers(cluster.url, queues[0], tmp_path, cluster=True)
+        proc = start_worker(pool, queues)                  # a worker on all three
+        primary = cluster.node_of_queue(queues[0])          # port of its primary, now
+        cluster.failover(cluster.replica_of(primary))       # CLUSTER FAILOVER, waits for ok
+        cluster.stop_node(primary); cluster.restart(primary)  # kill -9, then rejoin
+        cluster.migrate_slot(slot_of_queue(queues[0]), other_primary_port)  # a reshard by hand
+
+A session's tests share the cluster: leave it as found (a moved slot back, a killed node
+restarted: restart() waits until every node agrees again). RedisCluster(directory,
+node_timeout_ms=..., nodes=...) starts a private one (e.g. 3 primaries without replicas:
+not with start(), whose redis-cli call asks for one replica each).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import redis
-from conftest import wait_until
+import worktasks
+from conftest import Workers, wait_until
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.retry import Retry
 
-from minicelery.keys import queue_keys
+from minicelery import Client, JSONTransport, RedisBroker
+from minicelery.keys import QueueKeys, queue_keys
 from minicelery.redis_server import RedisServer, free_port
 
 SLOTS = 16384
@@ -261,3 +282,38 @@ class RedisCluster:
             return len(views) == 1
         except redis.RedisError:
             return False
+
+
+# --- producers and workers on a cluster ---------------------------------------------------
+
+
+def cluster_app(cluster: RedisCluster, queue: str, **options: Any) -> Client:
+    """A producer whose tasks (tests/worktasks.py) go to `queue`, its broker on the cluster
+    (RedisBroker options may be given; the caller closes it and removes it from
+    Client.instances)."""
+    broker = RedisBroker(JSONTransport(), url=cluster.url, result_ttl=600, max_block=1, cluster=True, **options)
+    app = Client(broker, default_queue=queue)
+    worktasks.register(app)
+    return app
+
+
+# Idle blocks this long make a test fail if the worker's wait does not end by a wake-up (or
+# by Redis redirecting it), rather than by its block timing out.
+LONG_BLOCKS = {"MINICELERY_WORKER__IDLE_BLOCK_MAX": "300", "MINICELERY_WORKER__LEASE_SECONDS": "300"}
+
+
+def start_worker(pool: Workers, queues: list[str], **settings: str) -> subprocess.Popen[bytes]:
+    """A `minicelery worker` process on `queues`, ready; `pool` made with cluster=True
+    (Workers(cluster.url, queue, tmp_path, cluster=True)); `settings`: MINICELERY_* variables."""
+    proc = pool.start(MINICELERY_WORKER__QUEUES=json.dumps(queues), **settings)
+    pool.wait_ready(proc)
+    return proc
+
+
+def idle_on(cluster: RedisCluster, queues: list[str]) -> bool:
+    """Whether a worker sits in the idle set of every one of `queues` (it waits there)."""
+    client = cluster.cluster_client()
+    try:
+        return all(client.zcard(QueueKeys(queue).idle) for queue in queues)
+    finally:
+        client.close()

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import worktasks
-from clusterkit import RedisCluster, slot_of_queue
+from clusterkit import LONG_BLOCKS, RedisCluster, cluster_app, idle_on, slot_of_queue, start_worker
 from conftest import TESTS, Workers, wait_until
 from helpers import drain
 
-from minicelery import Client, JSONTransport, RedisBroker
+from minicelery import Client, RedisBroker
 from minicelery.errors import ConfigError
 from minicelery.keys import QueueKeys
 from minicelery.settings import load_settings
@@ -31,13 +30,6 @@ from minicelery.settings import load_settings
 def spread(cluster: RedisCluster) -> list[str]:
     """Three queue names this test alone uses, each held by a different primary."""
     return cluster.queues_on_distinct_primaries(f"c{uuid.uuid4().hex[:8]}")
-
-
-def cluster_app(cluster: RedisCluster, queue: str, **options: Any) -> Client:
-    broker = RedisBroker(JSONTransport(), url=cluster.url, result_ttl=600, max_block=1, cluster=True, **options)
-    app = Client(broker, default_queue=queue)
-    worktasks.register(app)
-    return app
 
 
 @pytest.fixture
@@ -55,26 +47,6 @@ def cluster_workers(cluster: RedisCluster, spread: list[str], tmp_path: Path) ->
     pool = Workers(cluster.url, spread[0], tmp_path, cluster=True)
     yield pool
     pool.stop_all()
-
-
-# Idle blocks this long make a test fail if the worker's wait does not end by a wake-up (or
-# by Redis redirecting it), rather than by its block timing out.
-LONG_BLOCKS = {"MINICELERY_WORKER__IDLE_BLOCK_MAX": "300", "MINICELERY_WORKER__LEASE_SECONDS": "300"}
-
-
-def start_worker(pool: Workers, queues: list[str], **settings: str) -> subprocess.Popen[bytes]:
-    proc = pool.start(MINICELERY_WORKER__QUEUES=json.dumps(queues), **settings)
-    pool.wait_ready(proc)
-    return proc
-
-
-def idle_on(cluster: RedisCluster, queues: list[str]) -> bool:
-    """Whether a worker sits in the idle set of every one of `queues` (it waits there)."""
-    client = cluster.cluster_client()
-    try:
-        return all(client.zcard(QueueKeys(queue).idle) for queue in queues)
-    finally:
-        client.close()
 
 
 def test_cluster_settings_are_checked_and_each_problem_names_the_setting() -> None:
