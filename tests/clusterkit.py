@@ -21,8 +21,8 @@ Use (the fault suite, the scale-out bench):
 
 A session's tests share the cluster: leave it as found (a moved slot back, a killed node
 restarted: restart() waits until every node agrees again). RedisCluster(directory,
-node_timeout_ms=..., nodes=...) starts a private one (e.g. 3 primaries without replicas:
-not with start(), whose redis-cli call asks for one replica each).
+primaries=N, replicas=False).start() makes a private one of any size (1 or 2 primaries are
+joined by hand: redis-cli insists on 3); stop() ends it.
 """
 
 from __future__ import annotations
@@ -58,11 +58,17 @@ def slot_of_queue(queue: str) -> int:
 
 
 class RedisCluster:
-    def __init__(self, directory: Path, node_timeout_ms: int = NODE_TIMEOUT_MS, nodes: int = 6) -> None:
+    def __init__(
+        self, directory: Path, node_timeout_ms: int = NODE_TIMEOUT_MS, primaries: int = 3, replicas: bool = True
+    ) -> None:
+        """`primaries` (1 or more), each with one replica if `replicas`."""
         self.directory = directory
         self.node_timeout_ms = node_timeout_ms
-        self.count = nodes
+        self.primary_count = primaries
+        self.replicas = replicas
+        self.count = primaries * (2 if replicas else 1)
         self.nodes: list[RedisServer] = []
+        self.bus_ports: dict[int, int] = {}  # client port -> cluster bus port
 
     # --- life ----------------------------------------------------------------------------------
 
@@ -74,6 +80,7 @@ class RedisCluster:
             path = self.directory / f"n{i}"
             path.mkdir(parents=True, exist_ok=True)
             port, bus = ports.pop(), ports.pop()
+            self.bus_ports[port] = bus
             args = (
                 *NODE_ARGS,
                 "--cluster-enabled",
@@ -86,13 +93,41 @@ class RedisCluster:
                 str(bus),
             )
             self.nodes.append(RedisServer(port, directory=path, extra_args=args).start())
-        create = ["redis-cli", "--cluster", "create", *self.addresses, "--cluster-replicas", "1", "--cluster-yes"]
-        done = subprocess.run(create, capture_output=True, text=True, timeout=timeout, check=False)
-        if done.returncode != 0:
+        try:
+            self._create(timeout)
+        except BaseException:
             self.stop()
-            raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout}\n{done.stderr}")
-        self.wait_ok(timeout, replicas=self.count - 3)
+            raise
+        self.wait_ok(timeout, replicas=self.count - self.primary_count)
         return self
+
+    def _create(self, timeout: float) -> None:
+        """redis-cli --cluster create; by hand (ADDSLOTSRANGE, MEET, REPLICATE) for fewer than
+        the 3 primaries redis-cli insists on."""
+        if self.primary_count >= 3:
+            replicas = "1" if self.replicas else "0"
+            create = ["redis-cli", "--cluster", "create", *self.addresses, "--cluster-replicas", replicas]
+            done = subprocess.run(
+                [*create, "--cluster-yes"], capture_output=True, text=True, timeout=timeout, check=False
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout}\n{done.stderr}")
+            return
+        primaries, others = self.ports[: self.primary_count], self.ports[self.primary_count :]
+        share = SLOTS // self.primary_count
+        for number, port in enumerate(primaries):
+            last = SLOTS - 1 if number == self.primary_count - 1 else (number + 1) * share - 1
+            self.ask(port, "CLUSTER", "ADDSLOTSRANGE", number * share, last)
+        for port in self.ports[1:]:
+            self.ask(port, "CLUSTER", "MEET", "127.0.0.1", self.ports[0], self.bus_ports[self.ports[0]])
+        for replica, primary in zip(others, primaries, strict=False):  # (others: none without replicas)
+            primary_id = self.node_id(primary)
+
+            def met(replica: int = replica, primary_id: str = primary_id) -> bool:
+                return primary_id in str(self.ask(replica, "CLUSTER", "NODES"))
+
+            wait_until(met, timeout, "the nodes to meet")
+            self.ask(replica, "CLUSTER", "REPLICATE", primary_id)
 
     def stop(self) -> None:
         for node in self.nodes:
