@@ -4,6 +4,8 @@ and durable enqueues (min_replicas_acked)."""
 
 from __future__ import annotations
 
+import logging
+import signal
 import subprocess
 import sys
 import threading
@@ -69,6 +71,7 @@ def test_sentinel_settings_are_checked_and_each_problem_names_the_setting(tmp_pa
         'sentinels = ["a:1"]\nsentinel_master = "mc"\nurl = "unix:///run/redis.sock"': "cannot be unix://",
         "min_replicas_acked = -1": "redis.min_replicas_acked",
         "min_replicas_acked = 1\nreplica_ack_timeout = 5": "must be below redis.socket_timeout",
+        "replicate_results = true": "redis.replicate_results needs redis.min_replicas_acked",
     }
     for body, expected in cases.items():
         path = tmp_path / "bad.toml"
@@ -182,6 +185,51 @@ def test_min_replicas_acked_waits_for_a_replica_and_says_when_none_holds_the_tas
     assert task.state == "created"  # not marked sent: start() again is safe
     assert app.handle(task.id).state == "ready"  # stored on the primary, as the error says
     app.broker.close()
+    strict.broker.close()
+
+
+def replica_holds(cluster: SentinelSet, key: str, field: str) -> list[int]:
+    """The replicas (ports) that hold this hash field now."""
+    primary = cluster.primary_port()
+    return [n.port for n in cluster.nodes if n.port != primary and redis.Redis(port=n.port).hexists(key, field)]
+
+
+def test_replicate_results_returns_once_a_replica_holds_the_result_and_only_warns_when_none_does(
+    sentinel_set: SentinelSet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With replicate_results, a finish returns once min_replicas_acked replicas hold the
+    result. When too few do (a replica stopped), the finish still records the result on the
+    primary and says so, naming the task, and counts it; it does not fail the task."""
+    queue = f"s-{uuid.uuid4().hex[:8]}"
+    keys = QueueKeys(queue)
+    durable = sentinel_app(sentinel_set, queue, min_replicas_acked=1, replica_ack_timeout=0.5, replicate_results=True)
+    broker = durable.broker
+    broker.enqueue(queue, "kept", b"{}")
+    (claim,) = broker.claim(queue, "w:1", 5000, "w")  # type: ignore[misc]
+    item = FinishItem(queue, "kept", claim.token, True, b'{"ok":true,"value":1}', None)
+    assert broker.finish_many([item])[0] == [ScriptStatus.OK]
+    assert replica_holds(sentinel_set, keys.result, "kept")  # already, as the finish returned
+
+    strict = sentinel_app(sentinel_set, queue, min_replicas_acked=2, replica_ack_timeout=0.2, replicate_results=True)
+    shortfalls: list[int] = []
+    strict.broker.on_unreplicated = shortfalls.append
+    strict.broker.enqueue(queue, "short", b"{}")
+    (claim,) = strict.broker.claim(queue, "w:2", 5000, "w")  # type: ignore[misc]
+    replica = sentinel_set.node(sentinel_set.replica_port()).process
+    assert replica is not None
+    replica.send_signal(signal.SIGSTOP)  # WAIT now gets 1 of the 2 replicas asked for
+    try:
+        item = FinishItem(queue, "short", claim.token, True, b'{"ok":true,"value":2}', None)
+        with caplog.at_level(logging.WARNING, logger="minicelery.broker"):
+            assert strict.broker.finish_many([item])[0] == [ScriptStatus.OK]
+    finally:
+        replica.send_signal(signal.SIGCONT)
+    assert shortfalls == [1]
+    assert "1 of the 2 replicas required" in caplog.text and "run again: short" in caplog.text
+    assert strict.handle("short").result(timeout=5) == 2  # the result is stored (on the primary)
+    with pytest.raises(ValueError, match="replicate_results needs min_replicas_acked"):
+        sentinel_app(sentinel_set, queue, replicate_results=True)
+    durable.broker.close()
     strict.broker.close()
 
 
