@@ -4,6 +4,7 @@ and durable enqueues (min_replicas_acked)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import subprocess
@@ -114,6 +115,17 @@ def test_check_config_and_inspect_show_the_primary_and_replicas(sentinel_set: Se
         assert result.returncode == 0, result.stderr
         out = result.stdout + result.stderr
         assert f"primary {primary}, replicas 127.0.0.1:" in out and "s3" not in out
+    result = subprocess.run(
+        [sys.executable, "-m", "minicelery", "inspect", "--json", "-q", "a", "-q", "b", "--config", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    replicas = {f"127.0.0.1:{n.port}" for n in sentinel_set.nodes} - {primary}
+    for queue in ("a", "b"):
+        seen = report[queue]["sentinel"]
+        assert seen["master"] == MASTER and seen["primary"] == primary and set(seen["replicas"]) == replicas
 
 
 def test_a_worker_and_a_waiter_follow_a_planned_failover(
