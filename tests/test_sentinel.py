@@ -25,6 +25,7 @@ from sentinelkit import MASTER, SentinelSet
 from minicelery import BrokerUnavailable, Client, JSONTransport, NotReplicated, RedisBroker
 from minicelery.errors import ConfigError
 from minicelery.keys import QueueKeys
+from minicelery.redis_server import RedisServer
 from minicelery.records import FinishItem, ScriptStatus
 from minicelery.settings import load_settings
 
@@ -175,6 +176,50 @@ def test_readonly_from_a_replica_counts_as_a_lost_primary(sentinel_set: Sentinel
         broker.wait_for_work([queue], "w1", 1, handoffs_lease_ms=1000, register=[queue])
     assert broker.outcome(queue, "t1") == (None, None)
     broker.close()
+
+
+def test_waits_blocked_on_a_primary_made_replica_end_at_once_and_carry_on_once_it_is_primary() -> None:
+    """REPLICAOF sent to a server while a worker's idle wait and a .result() waiter block on it
+    (what Sentinel does to an old primary): Redis answers UNBLOCKED, and both end at once as
+    Redis unavailable (the primary moved), not after their 30 s block; the same broker then
+    waits again as soon as its server (with sentinels: the new one) is primary."""
+    with RedisServer() as server, RedisServer() as other:
+        broker = RedisBroker(JSONTransport(), url=server.url, result_ttl=60, max_block=30)
+        queue = f"s-{uuid.uuid4().hex[:8]}"
+        keys = QueueKeys(queue)
+        ended: dict[str, BaseException | None] = {}
+
+        def blocked(name: str, wait: Any) -> threading.Thread:
+            def run() -> None:
+                try:
+                    wait()
+                    ended[name] = None
+                except BaseException as exc:
+                    ended[name] = exc
+
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            return thread
+
+        threads = [
+            blocked("idle", lambda: broker.wait_for_work([queue], "w1", 30)),
+            blocked("result", lambda: broker.wait_done(queue, "t1", 30)),
+        ]
+        admin = redis.Redis.from_url(server.url)
+        wait_until(lambda: admin.info("clients")["blocked_clients"] == 2, 10, "both waits to block")
+        admin.replicaof("127.0.0.1", other.port)
+        for thread in threads:
+            thread.join(timeout=10)
+        assert set(ended) == {"idle", "result"}, "a wait stayed blocked on the demoted server"
+        for exc in ended.values():
+            assert isinstance(exc, BrokerUnavailable) and "UNBLOCKED" in str(exc), exc
+        admin.replicaof("NO", "ONE")  # (with sentinels, the next connection finds the new primary)
+        admin.zadd(keys.marker, {"m": 1})
+        admin.rpush(keys.done("t1"), "done")
+        assert broker.wait_for_work([queue], "w1", 5) is not None
+        assert broker.wait_done(queue, "t1", 5)
+        broker.close()
+        admin.close()
 
 
 def test_min_replicas_acked_waits_for_a_replica_and_says_when_none_holds_the_task(
