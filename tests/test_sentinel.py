@@ -25,8 +25,8 @@ from sentinelkit import MASTER, SentinelSet
 from minicelery import BrokerUnavailable, Client, JSONTransport, NotReplicated, RedisBroker
 from minicelery.errors import ConfigError
 from minicelery.keys import QueueKeys
-from minicelery.redis_server import RedisServer
 from minicelery.records import FinishItem, ScriptStatus
+from minicelery.redis_server import RedisServer
 from minicelery.settings import load_settings
 
 pytestmark = pytest.mark.timeout(120)
