@@ -51,9 +51,9 @@ BLOCKING_SOCKET_SLACK = 5.0
 ORPHAN_SWEEP_BATCH = 100
 
 
-# finish.lua's retry fields for an outcome that is never retried (max_retries 0)
 # Finishes that wrote to Redis (a result or dead letter, or a retry scheduled).
 _WRITTEN = frozenset({ScriptStatus.OK, ScriptStatus.RETRY})
+# finish.lua's retry fields for an outcome that is never retried (max_retries 0)
 _NO_RETRY_ARGS = (0, NO_RETRY.base_ms, NO_RETRY.cap_ms, repr(NO_RETRY.jitter), NO_RETRY.fixed_ms)
 
 
