@@ -20,6 +20,7 @@ import pytest
 import redis
 import worktasks
 from conftest import Workers, wait_until
+from helpers import drain
 from sentinelkit import MASTER, SentinelSet
 
 from minicelery import BrokerUnavailable, Client, JSONTransport, NotReplicated, RedisBroker
@@ -256,7 +257,8 @@ def test_replicate_results_returns_once_a_replica_holds_the_result_and_only_warn
 ) -> None:
     """With replicate_results, a finish returns once min_replicas_acked replicas hold the
     result. When too few do (the replicas stopped), the finish still records the result on the
-    primary and says so, naming the task, and counts it; it does not fail the task."""
+    primary and says so, naming the task, and counts it; it does not fail the task. A worker
+    counts such results in minicelery_results_unreplicated_total."""
     wait_until(lambda: sentinel_set.replicas_online() >= 1, 30, "a replica in sync (after an earlier failover)")
     queue = f"s-{uuid.uuid4().hex[:8]}"
     keys = QueueKeys(queue)
@@ -273,6 +275,7 @@ def test_replicate_results_returns_once_a_replica_holds_the_result_and_only_warn
     assert replica_holds(sentinel_set, keys.result, kept.id)  # already, as the finish returned
     assert shortfalls == []
 
+    handle = app.tasks["echo"]("by a worker").start()  # (for the worker below; the enqueue WAITs too)
     primary = sentinel_set.primary_port()
     replicas = [node.process for node in sentinel_set.nodes if node.port != primary and node.process is not None]
     for process in replicas:
@@ -281,10 +284,13 @@ def test_replicate_results_returns_once_a_replica_holds_the_result_and_only_warn
         item = FinishItem(queue, short.id, short.token, True, b'{"ok":true,"value":2}', None)
         with caplog.at_level(logging.WARNING, logger="minicelery.broker"):
             assert broker.finish_many([item])[0] == [ScriptStatus.OK]
+        assert shortfalls == [1]
+        worker = drain(app)  # (in this process; it sets the broker's on_unreplicated to its metric)
     finally:
         for process in replicas:
             process.send_signal(signal.SIGCONT)
-    assert shortfalls == [1]
+    assert worker.metrics.registry.get_sample_value("minicelery_results_unreplicated_total") == 1
+    assert handle.result(timeout=5) == "by a worker"
     assert "0 of the 1 replicas required" in caplog.text and f"run again: {short.id}" in caplog.text
     assert app.handle(short.id).result(timeout=5) == 2  # the result is stored (on the primary)
     with pytest.raises(ValueError, match="replicate_results needs min_replicas_acked"):
