@@ -18,7 +18,7 @@ for that up to PROMOTION_WAIT. The sentinels name the new primary only once they
 promotion, up to a second later, and the old primary, which nothing pauses, takes writes
 meanwhile that are then lost: ~40 tasks per planned failover at 40 tasks/s here, when clients
 followed only the sentinels' answer; 0-9 of ~10,000 enqueues at full speed when they followed
-from the promotion on; 0 in 5 of 5 from +selected-slave on (bench/failover_window.py).
+from the promotion on; 0 in 10 of 10 runs from +selected-slave on (bench/failover_window.py).
 """
 
 from __future__ import annotations
