@@ -146,12 +146,14 @@ class Admin:
 
     def inspect(self, queues: Sequence[str], *, as_json: bool) -> int:
         report = {queue: self.broker.queue_report(queue, self.settings.worker.lease_seconds) for queue in queues}
+        members = self.broker.members()  # with sentinels: the primary and replicas they report
         for queue in queues:
             report[queue]["orphans"] = self._orphans(queue)
+            if members is not None:  # per queue, so the top level stays one key per queue
+                report[queue]["sentinel"] = members
         if as_json:
             print(json.dumps(report, indent=2))
             return 0
-        members = self.broker.members()
         if members is not None:
             replicas = " ".join(members["replicas"]) or "none"
             print(f"sentinel master {members['master']}: primary {members['primary']}, replicas {replicas}")
