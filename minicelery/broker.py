@@ -643,18 +643,18 @@ class RedisBroker(QueueReads):
 
     def leave(self, queues: Sequence[str], worker_id: str, lease_ms: int) -> list[Claim]:
         """Leave every queue's idle set, so nothing more is handed to this worker, and return
-        the tasks already handed to it (still leased to it: a stopping worker releases them)."""
-        handed: list[Claim] = []
-        with translate_errors("leave the idle set"):
-            for queue in queues:
-                keys = queue_keys(queue)
-                pipe = self._client_of(queue).pipeline(transaction=True)
-                pipe.zrem(keys.idle, idle_registration(queue, worker_id, lease_ms))
-                pipe.zrange(keys.inbox(worker_id), 0, -1)
-                pipe.delete(keys.inbox(worker_id))
-                _, members, _ = pipe.execute()
-                handed += [decode_handed(queue, member) for member in members]
-        return handed
+        the tasks already handed to it (still leased to it: a stopping worker releases them).
+        One leave.lua per queue, in one round trip (per node, on a cluster)."""
+        calls = [
+            (
+                "leave",
+                [*queue_keys(q).as_list(), queue_keys(q).inbox(worker_id)],
+                [idle_registration(q, worker_id, lease_ms)],
+            )
+            for q in queues
+        ]
+        replies = self._pipelined("leave the idle set", calls) if calls else []
+        return [decode_handed(q, member) for q, members in zip(queues, replies, strict=True) for member in members]
 
     def wake_worker(self, worker_id: str, queues: Sequence[str] = ()) -> None:
         """Make a worker's idle wait return now (the key expires if nobody pops it). On a

@@ -222,8 +222,8 @@ class ClusterRoute:
                     trouble, self.stale = got, True
                     again += indexes
                     continue
-                if after_each_node is not None:
-                    tails.append(got.pop())
+                tail = got.pop() if after_each_node is not None else None
+                landed = False
                 for index, reply in zip(indexes, got, strict=True):
                     asked.pop(index, None)
                     if isinstance(reply, redis_errors.MovedError):
@@ -243,6 +243,12 @@ class ClusterRoute:
                         again.append(index)
                     else:
                         replies[index] = reply
+                        landed = True
+                # The tail (WAIT) counts for a node only if some call ran there: a node whose
+                # calls were all redirected (a primary turned replica refuses WAIT, too) says
+                # nothing about them. An error reply to it there counts as no replica.
+                if after_each_node is not None and landed:
+                    tails.append(0 if isinstance(tail, Exception) else tail)
             if not again:
                 return replies, tails
             if time.monotonic() > deadline:

@@ -32,6 +32,7 @@ SCRIPT_NAMES = (
     "schedule_upsert",
     "schedule_begin",
     "schedule_remove",
+    "leave",
 )
 
 
