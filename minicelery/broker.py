@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 BLOCKING_SOCKET_SLACK = 5.0
 # The orphan sweep looks at this many of the oldest waiting tasks per call.
 ORPHAN_SWEEP_BATCH = 100
+# More tasks than an inbox ever holds (a hand-off gives an idle worker a batch at most).
+INBOX_MAX = 100_000
 
 
 # Finishes that wrote to Redis (a result or dead letter, or a retry scheduled).
@@ -644,17 +646,32 @@ class RedisBroker(QueueReads):
     def leave(self, queues: Sequence[str], worker_id: str, lease_ms: int) -> list[Claim]:
         """Leave every queue's idle set, so nothing more is handed to this worker, and return
         the tasks already handed to it (still leased to it: a stopping worker releases them).
-        One leave.lua per queue, in one round trip (per node, on a cluster)."""
-        calls = [
-            (
-                "leave",
-                [*queue_keys(q).as_list(), queue_keys(q).inbox(worker_id)],
-                [idle_registration(q, worker_id, lease_ms)],
-            )
-            for q in queues
+
+        Single-key commands, not a script or a MULTI: during a slot migration on a Redis
+        Cluster a multi-key call waits (TRYAGAIN) until the migration ends, while these follow
+        ASK at once. No atomicity is needed: once the ZREM is done no hand-off picks this
+        worker, so the inbox only shrinks; ZPOPMIN reads and empties it in one command."""
+        leaving = [("ZREM", queue_keys(q).idle, idle_registration(q, worker_id, lease_ms)) for q in queues]
+        emptying = [("ZPOPMIN", queue_keys(q).inbox(worker_id), INBOX_MAX) for q in queues]
+        with translate_errors("leave the idle set"):
+            if self.cluster is None:
+                replies = exchange(self.redis, [*leaving, *emptying])[len(queues) :]
+            else:  # (a redirect may reorder one node's calls: the ZREMs go first, on their own)
+                slots = [slot_of(queue_keys(q).idle) for q in queues]
+                self._cluster_commands(leaving, slots)
+                replies = self._cluster_commands(emptying, slots)
+        return [
+            decode_handed(q, member) for q, popped in zip(queues, replies, strict=True) for member in _members(popped)
         ]
-        replies = self._pipelined("leave the idle set", calls) if calls else []
-        return [decode_handed(q, member) for q, members in zip(queues, replies, strict=True) for member in members]
+
+    def _cluster_commands(self, commands: Sequence[tuple[Any, ...]], slots: Sequence[int]) -> list[Any]:
+        """Plain commands, each to the primary of its slot, redirections followed."""
+        assert self.cluster is not None
+        replies = self.cluster.exchange(commands, slots, self._load_on)[0]
+        for reply in replies:
+            if isinstance(reply, redis_errors.ResponseError):
+                raise reply
+        return replies
 
     def wake_worker(self, worker_id: str, queues: Sequence[str] = ()) -> None:
         """Make a worker's idle wait return now (the key expires if nobody pops it). On a
@@ -759,3 +776,11 @@ class RedisBroker(QueueReads):
                 if _text(key) not in kept:
                     deleted += int(client.delete(key))
         return deleted
+
+
+def _members(popped: list[Any]) -> list[bytes]:
+    """The members of a ZPOPMIN reply: [member, score] pairs, or (RESP2 unparsed) members and
+    scores alternating."""
+    if popped and isinstance(popped[0], (list, tuple)):
+        return [pair[0] for pair in popped]
+    return list(popped[::2])

@@ -32,7 +32,6 @@ SCRIPT_NAMES = (
     "schedule_upsert",
     "schedule_begin",
     "schedule_remove",
-    "leave",
 )
 
 
