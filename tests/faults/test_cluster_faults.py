@@ -1,0 +1,235 @@
+"""Redis Cluster topology changes under load: 3 worker processes, each on 3 queues whose slots
+live on the 3 different primaries of a real 6-node cluster (tests/clusterkit.py: 3 primaries,
+3 replicas, cluster-node-timeout 2 s), and in turn:
+
+1. a slot migration of a busy queue to another primary (SETSLOT IMPORTING/MIGRATING, MIGRATE
+   key by key, SETSLOT NODE on every primary, as `redis-cli --cluster reshard` does), while
+   its tasks flow: calls meet ASK and TRYAGAIN mid-way and MOVED after; workers blocked on
+   the old node must re-home (redis #2379 / valkey #2734: blocking pops that hang after a
+   reshard);
+2. CLUSTER FAILOVER on a busy primary's replica (a planned switch);
+3. kill -9 of a busy primary: its replica takes over after the node timeout.
+
+Per queue, two producers send a steady stream of two-task chains (b after a) and record every
+start() that returned: one with the default (min_replicas_acked 0), one with
+min_replicas_acked 1. Per fault the scorecard gets: accepted tasks lost by each, tasks run
+twice, how long the cluster took to settle, and how long after the fault began each worker
+ran a task of an affected queue sent after it settled (p50, max). The test fails if a worker
+is stuck (no such run within 30 s) or dies, or if a kill -9 loses a task that
+min_replicas_acked 1 accepted (the shard's one replica held it, and it is the one promoted).
+The workers keep the default idle_block_max (5 s): one that re-homed only when its block
+timed out would show ~5 s.
+
+The tasks record their runs in a plain Redis off the cluster (tests/clustertasks.py), so a
+killed primary cannot take the record with it.
+"""
+
+from __future__ import annotations
+
+import signal
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import clustertasks
+import pytest
+import redis
+from clusterkit import RedisCluster, slot_of_queue
+from conftest import Workers, wait_until
+from faultkit import record
+from test_failover import audit, resumed
+
+from minicelery import Client, JSONTransport, RedisBroker
+from minicelery.errors import MiniceleryError
+from minicelery.keys import QueueKeys
+from minicelery.redis_server import RedisServer
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+WORKER_SETTINGS = {  # short leases and reconnects so that each fault takes seconds
+    "MINICELERY_TASKS": '["clustertasks"]',
+    "MINICELERY_REDIS__CLUSTER": "true",
+    "MINICELERY_WORKER__LEASE_SECONDS": "5",
+    "MINICELERY_WORKER__IDLE_BLOCK_MAX": "5",
+    "MINICELERY_WORKER__RECONNECT_MAX_DELAY": "0.5",
+    "MINICELERY_WORKER__SHUTDOWN_GRACE": "2",
+    "MINICELERY_REDIS__SOCKET_TIMEOUT": "2",
+}
+PACE = 0.05  # seconds between two chains, per producer
+FAULTS = ("slot migration", "CLUSTER FAILOVER", "kill -9")
+
+
+class Producer(threading.Thread):
+    """Sends chains to one queue until stopped; `accepted`: task id -> tag of every start()
+    that returned."""
+
+    def __init__(self, cluster: RedisCluster, queue: str, acked: int, prefix: str) -> None:
+        super().__init__(daemon=True)
+        broker = RedisBroker(
+            JSONTransport(),
+            url=cluster.url,
+            cluster=True,
+            result_ttl=3600,
+            max_block=1,
+            connection_options={"socket_timeout": 2.0, "socket_connect_timeout": 2.0},
+            min_replicas_acked=acked,
+            replica_ack_timeout=0.5,
+        )
+        self.app = Client(broker, default_queue=queue)
+        Client.instances.remove(self.app)
+        clustertasks.register(self.app)
+        self.queue = queue
+        self.name_part = f"{prefix}-{queue}-m{acked}"
+        self.accepted: dict[str, str] = {}
+        self.sent_at: dict[str, float] = {}  # tag -> time its start() returned
+        self.refused = 0
+        self.running = threading.Event()
+        self.running.set()
+        self.sent = 0
+
+    def run(self) -> None:
+        stamp = self.app.tasks["stamp_run"]
+        while self.running.is_set():
+            tag = f"{self.name_part}-{self.sent}"
+            self.sent += 1
+            try:
+                a = stamp(f"{tag}a")
+                b = stamp(f"{tag}b", a)  # (a child is stored at once, waiting)
+                b.start()
+            except MiniceleryError:
+                self.refused += 1  # never accepted: not counted (a failover in progress)
+            else:
+                self.accepted.update({a.id: f"{tag}a", b.id: f"{tag}b"})
+                self.sent_at[f"{tag}a"] = self.sent_at[f"{tag}b"] = time.time()
+            time.sleep(PACE)  # the stream's pace, not a synchronisation
+
+    def stop(self) -> None:
+        self.running.clear()
+        self.join(timeout=30)
+        self.app.broker.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A cluster of this module's own: the faults change its topology."""
+    nodes = RedisCluster(tmp_path_factory.mktemp("fault-cluster")).start()
+    yield nodes
+    nodes.stop()
+
+
+@pytest.fixture(scope="module")
+def ledger_url() -> Iterator[str]:
+    with RedisServer() as server:
+        yield server.url
+
+
+def inject(cluster: RedisCluster, fault: str, queues: list[str]) -> tuple[list[str], float]:
+    """Cause the fault to the primary of the first queue (the busy one); returns the queues
+    it affected and the time the cluster settled (every live node ok, one slot map)."""
+    busy = queues[0]
+    old = cluster.node_of_queue(busy)
+    if fault == "slot migration":
+        others = [cluster.node_of_queue(q) for q in queues if cluster.node_of_queue(q) != old]
+        slot = slot_of_queue(busy)
+        source = cluster.begin_migration(slot, others[0])
+        cluster.move_keys(slot, source, others[0], batch=1)  # key by key: calls meet ASK, TRYAGAIN
+        cluster.end_migration(slot, source, others[0])
+        assert cluster.node_of_queue(busy) == others[0]
+        return [busy], time.time()
+    affected = [q for q in queues if cluster.node_of_queue(q) == old]
+    replica = cluster.replica_of(old)
+    if fault == "CLUSTER FAILOVER":
+        cluster.failover(replica)
+        settled = time.time()
+    else:
+        cluster.signal(old, signal.SIGKILL)
+        wait_until(lambda: replica in cluster.primaries(), 60, f"replica {replica} to take over")
+        cluster.wait_ok()
+        settled = time.time()
+        cluster.restart(old)  # back as a replica
+    cluster.wait_ok(60, replicas=3)
+    assert cluster.node_of_queue(busy) == replica
+    return affected, settled
+
+
+def drained(reader: redis.RedisCluster, queues: list[str]) -> bool:
+    return all(
+        reader.llen(QueueKeys(q).ready) + reader.zcard(QueueKeys(q).running) + reader.zcard(QueueKeys(q).scheduled) == 0
+        for q in queues
+    )
+
+
+def test_topology_changes_under_load(cluster: RedisCluster, ledger_url: str, tmp_path: Path) -> None:
+    """The same 3 workers ride out the three faults one after the other."""
+    ledger = redis.Redis.from_url(ledger_url)
+    queues = cluster.queues_on_distinct_primaries(f"cf{uuid.uuid4().hex[:4]}", 3)
+    pool = Workers(cluster.url, ",".join(queues), tmp_path)
+    env = pool.env(
+        MINICELERY_WORKER__QUEUES=str(queues).replace("'", '"'),
+        MINICELERY_TEST_LEDGER_URL=ledger_url,
+        **WORKER_SETTINGS,
+    )
+    workers = [pool.start(env=env) for _ in range(3)]
+    for worker in workers:
+        pool.wait_ready(worker)
+    pids = [w.pid for w in workers]
+    began = time.monotonic()
+    try:
+        for number, fault in enumerate(FAULTS):
+            order = queues[number:] + queues[:number]  # each fault hits another queue's primary
+            producers = [Producer(cluster, q, acked, f"f{number}") for q in order for acked in (0, 1)]
+            for producer in producers:
+                producer.start()
+            start = time.time()
+            wait_until(lambda: len(resumed(ledger, pids, start)) == 3, 30, "every worker to run a task")  # noqa: B023
+            at = time.time()
+            affected, settled = inject(cluster, fault, order)
+
+            def sent_after() -> set[str]:
+                return {
+                    tag
+                    for p in producers  # noqa: B023
+                    if p.queue in affected  # noqa: B023
+                    for tag in list(p.accepted.values())
+                    if p.sent_at.get(tag, 0) >= settled  # noqa: B023
+                }
+
+            wait_until(
+                lambda: len(resumed(ledger, pids, at, sent_after())) == 3,  # noqa: B023
+                30,
+                f"every worker to run a task of {affected} after {fault}",
+            )
+            times = sorted(resumed(ledger, pids, at, sent_after()).values())
+            for producer in producers:
+                producer.stop()
+            reader = cluster.cluster_client()
+            wait_until(lambda: drained(reader, queues), 60, "the queues to drain")  # noqa: B023
+            default = [audit(reader, ledger, p.queue, p.accepted) for p in producers[0::2]]
+            durable = [audit(reader, ledger, p.queue, p.accepted) for p in producers[1::2]]
+            reader.close()
+
+            def total(audits: list[dict[str, int]], figure: str) -> int:
+                return sum(a[figure] for a in audits)
+
+            record(
+                f"Cluster: {fault}",
+                lost_default=f"{total(default, 'lost')}/{total(default, 'accepted')}",
+                lost_acked1=f"{total(durable, 'lost')}/{total(durable, 'accepted')}",
+                refused=sum(p.refused for p in producers),
+                ran_twice=total(default, "ran_twice") + total(durable, "ran_twice"),
+                settled_s=round(settled - at, 2),
+                resume_p50_s=round(statistics.median(times), 2),
+                resume_max_s=round(times[-1], 2),
+            )
+            assert all(w.poll() is None for w in workers), fault  # no worker died
+            if fault == "kill -9":
+                assert total(durable, "lost") == 0, (fault, durable)
+            else:  # a migration and a planned failover lose nothing
+                assert total(default, "lost") + total(durable, "lost") == 0, (fault, default, durable)
+        record("Cluster: the three faults", seconds=round(time.monotonic() - began, 1))
+    finally:
+        pool.stop_all()
+        ledger.close()
