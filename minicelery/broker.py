@@ -20,6 +20,8 @@ import redis.exceptions as redis_errors
 from redis.commands.core import Script
 
 from .claim_wire import claim_call, decode_handed, idle_registration, parse_claim
+from .cluster import ClusterRoute, LazyClusterClient, slot_of
+from .cluster_wait import wait_on_cluster, wake_commands
 from .errors import NotReplicated
 from .keys import QueueKeys, queue_keys, worker_wake_key
 from .queue_reads import QueueReads
@@ -89,6 +91,8 @@ class RedisBroker(QueueReads):
         sentinel_options: dict[str, Any] | None = None,
         min_replicas_acked: int | None = None,
         replica_ack_timeout: float | None = None,
+        cluster: bool | None = None,
+        cluster_nodes: Sequence[str] | None = None,
     ) -> None:
         """What is not given comes from `settings`, loaded here if not passed: the one source
         of every default (the worker and the CLI pass theirs, via from_settings).
@@ -96,7 +100,11 @@ class RedisBroker(QueueReads):
         With `sentinels` ("host:port" each) and `sentinel_master`, the sentinels say where the
         primary is, and every call follows it across a failover (see sentinel.py); `url` then
         gives only the database, credentials and scheme. `min_replicas_acked`: enqueues
-        return only once that many replicas hold them (WAIT, up to `replica_ack_timeout` s)."""
+        return only once that many replicas hold them (WAIT, up to `replica_ack_timeout` s).
+
+        With `cluster=True`, `url` names any node of a Redis Cluster (`cluster_nodes`: more
+        "host:port" to start from) and each queue's calls go to the primary of its slot,
+        following the cluster through reshards and failovers (see cluster.py)."""
         from .settings import RedisSettings, WorkerSettings, load_settings  # deferred: settings read env and files
 
         options = dict(connection_options or {})
@@ -110,6 +118,11 @@ class RedisBroker(QueueReads):
             if sentinels is None and settings.redis.sentinels:
                 sentinels, sentinel_master = settings.redis.sentinels, settings.redis.sentinel_master
                 sentinel_options = {**settings.redis.sentinel_options(), **(sentinel_options or {})}
+        if cluster is None:
+            cluster = redis_settings.cluster
+            cluster_nodes = cluster_nodes if cluster_nodes is not None else redis_settings.cluster_nodes
+        if cluster and sentinels:
+            raise ValueError("cluster and sentinels cannot be used together: a cluster fails over by itself")
         if min_replicas_acked is None:
             min_replicas_acked = redis_settings.min_replicas_acked
         if replica_ack_timeout is None:
@@ -146,13 +159,17 @@ class RedisBroker(QueueReads):
             )
             self._options = data_options(url, options)
             self.where = self.topology.describe()
+        self.cluster: ClusterRoute | None = None
+        if cluster:
+            self.cluster = ClusterRoute(url, cluster_nodes or (), options)
+            self.cluster.blocking_timeout = self.max_block + BLOCKING_SOCKET_SLACK
+            self.where = self.cluster.describe()
         self.redis = self._client(self._options)
         blocking_options = {**self._options, "socket_timeout": self.max_block + BLOCKING_SOCKET_SLACK}
         # Blocking calls get their own pool whose socket timeout outlasts the longest block.
         self.blocking_redis = self._client(blocking_options)
-        self._scripts: dict[str, Script] = {
-            name: self.redis.register_script(script_source(name)) for name in SCRIPT_NAMES
-        }
+        # (a Script only hashes its source until called: on a cluster, nothing connects yet)
+        self._scripts: dict[str, Script] = {name: Script(self.redis, script_source(name)) for name in SCRIPT_NAMES}
 
     def configure(
         self, *, result_ttl: float | None = None, max_block: float | None = None, dead_letter_ttl: float | None = None
@@ -164,13 +181,19 @@ class RedisBroker(QueueReads):
             self.dead_letter_ttl = float(dead_letter_ttl)
         if max_block is not None and max_block != self.max_block:
             self.max_block = float(max_block)
+            if self.cluster is not None:
+                self.cluster.set_blocking_timeout(self.max_block + BLOCKING_SOCKET_SLACK)
+                return
             # The blocking connections' socket timeout must outlast the longest block.
             self.blocking_redis.close()
             options = {**self._options, "socket_timeout": self.max_block + BLOCKING_SOCKET_SLACK}
             self.blocking_redis = self._client(options)
 
     def _client(self, options: dict[str, Any]) -> redis.Redis:
-        """A client of the one Redis server, or of whichever is primary now (sentinels)."""
+        """A client of the one Redis server, or of whichever is primary now (sentinels), or
+        redis-py's cluster client (made at first use) for the reads and admin commands."""
+        if self.cluster is not None:
+            return LazyClusterClient(self.cluster)  # type: ignore[return-value]
         if self.topology is not None:
             return self.topology.client(options)
         return redis.Redis.from_url(self.url, **options)
@@ -200,7 +223,11 @@ class RedisBroker(QueueReads):
             shut_sockets(client, keep=primary)
 
     def members(self) -> dict[str, Any] | None:
-        """With sentinels: the primary and replicas they report now (check-config, inspect)."""
+        """With sentinels: the primary and replicas they report now; on a cluster: its
+        primaries (with their slot ranges) and replicas (check-config, inspect)."""
+        if self.cluster is not None:
+            with translate_errors("read the cluster's nodes"):
+                return self.cluster.members()
         if self.topology is None:
             return None
         with translate_errors("ask the sentinels"):
@@ -219,15 +246,34 @@ class RedisBroker(QueueReads):
             self.redis.ping()
 
     def load_scripts(self) -> None:
-        """Load every script now, so a broken one fails at worker start, not on the first task."""
+        """Load every script now, so a broken one fails at worker start, not on the first task
+        (on a cluster: on every primary; a node that lacks one later loads it on NOSCRIPT)."""
         with translate_errors("SCRIPT LOAD"):
+            if self.cluster is not None:
+                for node in self.cluster.primaries():
+                    self._load_on(self.cluster.client(node))
+                return
             for script in self._scripts.values():
                 script.sha = self.redis.script_load(script.script)
+
+    def _load_on(self, client: redis.Redis, _sha: str = "") -> None:
+        for script in self._scripts.values():
+            script.sha = client.script_load(script.script)
+
+    def forget_connections(self) -> None:
+        """In a forked child: drop the parent's connections without closing them (a socket
+        shared by two processes interleaves their replies; see pool_child)."""
+        if self.cluster is not None:
+            self.cluster.forget_connections()
+            return
+        for client in (self.redis, self.blocking_redis):
+            client.connection_pool.reset()
 
     def eviction_policy(self) -> str:
         with translate_errors("CONFIG GET"):
             try:
-                reply = self.redis.config_get("maxmemory-policy")
+                client = self.cluster.client(self.cluster.primaries()[0]) if self.cluster is not None else self.redis
+                reply = client.config_get("maxmemory-policy")
             except redis_errors.ResponseError:  # CONFIG may be renamed or forbidden by ACL
                 return "unknown"
         return _text(next(iter(reply.values()), "unknown"))
@@ -236,6 +282,9 @@ class RedisBroker(QueueReads):
         for watch in self._watches:
             watch.stop()
         self._watches = []  # (a broker used again after close() starts fresh ones)
+        if self.cluster is not None:
+            self.cluster.close()
+            return
         self.redis.close()
         self.blocking_redis.close()
 
@@ -249,6 +298,8 @@ class RedisBroker(QueueReads):
         again: a NOSCRIPT reply means that script did not run. An error reply from any script
         raises, after every reply has been read. `replicated`: with min_replicas_acked, a WAIT
         follows in the same round trip, and fewer replicas than that raise NotReplicated."""
+        if self.cluster is not None:
+            return self._pipelined_on_cluster(what, calls, replicated)
         if self.topology is not None:
             self.follow_failovers()  # (a producer may never block nor ping)
         wait = replicated and self.min_replicas_acked > 0
@@ -271,6 +322,25 @@ class RedisBroker(QueueReads):
                 self._check_replicated(what, int(replies.pop()))
             return replies
         raise AssertionError("unreachable")
+
+    def _pipelined_on_cluster(
+        self, what: str, calls: Sequence[tuple[str, list[str], list[Any]]], replicated: bool
+    ) -> list[Any]:
+        """_pipelined on a cluster: each call to the primary of its queue's slot (cluster.py);
+        with min_replicas_acked, a WAIT after each node's calls, the fewest acks counting."""
+        assert self.cluster is not None
+        commands = [("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args) for name, keys, args in calls]
+        slots = [slot_of(keys[0]) for _name, keys, _args in calls]
+        replicated = replicated and self.min_replicas_acked > 0
+        wait = ("WAIT", self.min_replicas_acked, int(self.replica_ack_timeout * 1000)) if replicated else None
+        with translate_errors(what):
+            replies, acks = self.cluster.exchange(commands, slots, self._load_on, after_each_node=wait)
+            for reply in replies:
+                if isinstance(reply, redis_errors.ResponseError):
+                    raise reply
+        if replicated:
+            self._check_replicated(what, min(int(acked) for acked in acks))
+        return replies
 
     def _check_replicated(self, what: str, acked: int) -> None:
         if acked < self.min_replicas_acked:
@@ -501,7 +571,13 @@ class RedisBroker(QueueReads):
         """Block (one BZPOPMIN) until this worker's wake key, a queue's marker or, with
         `handoffs_lease_ms`, one of its inboxes is pushed. First, in the same round trip, it
         joins the idle set of each queue in `register`: from then on a ready task on that queue
-        may be handed straight to its inbox, leased for `handoffs_lease_ms`."""
+        may be handed straight to its inbox, leased for `handoffs_lease_ms`. On a cluster, one
+        blocking call per queue, all at once (cluster_wait.py)."""
+        if self.cluster is not None:
+            timeout = max(0.001, min(timeout, self.max_block))
+            return wait_on_cluster(
+                self.cluster, queues, worker_id, timeout, BLOCKING_SOCKET_SLACK, handoffs_lease_ms, register
+            )
         self.follow_failovers()
         markers = {queue_keys(q).marker: q for q in queues}
         inboxes = {} if handoffs_lease_ms is None else {queue_keys(q).inbox(worker_id): q for q in queues}
@@ -538,8 +614,14 @@ class RedisBroker(QueueReads):
                 handed += [decode_handed(queue, member) for member in members]
         return handed
 
-    def wake_worker(self, worker_id: str) -> None:
-        """Make a worker's idle wait return now (the key expires if nobody pops it)."""
+    def wake_worker(self, worker_id: str, queues: Sequence[str] = ()) -> None:
+        """Make a worker's idle wait return now (the key expires if nobody pops it). On a
+        cluster the worker waits on a wake key per queue: `queues` are the ones it waits on."""
+        if self.cluster is not None:
+            commands, slots = wake_commands(queues, worker_id)
+            with translate_errors("wake worker"):
+                self.cluster.exchange(commands, slots, self._load_on)
+            return
         key = worker_wake_key(worker_id)
         with translate_errors("wake worker"):
             pipe = self.redis.pipeline(transaction=False)
@@ -562,6 +644,13 @@ class RedisBroker(QueueReads):
         self.follow_failovers()
         key = queue_keys(queue).done(task_id)
         timeout = max(0.001, min(timeout, self.max_block))
+        if self.cluster is not None:
+            command = ("BLMOVE", key, key, "RIGHT", "LEFT", timeout)
+            with translate_errors("BLMOVE"):
+                reply = self.cluster.exchange([command], [slot_of(key)], self._load_on, blocking=True)[0][0]
+                if isinstance(reply, redis_errors.ResponseError):
+                    raise reply
+            return reply is not None
         with translate_errors("BLMOVE"):
             return self.blocking_redis.blmove(key, key, timeout, "RIGHT", "LEFT") is not None  # type: ignore[arg-type]
 
@@ -623,7 +712,10 @@ class RedisBroker(QueueReads):
         kept = set(keys.schedule_keys())
         deleted = 0
         with translate_errors("purge"):
-            for key in self.redis.scan_iter(match=keys.all_keys_pattern(), count=500):
+            client = self.redis
+            if self.cluster is not None:  # (SCAN on the node of the queue's slot only)
+                client = self.cluster.client(self.cluster.primary_of(slot_of(keys.ready)))
+            for key in client.scan_iter(match=keys.all_keys_pattern(), count=500):
                 if _text(key) not in kept:
-                    deleted += int(self.redis.delete(key))
+                    deleted += int(client.delete(key))
         return deleted

@@ -111,6 +111,12 @@ class QueueKeys:
         scripts/_common.lua); the worker blocks on it."""
         return f"{self.prefix}inbox:{worker_id}"
 
+    def wake(self, worker_id: str) -> str:
+        """A worker's wake-up key in this queue's slot: on a Redis Cluster, where one blocking
+        call names keys of one slot only, the worker blocks on it per queue (cluster_wait.py)
+        and a stop pushes it on each of its queues."""
+        return f"{self.prefix}wake:{worker_id}"
+
     def done(self, task_id: str) -> str:
         """The list a finished task pushes to when someone watches it (scripts/watch.lua), so
         `.result()` waiters block on Redis."""
@@ -151,5 +157,6 @@ def queue_keys(queue: str) -> QueueKeys:
 
 
 def worker_wake_key(worker_id: str) -> str:
-    """A worker's own wake-up key: pushed to stop its idle wait at once (on SIGTERM)."""
+    """A worker's own wake-up key on a single Redis: pushed to stop its idle wait at once (on
+    SIGTERM). It has no hash tag (it spans queues); on a cluster, QueueKeys.wake is used."""
     return f"{ROOT}:worker:{worker_id}:wake"

@@ -55,6 +55,8 @@ def translate_errors(what: str) -> Iterator[None]:
         raise BrokerError(f"Redis error during {what}: {exc}") from exc
     except redis_errors.RedisError as exc:
         raise BrokerError(f"Redis error during {what}: {exc}") from exc
+    except redis_errors.RedisClusterException as exc:  # (not a RedisError) no node answered
+        raise BrokerUnavailable(f"Redis Cluster unavailable during {what}: {exc}") from exc
 
 
 def primary_moved(exc: redis_errors.ResponseError) -> bool:

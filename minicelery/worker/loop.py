@@ -246,7 +246,7 @@ class Worker:
     def on_stop(self) -> None:
         self.notifier.stopping()
         try:
-            self.broker.wake_worker(self.id)
+            self.broker.wake_worker(self.id, self.queues)
         except BrokerError as exc:  # the main loop notices the stop within one idle block
             log.warning("could not wake the idle wait: %s", exc)
 
