@@ -26,7 +26,6 @@ killed primary cannot take the record with it.
 
 from __future__ import annotations
 
-import signal
 import statistics
 import threading
 import time
@@ -86,6 +85,7 @@ class Producer(threading.Thread):
         self.accepted: dict[str, str] = {}
         self.sent_at: dict[str, float] = {}  # tag -> time its start() returned
         self.refused = 0
+        self.crashed: list[str] = []  # start() raised something other than a MiniceleryError
         self.running = threading.Event()
         self.running.set()
         self.sent = 0
@@ -101,6 +101,8 @@ class Producer(threading.Thread):
                 b.start()
             except MiniceleryError:
                 self.refused += 1  # never accepted: not counted (a failover in progress)
+            except Exception as exc:  # a bug (see the xfail test above): counted, and the stream goes on
+                self.crashed.append(repr(exc))
             else:
                 self.accepted.update({a.id: f"{tag}a", b.id: f"{tag}b"})
                 self.sent_at[f"{tag}a"] = self.sent_at[f"{tag}b"] = time.time()
@@ -126,6 +128,31 @@ def ledger_url() -> Iterator[str]:
         yield server.url
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="core bug: the cluster exchange keeps the WAIT reply of a node whose calls were all "
+    "redirected (an error on a replica), and _pipelined_on_cluster's int() of it raises TypeError",
+)
+def test_a_durable_enqueue_sent_to_a_primary_turned_replica_follows_it(cluster: RedisCluster) -> None:
+    """min_replicas_acked 1, and the broker's slot map still names a primary that a CLUSTER
+    FAILOVER made a replica: start() follows the MOVED to the new primary and returns (or
+    raises a MiniceleryError such as NotReplicated), never a TypeError."""
+    queue = cluster.queues_on_distinct_primaries(f"durable{uuid.uuid4().hex[:4]}", 1)[0]
+    producer = Producer(cluster, queue, 1, "stale")
+    stamp = producer.app.tasks["stamp_run"]
+    try:
+        stamp("first").start()  # the slot map is read
+        old = cluster.node_of_queue(queue)
+        cluster.failover(cluster.replica_of(old))
+        cluster.wait_ok(60, replicas=3)
+        task = stamp("after").start()
+        reader = cluster.cluster_client()
+        assert reader.hget(QueueKeys(queue).info, f"{task.id}:s") is not None  # stored on the new primary
+        reader.close()
+    finally:
+        producer.app.broker.close()
+
+
 def inject(cluster: RedisCluster, fault: str, queues: list[str]) -> tuple[list[str], float]:
     """Cause the fault to the primary of the first queue (the busy one); returns the queues
     it affected and the time the cluster settled (every live node ok, one slot map)."""
@@ -145,7 +172,7 @@ def inject(cluster: RedisCluster, fault: str, queues: list[str]) -> tuple[list[s
         cluster.failover(replica)
         settled = time.time()
     else:
-        cluster.signal(old, signal.SIGKILL)
+        cluster.stop_node(old, kill=True)  # SIGKILL, and reaped: it is no longer asked
         wait_until(lambda: replica in cluster.primaries(), 60, f"replica {replica} to take over")
         cluster.wait_ok()
         settled = time.time()
@@ -219,6 +246,7 @@ def test_topology_changes_under_load(cluster: RedisCluster, ledger_url: str, tmp
                 lost_default=f"{total(default, 'lost')}/{total(default, 'accepted')}",
                 lost_acked1=f"{total(durable, 'lost')}/{total(durable, 'accepted')}",
                 refused=sum(p.refused for p in producers),
+                start_crashed=sum(len(p.crashed) for p in producers),
                 ran_twice=total(default, "ran_twice") + total(durable, "ran_twice"),
                 settled_s=round(settled - at, 2),
                 resume_p50_s=round(statistics.median(times), 2),
