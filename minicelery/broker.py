@@ -256,6 +256,13 @@ class RedisBroker(QueueReads):
             for script in self._scripts.values():
                 script.sha = self.redis.script_load(script.script)
 
+    def _client_of(self, queue: str) -> redis.Redis:
+        """The client for plain commands on `queue`'s keys: on a cluster, a client of the node
+        of its slot (so a pipeline may carry TIME or be a transaction, as on one Redis)."""
+        if self.cluster is None:
+            return self.redis
+        return self.cluster.client(self.cluster.primary_of(slot_of(queue_keys(queue).ready)))
+
     def _load_on(self, client: redis.Redis, _sha: str = "") -> None:
         for script in self._scripts.values():
             script.sha = client.script_load(script.script)
@@ -606,7 +613,7 @@ class RedisBroker(QueueReads):
         with translate_errors("leave the idle set"):
             for queue in queues:
                 keys = queue_keys(queue)
-                pipe = self.redis.pipeline(transaction=True)
+                pipe = self._client_of(queue).pipeline(transaction=True)
                 pipe.zrem(keys.idle, idle_registration(queue, worker_id, lease_ms))
                 pipe.zrange(keys.inbox(worker_id), 0, -1)
                 pipe.delete(keys.inbox(worker_id))
@@ -693,7 +700,7 @@ class RedisBroker(QueueReads):
         keys = queue_keys(queue)
         ttl_ms = int(orphan_ttl * 1000)
         with translate_errors("sweep orphans"):
-            pipe = self.redis.pipeline(transaction=False)
+            pipe = self._client_of(queue).pipeline(transaction=False)
             pipe.time()
             pipe.zrange(keys.waiting, 0, batch - 1, withscores=True)
             (seconds, micros), oldest = pipe.execute()
@@ -712,9 +719,7 @@ class RedisBroker(QueueReads):
         kept = set(keys.schedule_keys())
         deleted = 0
         with translate_errors("purge"):
-            client = self.redis
-            if self.cluster is not None:  # (SCAN on the node of the queue's slot only)
-                client = self.cluster.client(self.cluster.primary_of(slot_of(keys.ready)))
+            client = self._client_of(queue)  # (on a cluster: SCAN on the node of its slot only)
             for key in client.scan_iter(match=keys.all_keys_pattern(), count=500):
                 if _text(key) not in kept:
                     deleted += int(client.delete(key))

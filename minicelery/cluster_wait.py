@@ -62,10 +62,20 @@ class _Call:
         self.connection: Any = self.pool.get_connection()
         self.reply: Any = None
         self.read = False
+        self.unblocked = False  # made to return by pushing its wake key (which it then pops)
+
+    def read_leading(self) -> bool:
+        """Read the replies before the BZPOPMIN's (the idle registration: at once), so that its
+        socket turns readable only for the BZPOPMIN; True if that reply is in already."""
+        leading = read_replies(self.connection, len(self.commands) - 1)
+        errors = [reply for reply in leading if isinstance(reply, Exception)]
+        self.reply = errors[0] if errors else None  # (a MOVED here comes again for the BZPOPMIN)
+        return bool(self.connection.can_read(timeout=0))
 
     def finish(self) -> None:
-        """Read every reply; the BZPOPMIN's (the last) is kept."""
-        self.reply = read_replies(self.connection, len(self.commands))[-1]
+        """Read the BZPOPMIN's reply (an earlier error reply, if any, wins)."""
+        reply = read_replies(self.connection, 1)[0]
+        self.reply = self.reply or reply
         self.read = True
 
 
@@ -91,19 +101,22 @@ def wait_on_cluster(
             commands.append(("BZPOPMIN", keys.wake(worker_id), *inbox, keys.marker, timeout))
             calls.append(_Call(route, queue, commands))
             send(calls[-1].connection, commands)
-        with selectors.DefaultSelector() as selector:
-            for call in calls:
-                selector.register(call.connection._sock, selectors.EVENT_READ, call)
-            ready = selector.select(timeout + socket_slack)
-        if not ready:
-            raise redis_errors.TimeoutError(f"no reply within {timeout + socket_slack:g} s")
-        for key, _ in ready:
-            key.data.finish()
+        answered = [call for call in calls if call.read_leading()]
+        if not answered:
+            with selectors.DefaultSelector() as selector:
+                for call in calls:
+                    selector.register(call.connection._sock, selectors.EVENT_READ, call)
+                answered = [key.data for key, _ in selector.select(timeout + socket_slack)]
+            if not answered:
+                raise redis_errors.TimeoutError(f"no reply within {timeout + socket_slack:g} s")
+        for call in answered:
+            call.finish()
         waiting = [call for call in calls if not call.read]
         if waiting:
             commands, slots = wake_commands([call.queue for call in waiting], worker_id)
             route.exchange(commands, slots, _no_scripts)
             for call in waiting:
+                call.unblocked = True
                 call.finish()
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
         for call in calls:
@@ -133,7 +146,8 @@ def _chosen(route: ClusterRoute, calls: list[_Call], worker_id: str) -> Wake | N
             key, member, score = _text(reply[0]), reply[1], float(reply[2])
             keys = queue_keys(call.queue)
             if key == keys.wake(worker_id):
-                popped.append((0, key, member, score, Wake(queue=None, score_ms=score)))
+                if not call.unblocked:  # (else our own push: spent)
+                    popped.append((0, key, member, score, Wake(queue=None, score_ms=score)))
             elif key == keys.marker:
                 popped.append((2, key, member, score, Wake(queue=call.queue, score_ms=score)))
             else:

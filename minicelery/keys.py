@@ -5,6 +5,16 @@ them to one slot, so every script sees all its keys on one node. Scripts receive
 in `KEYS`, in the order of `QueueKeys.as_list()`, and never build key names themselves. One
 name is read from data instead: a hand-off (scripts/_common.lua) writes to the inbox an idle
 worker registered, which is in the queue's slot too.
+
+That undeclared key is safe on a Redis Cluster, checked on a real one (Redis 7.0,
+tests/test_cluster.py: tasks handed to idle workers on queues of three primaries): a script
+may touch an undeclared key of the slot its declared keys hash to, on the node serving it,
+and the inbox always is one (idle_registration builds it from the queue's QueueKeys: a
+registration naming another slot could only come from a hand-edited idle set). During a
+migration of the slot the script's declared keys already make it wait (TRYAGAIN) until the
+slot is handed over, so the inbox is never written on a node that has given the slot away.
+Redis 7.0 does not refuse undeclared keys in scripts; a server that did would fail these
+tests loudly, and the inbox would then go in KEYS.
 """
 
 from __future__ import annotations

@@ -49,6 +49,8 @@ def translate_errors(what: str) -> Iterator[None]:
         dns = isinstance(exc.__cause__ or exc.__context__, socket.gaierror)
         reason = f"cannot resolve host: {exc}" if dns else str(exc)
         raise BrokerUnavailable(f"Redis unavailable during {what}: {reason}") from exc
+    except redis_errors.AskError as exc:  # (and MOVED) a cluster's slot moved under a plain read
+        raise BrokerUnavailable(f"Redis Cluster slot moved during {what}: {exc}; retrying finds its new node") from exc
     except redis_errors.ResponseError as exc:
         if primary_moved(exc):  # the primary became a replica (a failover): follow it, as for a lost connection
             raise BrokerUnavailable(f"Redis primary moved during {what}: {exc}") from exc

@@ -46,9 +46,13 @@ class RedisCluster:
     # --- life ----------------------------------------------------------------------------------
 
     def start(self, timeout: float = 60) -> RedisCluster:
+        ports: set[int] = set()
+        while len(ports) < 2 * self.count:  # (free_port may hand out the same free port twice)
+            ports.add(free_port())
         for i in range(self.count):
             path = self.directory / f"n{i}"
             path.mkdir(parents=True, exist_ok=True)
+            port, bus = ports.pop(), ports.pop()
             args = (
                 *NODE_ARGS,
                 "--cluster-enabled",
@@ -58,9 +62,9 @@ class RedisCluster:
                 "--cluster-node-timeout",
                 str(self.node_timeout_ms),
                 "--cluster-port",
-                str(free_port()),
+                str(bus),
             )
-            self.nodes.append(RedisServer(directory=path, extra_args=args).start())
+            self.nodes.append(RedisServer(port, directory=path, extra_args=args).start())
         create = ["redis-cli", "--cluster", "create", *self.addresses, "--cluster-replicas", "1", "--cluster-yes"]
         done = subprocess.run(create, capture_output=True, text=True, timeout=timeout, check=False)
         if done.returncode != 0:
