@@ -1,7 +1,7 @@
 """Scale-out on Redis Cluster: aggregate drain with the queues spread over 1, 2 and 3 primaries,
 against one plain Redis with the same queues and workers, side by side in one run.
 
-    .venv/bin/python bench/cluster_scale.py [--queues 6] [--tasks 12000] [--runs 3]
+    .venv/bin/python bench/cluster_scale.py [--queues 6] [--tasks 30000] [--runs 5] [--primaries 1 2 3]
 
 One queue lives in one slot, so on one primary: a cluster scales by spreading many queues.
 A real 6-node cluster (tests/clusterkit.py: 3 primaries, 3 replicas; needs redis-cli and the
@@ -14,9 +14,11 @@ when every queue is empty. The setups alternate within each run, so drift hits a
 
 Per setup: tasks/s, and Redis CPU per task (used_cpu_sys + used_cpu_user from INFO before and
 after, summed over the primaries, and over the replicas apart) for the enqueue and the drain,
-and how busy the busiest Redis was during the drain (CPU seconds / wall seconds: near 1.0 is a
-saturated Redis, which is single-threaded). From the CPU per task: what one primary sustains
-on one core (1 / its CPU per task, enqueue + drain), for sizing a cluster.
+the workers' CPU per task, and how busy the busiest Redis was during the drain (CPU seconds /
+wall seconds: near 1.0 is a saturated Redis, which is single-threaded). From the CPU per task:
+what one primary sustains on one core (1 / its CPU per task, enqueue + drain), for sizing a
+cluster, and this box's ceiling (its cores / the CPU of everything a drained task costs:
+worker, primary, replica), which says whether the box or Redis capped the drain.
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent / "tests"))  # clusterkit
 
 SINGLE = "single Redis"
-SETUPS = (SINGLE, "cluster, 1 primary", "cluster, 2 primaries", "cluster, 3 primaries")
+
+
+def setup_name(primaries: int) -> str:
+    return f"cluster, {primaries} primar{'y' if primaries == 1 else 'ies'}"
+
 
 # The workers import this module for its task (MINICELERY_TASKS = ["cluster_scale"]).
 app = Client(RedisBroker(JSONTransport()))
@@ -98,7 +104,7 @@ def place(cluster: Any, used: int, queues: int) -> list[str]:
 
 
 @contextmanager
-def targets(queues: int) -> Iterator[dict[str, Target]]:
+def targets(queues: int, spreads: list[int]) -> Iterator[dict[str, Target]]:
     """The plain Redis and the cluster, with the queues of each setup placed."""
     from clusterkit import RedisCluster
 
@@ -107,12 +113,21 @@ def targets(queues: int) -> Iterator[dict[str, Target]]:
         cluster = RedisCluster(Path(directory)).start()
         stack.callback(cluster.stop)
         found = {SINGLE: Target(single.url, False, [single.port], [], place(cluster, 1, queues))}
-        for used in (1, 2, 3):
+        for used in spreads:
             names = place(cluster, used, queues)
             hosting = sorted({cluster.node_of_queue(q) for q in names})
             feeding = [cluster.replica_of(p) for p in hosting]
-            found[SETUPS[used]] = Target(cluster.url, True, hosting, feeding, names)
+            found[setup_name(used)] = Target(cluster.url, True, hosting, feeding, names)
         yield found
+
+
+def process_cpu(procs: list[subprocess.Popen[bytes]]) -> float:
+    """CPU seconds the processes used so far (utime + stime from /proc)."""
+    ticks = 0
+    for proc in procs:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def start_workers(target: Target, logs: Path) -> list[subprocess.Popen[bytes]]:
@@ -160,47 +175,64 @@ def run_setup(target: Target, tasks: int, logs: Path) -> dict[str, float]:
             task = client.task(noop.fn)  # on this queue
             client.start_many([task() for _ in range(tasks // len(target.queues))])
         broker.close()
-        before = target.cpu()
+        before, workers_before = target.cpu(), process_cpu(procs)
         started = time.perf_counter()
         for proc in procs:
             os.kill(proc.pid, signal.SIGCONT)
         wait_for(lambda: all(not reader.llen(QueueKeys(q).ready) and not reader.zcard(QueueKeys(q).running)
                              for q in target.queues))  # fmt: skip
         elapsed = time.perf_counter() - started
-        after = target.cpu()
+        after, workers_after = target.cpu(), process_cpu(procs)
     finally:
         for proc in procs:
             os.kill(proc.pid, signal.SIGCONT)
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         reader.close()
     done = tasks // len(target.queues) * len(target.queues)
 
     def per_task(ports: list[int], start: dict[int, float], end: dict[int, float]) -> float:
         return sum(end[p] - start[p] for p in ports) / done * 1e6
 
+    drain_cpu = {
+        "worker": (workers_after - workers_before) / done * 1e6,
+        "primary": per_task(target.primaries, before, after),
+        "replica": per_task(target.replicas, before, after),
+    }
     return {
         "tasks/s": done / elapsed,
         "primary CPU us/task, enqueue": per_task(target.primaries, before_enqueue, before),
-        "primary CPU us/task, drain": per_task(target.primaries, before, after),
+        "primary CPU us/task, drain": drain_cpu["primary"],
         "replica CPU us/task": per_task(target.replicas, before_enqueue, after),
+        "worker CPU us/task": drain_cpu["worker"],
         "busiest Redis CPU/wall, drain": max(after[p] - before[p] for p in target.primaries) / elapsed,
+        # this box's cores over everything a drained task costs them: its drain's ceiling here
+        "box ceiling tasks/s": (os.cpu_count() or 1) * 1e6 / sum(drain_cpu.values()),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queues", type=int, default=6, help="a multiple of 6 spreads evenly over 1, 2 and 3")
-    parser.add_argument("--tasks", type=int, default=12_000, help="per drain, over all queues")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tasks", type=int, default=30_000, help="per drain, over all queues")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--primaries", type=int, nargs="+", default=[1, 2, 3], help="the spreads to run (1 to 3)")
     args = parser.parse_args()
+    if any(not 1 <= used <= 3 or args.queues % used for used in args.primaries):
+        parser.error("--primaries: each 1 to 3, and each must divide --queues")
     logging.basicConfig(level=logging.ERROR)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the workers and servers
     print(f"load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1/5/15 min)")
-    samples: dict[str, list[dict[str, float]]] = {setup: [] for setup in SETUPS}
-    with targets(args.queues) as places, tempfile.TemporaryDirectory() as logs:
+    setups = [SINGLE, *(setup_name(used) for used in args.primaries)]
+    samples: dict[str, list[dict[str, float]]] = {setup: [] for setup in setups}
+    with targets(args.queues, args.primaries) as places, tempfile.TemporaryDirectory() as logs:
         for run in range(args.runs):
-            for setup in SETUPS:
+            for setup in setups:
                 figures = run_setup(places[setup], args.tasks, Path(logs))
                 samples[setup].append(figures)
                 shown = "  ".join(f"{k} {v:,.2f}" for k, v in figures.items())
@@ -216,8 +248,9 @@ def report(samples: dict[str, list[dict[str, float]]], args: argparse.Namespace)
         f"\nmedians of {args.runs} runs, {args.tasks:,} tasks over {args.queues} queues, 1 worker process per queue",
         "",
         "| setup | drain tasks/s | / single Redis (run by run) | primary CPU µs/task (enqueue + drain) "
-        "| replica CPU µs/task | busiest Redis CPU/wall | one primary's core sustains, tasks/s |",
-        "|---|---|---|---|---|---|---|",
+        "| replica CPU µs/task | worker CPU µs/task | busiest Redis CPU/wall | this box's ceiling, tasks/s "
+        "| one primary's core sustains, tasks/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for setup, runs in samples.items():
         med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
@@ -227,7 +260,8 @@ def report(samples: dict[str, list[dict[str, float]]], args: argparse.Namespace)
             f"| {setup} | {med['tasks/s']:,.0f} | {statistics.median(ratios):.2f}x "
             f"({', '.join(f'{x:.2f}' for x in ratios)}) | {cpu:.0f} ({med['primary CPU us/task, enqueue']:.0f} + "
             f"{med['primary CPU us/task, drain']:.0f}) | {med['replica CPU us/task']:.0f} "
-            f"| {med['busiest Redis CPU/wall, drain']:.2f} | {1e6 / cpu:,.0f} |"
+            f"| {med['worker CPU us/task']:.0f} | {med['busiest Redis CPU/wall, drain']:.2f} "
+            f"| {med['box ceiling tasks/s']:,.0f} | {1e6 / cpu:,.0f} |"
         )
     return "\n".join(lines)
 
