@@ -250,6 +250,7 @@ class RedisBroker(QueueReads):
         (on a cluster: on every primary; a node that lacks one later loads it on NOSCRIPT)."""
         with translate_errors("SCRIPT LOAD"):
             if self.cluster is not None:
+                self.cluster.refresh()  # (a worker loads them as it connects: after a failover too)
                 for node in self.cluster.primaries():
                     self._load_on(self.cluster.client(node))
                 return

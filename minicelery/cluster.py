@@ -43,7 +43,7 @@ from redis import connection as redis_connection
 from redis.crc import key_slot
 
 from .errors import BrokerUnavailable
-from .redis_wire import primary_moved
+from .redis_wire import SLOT_MAPS, primary_moved
 from .sentinel import parse_address, parse_url
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class ClusterRoute:
         self._clients: dict[tuple[str, bool], redis.Redis] = {}
         self._lock = threading.Lock()  # (the heartbeat thread routes renewals too)
         self.stale = False  # a node failed or a slot moved: refresh the map before the next call
+        SLOT_MAPS.add(self)
 
     def describe(self) -> str:
         return "cluster via " + ",".join(f"{host}:{port}" for host, port in self.startup)
@@ -134,6 +135,8 @@ class ClusterRoute:
         return str(node.name)
 
     def primaries(self) -> list[str]:
+        if self.stale:
+            self.refresh()
         cluster: Any = self.cluster
         return sorted(str(node.name) for node in cluster.get_primaries())
 

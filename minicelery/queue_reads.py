@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
+import redis.exceptions as redis_errors
 from redis import Redis
 
-from .errors import MiniceleryError
+from .errors import BrokerUnavailable, MiniceleryError
 from .keys import ROOT, queue_keys
 from .redis_wire import text as _text
 from .redis_wire import translate_errors
@@ -20,6 +23,24 @@ from .transport import JSONTransport
 
 # `inspect` looks for orphans among this many of the oldest waiting tasks.
 ORPHANS_EXAMINED = 1000
+
+Read = TypeVar("Read", bound=Callable[..., Any])
+
+
+def follows_moves(read: Read) -> Read:
+    """On a Redis Cluster, a read that met MOVED (its queue's slot has a new owner; the slot
+    map is now marked stale, see redis_wire.SLOT_MAPS) is made once more, on the new owner."""
+
+    @functools.wraps(read)
+    def again_if_moved(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return read(*args, **kwargs)
+        except BrokerUnavailable as exc:
+            if not isinstance(exc.__cause__, redis_errors.MovedError):
+                raise
+            return read(*args, **kwargs)
+
+    return again_if_moved  # type: ignore[return-value]
 
 
 class QueueReads:
@@ -32,6 +53,7 @@ class QueueReads:
         """The client to read `queue` with: on a cluster, one of its node (RedisBroker)."""
         return self.redis
 
+    @follows_moves
     def outcome(self, queue: str, task_id: str) -> tuple[str | None, bytes | None]:
         """The task's state and (once finished) its result envelope, read atomically."""
         client = self._client_of(queue)
@@ -43,6 +65,7 @@ class QueueReads:
             state, envelope = pipe.execute()
         return (None if state is None else _text(state)), envelope
 
+    @follows_moves
     def cancelled_by(self, queue: str, task_id: str) -> str:
         """Who cancelled the task, as cancel.lua recorded it ("api", "cli"; "?" if unknown)."""
         client = self._client_of(queue)
@@ -50,6 +73,7 @@ class QueueReads:
             by = client.hget(queue_keys(queue).info, f"{task_id}:x")
         return "?" if by is None else _text(by)
 
+    @follows_moves
     def descendants(self, queue: str, task_id: str) -> list[str]:
         """The task's children, theirs, and so on, parents before children (one round trip
         per generation)."""
@@ -66,12 +90,14 @@ class QueueReads:
                 found += generation
         return found
 
+    @follows_moves
     def dead_letters(self, queue: str) -> list[str]:
         """Ids of every task in the queue's dead-letter set, oldest first."""
         client = self._client_of(queue)
         with translate_errors("dead letters"):
             return [_text(i) for i in client.zrange(queue_keys(queue).dead, 0, -1)]
 
+    @follows_moves
     def schedule_spec(self, queue: str, name: str) -> bytes | None:
         client = self._client_of(queue)
         with translate_errors("read schedule"):
@@ -84,6 +110,7 @@ class QueueReads:
             keys = [_text(key) for key in self.redis.scan_iter(match=pattern, count=1000)]
         return sorted(key[len(ROOT) + 2 : -len("}:schedules")] for key in keys)
 
+    @follows_moves
     def schedule_table(self, queue: str) -> tuple[int, dict[str, bytes], dict[str, bytes]]:
         """(Redis now ms, name -> spec JSON, state field -> value) of a queue's schedules, plus
         the state of each last-started occurrence as state field "<name>:o"."""
@@ -106,6 +133,7 @@ class QueueReads:
 
     # --- inspection ----------------------------------------------------------------------------
 
+    @follows_moves
     def depths(self, queue: str) -> dict[str, int]:
         """How many tasks are in each state, in one round trip (cheap enough for every scrape)."""
         client = self._client_of(queue)
@@ -130,6 +158,7 @@ class QueueReads:
             "cancelled": int(cancelled or 0),  # (included in finished, kept until their result TTL)
         }
 
+    @follows_moves
     def queue_report(self, queue: str, lease_seconds: float, dead_shown: int = 20) -> dict[str, Any]:
         """Depths, next due time, live workers and the latest dead letters of one queue."""
         client = self._client_of(queue)
@@ -179,6 +208,7 @@ class QueueReads:
             "traceback": traceback,
         }
 
+    @follows_moves
     def orphans(self, queue: str, shown: int = 10, examined: int = ORPHANS_EXAMINED) -> dict[str, Any]:
         """Waiting tasks none of whose unfinished parents was ever started: what the orphan
         sweep dead-letters once they have waited orphan_ttl. Counted among the `examined`

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import weakref
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
@@ -34,6 +35,11 @@ SCRIPT_NAMES = (
 )
 
 
+# The slot maps of this process's Redis Cluster routes (cluster.py adds each): a MOVED on a
+# plain read marks them stale, so the next call reads the map again.
+SLOT_MAPS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 @contextlib.contextmanager
 def translate_errors(what: str) -> Iterator[None]:
     """Turn redis-py exceptions into minicelery's, naming the operation."""
@@ -50,6 +56,8 @@ def translate_errors(what: str) -> Iterator[None]:
         reason = f"cannot resolve host: {exc}" if dns else str(exc)
         raise BrokerUnavailable(f"Redis unavailable during {what}: {reason}") from exc
     except redis_errors.AskError as exc:  # (and MOVED) a cluster's slot moved under a plain read
+        for slot_map in SLOT_MAPS:
+            slot_map.stale = True
         raise BrokerUnavailable(f"Redis Cluster slot moved during {what}: {exc}; retrying finds its new node") from exc
     except redis_errors.ResponseError as exc:
         if primary_moved(exc):  # the primary became a replica (a failover): follow it, as for a lost connection
