@@ -2,13 +2,14 @@
 live on the 3 different primaries of a real 6-node cluster (tests/clusterkit.py: 3 primaries,
 3 replicas, cluster-node-timeout 2 s), and in turn:
 
-1. a slot migration of a busy queue to another primary (SETSLOT IMPORTING/MIGRATING, MIGRATE
-   key by key, SETSLOT NODE on every primary, as `redis-cli --cluster reshard` does), while
-   its tasks flow: calls meet ASK and TRYAGAIN mid-way and MOVED after; workers blocked on
-   the old node must re-home (redis #2379 / valkey #2734: blocking pops that hang after a
-   reshard);
-2. CLUSTER FAILOVER on a busy primary's replica (a planned switch);
-3. kill -9 of a busy primary: its replica takes over after the node timeout.
+1. `redis-cli --cluster reshard` of a few slots, a busy queue's among them, to another
+   primary, while its tasks flow: workers blocked on the old node must re-home (redis #2379
+   / valkey #2734: blocking pops that hang after a reshard);
+2. the same by hand, slower: a busy queue's slot migrated key by key (SETSLOT
+   IMPORTING/MIGRATING, MIGRATE of one key at a time, SETSLOT NODE on every primary), so its
+   calls meet ASK and TRYAGAIN mid-way and MOVED after;
+3. CLUSTER FAILOVER on a busy primary's replica (a planned switch);
+4. kill -9 of a busy primary: its replica takes over after the node timeout.
 
 Per queue, two producers send a steady stream of two-task chains (b after a) and record every
 start() that returned: one with the default (min_replicas_acked 0), one with
@@ -27,6 +28,7 @@ killed primary cannot take the record with it.
 from __future__ import annotations
 
 import statistics
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -56,7 +58,10 @@ WORKER_SETTINGS = {  # short leases and reconnects so that each fault takes seco
     "MINICELERY_REDIS__SOCKET_TIMEOUT": "2",
 }
 PACE = 0.05  # seconds between two chains, per producer
-FAULTS = ("slot migration", "CLUSTER FAILOVER", "kill -9")
+FAULTS = ("redis-cli reshard", "slot migration", "CLUSTER FAILOVER", "kill -9")
+# Each queue's slot is among the first SPAN of its primary's range: `redis-cli --cluster
+# reshard` moves a primary's lowest slots first, so a few slots carry the busy queue along.
+SPAN = 16
 
 
 class Producer(ChainProducer):
@@ -151,11 +156,48 @@ def test_leaving_the_idle_set_of_a_queue_whose_keys_were_migrated_follows_the_as
         broker.close()
 
 
+def slot_ranges(cluster: RedisCluster) -> list[tuple[int, int, int]]:
+    """(first slot, last slot, primary's port) of every range a live primary owns."""
+    return [(a, b, int(n["port"])) for n in cluster._nodes() if n["primary"] and not n["failed"] for a, b in n["slots"]]  # type: ignore[attr-defined, call-overload]
+
+
+def queues_near_range_starts(cluster: RedisCluster, prefix: str) -> list[str]:
+    """A queue per primary, each in the first SPAN slots of its primary's range."""
+    starts = sorted(a for a, _b, _port in slot_ranges(cluster))
+    found: dict[int, str] = {}
+    number = 0
+    while len(found) < len(starts):
+        name = f"{prefix}-{number}"
+        number += 1
+        found.update({start: name for start in starts if start <= slot_of_queue(name) < start + SPAN})
+    return [found[start] for start in starts]
+
+
+def reshard(cluster: RedisCluster, queue: str, target: int) -> None:
+    """`redis-cli --cluster reshard` of the queue's primary's lowest slots, up to the queue's,
+    to the primary on `target`: what an operator runs."""
+    source = cluster.node_of_queue(queue)
+    lowest = min(a for a, _b, port in slot_ranges(cluster) if port == source)
+    command = [
+        *("redis-cli", "--cluster", "reshard", f"127.0.0.1:{source}", "--cluster-yes"),
+        *("--cluster-from", cluster.node_id(source), "--cluster-to", cluster.node_id(target)),
+        *("--cluster-slots", str(slot_of_queue(queue) - lowest + 1)),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    cluster.wait_ok()
+
+
 def inject(cluster: RedisCluster, fault: str, queues: list[str]) -> tuple[list[str], float]:
     """Cause the fault to the primary of the first queue (the busy one); returns the queues
     it affected and the time the cluster settled (every live node ok, one slot map)."""
     busy = queues[0]
     old = cluster.node_of_queue(busy)
+    if fault == "redis-cli reshard":
+        target = next(cluster.node_of_queue(q) for q in queues if cluster.node_of_queue(q) != old)
+        reshard(cluster, busy, target)
+        assert cluster.node_of_queue(busy) == target
+        return [busy], time.time()
     if fault == "slot migration":
         others = [cluster.node_of_queue(q) for q in queues if cluster.node_of_queue(q) != old]
         slot = slot_of_queue(busy)
@@ -188,9 +230,9 @@ def drained(reader: redis.RedisCluster, queues: list[str]) -> bool:
 
 
 def test_topology_changes_under_load(cluster: RedisCluster, ledger_url: str, tmp_path: Path) -> None:
-    """The same 3 workers ride out the three faults one after the other."""
+    """The same 3 workers ride out the four faults one after the other."""
     ledger = redis.Redis.from_url(ledger_url)
-    queues = cluster.queues_on_distinct_primaries(f"cf{uuid.uuid4().hex[:4]}", 3)
+    queues = queues_near_range_starts(cluster, f"cf{uuid.uuid4().hex[:4]}")
     pool = Workers(cluster.url, ",".join(queues), tmp_path)
     env = pool.env(
         MINICELERY_WORKER__QUEUES=str(queues).replace("'", '"'),
@@ -255,7 +297,7 @@ def test_topology_changes_under_load(cluster: RedisCluster, ledger_url: str, tmp
                 assert total(durable, "lost") == 0, (fault, durable)
             else:  # a migration and a planned failover lose nothing
                 assert total(default, "lost") + total(durable, "lost") == 0, (fault, default, durable)
-        record("Cluster: the three faults", seconds=round(time.monotonic() - began, 1))
+        record("Cluster: the four faults", seconds=round(time.monotonic() - began, 1))
     finally:
         pool.stop_all()
         ledger.close()
