@@ -124,8 +124,10 @@ class ClusterRoute:
 
     def refresh(self) -> None:
         """Read the slot map again (CLUSTER SLOTS from a node that answers)."""
-        self.stale = False
-        self.cluster.nodes_manager.initialize()
+        cluster = self.cluster
+        with self._lock:  # (the heartbeat thread's renewals may find the map stale at once)
+            cluster.nodes_manager.initialize()
+            self.stale = False  # (only once read: a failed read leaves it stale)
 
     def primary_of(self, slot: int) -> str:
         """ "host:port" of the primary that owns `slot` now."""

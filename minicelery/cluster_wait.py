@@ -119,12 +119,12 @@ def wait_on_cluster(
                 call.unblocked = True
                 call.finish()
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-        for call in calls:
-            call.connection.disconnect()
         route.stale = True
         raise BrokerUnavailable(f"Redis unavailable during the idle wait: {exc}") from exc
     finally:
         for call in calls:
+            if not call.read:  # its reply may still come: never reuse this socket
+                call.connection.disconnect()
             call.pool.release(call.connection)
     return _chosen(route, calls, worker_id)
 

@@ -56,6 +56,11 @@ def translate_errors(what: str) -> Iterator[None]:
         reason = f"cannot resolve host: {exc}" if dns else str(exc)
         raise BrokerUnavailable(f"Redis unavailable during {what}: {reason}") from exc
     except redis_errors.AskError as exc:  # (and MOVED) a cluster's slot moved under a plain read
+        if not SLOT_MAPS:  # no cluster configured in this process: the settings are wrong
+            raise BrokerError(
+                f"Redis answered {what} with a redirection ({exc}): the server is a Redis Cluster node; "
+                "set redis.cluster = true (RedisBroker(cluster=True))"
+            ) from exc
         for slot_map in SLOT_MAPS:
             slot_map.stale = True
         raise BrokerUnavailable(f"Redis Cluster slot moved during {what}: {exc}; retrying finds its new node") from exc

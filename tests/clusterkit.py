@@ -6,22 +6,43 @@ Each node gets two free ports: its client port and its cluster bus port (`--clus
 Redis 7), so the bus never needs port+10000 to be free. Slots go 0-5460, 5461-10922,
 10923-16383 to the first three nodes (the primaries, in creation order); redis-cli picks
 each one's replica among the other three.
+
+Use (the fault suite, the scale-out bench):
+
+    def test_x(cluster: RedisCluster, tmp_path):           # session fixture, conftest.py
+        queues = cluster.queues_on_distinct_primaries("q")  # one queue per primary
+        app = cluster_app(cluster, queues[0])              # a producer (tests/worktasks.py)
+        pool = Workers(cluster.url, queues[0], tmp_path, cluster=True)
+        proc = start_worker(pool, queues)                  # a worker on all three
+        primary = cluster.node_of_queue(queues[0])          # port of its primary, now
+        cluster.failover(cluster.replica_of(primary))       # CLUSTER FAILOVER, waits for ok
+        cluster.stop_node(primary); cluster.restart(primary)  # kill -9, then rejoin
+        cluster.migrate_slot(slot_of_queue(queues[0]), other_primary_port)  # a reshard by hand
+
+A session's tests share the cluster: leave it as found (a moved slot back, a killed node
+restarted: restart() waits until every node agrees again). RedisCluster(directory,
+primaries=N, replicas=False).start() makes a private one of any size (1 or 2 primaries are
+joined by hand: redis-cli insists on 3); stop() ends it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import redis
-from conftest import wait_until
+import worktasks
+from conftest import Workers, wait_until
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.retry import Retry
 
-from minicelery.keys import queue_keys
+from minicelery import Client, JSONTransport, RedisBroker
+from minicelery.keys import QueueKeys, queue_keys
 from minicelery.redis_server import RedisServer, free_port
 
 SLOTS = 16384
@@ -37,11 +58,17 @@ def slot_of_queue(queue: str) -> int:
 
 
 class RedisCluster:
-    def __init__(self, directory: Path, node_timeout_ms: int = NODE_TIMEOUT_MS, nodes: int = 6) -> None:
+    def __init__(
+        self, directory: Path, node_timeout_ms: int = NODE_TIMEOUT_MS, primaries: int = 3, replicas: bool = True
+    ) -> None:
+        """`primaries` (1 or more), each with one replica if `replicas`."""
         self.directory = directory
         self.node_timeout_ms = node_timeout_ms
-        self.count = nodes
+        self.primary_count = primaries
+        self.replicas = replicas
+        self.count = primaries * (2 if replicas else 1)
         self.nodes: list[RedisServer] = []
+        self.bus_ports: dict[int, int] = {}  # client port -> cluster bus port
 
     # --- life ----------------------------------------------------------------------------------
 
@@ -53,6 +80,7 @@ class RedisCluster:
             path = self.directory / f"n{i}"
             path.mkdir(parents=True, exist_ok=True)
             port, bus = ports.pop(), ports.pop()
+            self.bus_ports[port] = bus
             args = (
                 *NODE_ARGS,
                 "--cluster-enabled",
@@ -65,13 +93,41 @@ class RedisCluster:
                 str(bus),
             )
             self.nodes.append(RedisServer(port, directory=path, extra_args=args).start())
-        create = ["redis-cli", "--cluster", "create", *self.addresses, "--cluster-replicas", "1", "--cluster-yes"]
-        done = subprocess.run(create, capture_output=True, text=True, timeout=timeout, check=False)
-        if done.returncode != 0:
+        try:
+            self._create(timeout)
+        except BaseException:
             self.stop()
-            raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout}\n{done.stderr}")
-        self.wait_ok(timeout, replicas=self.count - 3)
+            raise
+        self.wait_ok(timeout, replicas=self.count - self.primary_count)
         return self
+
+    def _create(self, timeout: float) -> None:
+        """redis-cli --cluster create; by hand (ADDSLOTSRANGE, MEET, REPLICATE) for fewer than
+        the 3 primaries redis-cli insists on."""
+        if self.primary_count >= 3:
+            replicas = "1" if self.replicas else "0"
+            create = ["redis-cli", "--cluster", "create", *self.addresses, "--cluster-replicas", replicas]
+            done = subprocess.run(
+                [*create, "--cluster-yes"], capture_output=True, text=True, timeout=timeout, check=False
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout}\n{done.stderr}")
+            return
+        primaries, others = self.ports[: self.primary_count], self.ports[self.primary_count :]
+        share = SLOTS // self.primary_count
+        for number, port in enumerate(primaries):
+            last = SLOTS - 1 if number == self.primary_count - 1 else (number + 1) * share - 1
+            self.ask(port, "CLUSTER", "ADDSLOTSRANGE", number * share, last)
+        for port in self.ports[1:]:
+            self.ask(port, "CLUSTER", "MEET", "127.0.0.1", self.ports[0], self.bus_ports[self.ports[0]])
+        for replica, primary in zip(others, primaries, strict=False):  # (others: none without replicas)
+            primary_id = self.node_id(primary)
+
+            def met(replica: int = replica, primary_id: str = primary_id) -> bool:
+                return primary_id in str(self.ask(replica, "CLUSTER", "NODES"))
+
+            wait_until(met, timeout, "the nodes to meet")
+            self.ask(replica, "CLUSTER", "REPLICATE", primary_id)
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -261,3 +317,38 @@ class RedisCluster:
             return len(views) == 1
         except redis.RedisError:
             return False
+
+
+# --- producers and workers on a cluster ---------------------------------------------------
+
+
+def cluster_app(cluster: RedisCluster, queue: str, **options: Any) -> Client:
+    """A producer whose tasks (tests/worktasks.py) go to `queue`, its broker on the cluster
+    (RedisBroker options may be given; the caller closes it and removes it from
+    Client.instances)."""
+    broker = RedisBroker(JSONTransport(), url=cluster.url, result_ttl=600, max_block=1, cluster=True, **options)
+    app = Client(broker, default_queue=queue)
+    worktasks.register(app)
+    return app
+
+
+# Idle blocks this long make a test fail if the worker's wait does not end by a wake-up (or
+# by Redis redirecting it), rather than by its block timing out.
+LONG_BLOCKS = {"MINICELERY_WORKER__IDLE_BLOCK_MAX": "300", "MINICELERY_WORKER__LEASE_SECONDS": "300"}
+
+
+def start_worker(pool: Workers, queues: list[str], **settings: str) -> subprocess.Popen[bytes]:
+    """A `minicelery worker` process on `queues`, ready; `pool` made with cluster=True
+    (Workers(cluster.url, queue, tmp_path, cluster=True)); `settings`: MINICELERY_* variables."""
+    proc = pool.start(MINICELERY_WORKER__QUEUES=json.dumps(queues), **settings)
+    pool.wait_ready(proc)
+    return proc
+
+
+def idle_on(cluster: RedisCluster, queues: list[str]) -> bool:
+    """Whether a worker sits in the idle set of every one of `queues` (it waits there)."""
+    client = cluster.cluster_client()
+    try:
+        return all(client.zcard(QueueKeys(queue).idle) for queue in queues)
+    finally:
+        client.close()

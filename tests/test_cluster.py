@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import worktasks
-from clusterkit import RedisCluster, slot_of_queue
+from clusterkit import LONG_BLOCKS, RedisCluster, cluster_app, idle_on, slot_of_queue, start_worker
 from conftest import TESTS, Workers, wait_until
 from helpers import drain
 
-from minicelery import Client, JSONTransport, RedisBroker
+from minicelery import Client, RedisBroker
 from minicelery.errors import ConfigError
 from minicelery.keys import QueueKeys
 from minicelery.settings import load_settings
@@ -31,13 +30,6 @@ from minicelery.settings import load_settings
 def spread(cluster: RedisCluster) -> list[str]:
     """Three queue names this test alone uses, each held by a different primary."""
     return cluster.queues_on_distinct_primaries(f"c{uuid.uuid4().hex[:8]}")
-
-
-def cluster_app(cluster: RedisCluster, queue: str, **options: Any) -> Client:
-    broker = RedisBroker(JSONTransport(), url=cluster.url, result_ttl=600, max_block=1, cluster=True, **options)
-    app = Client(broker, default_queue=queue)
-    worktasks.register(app)
-    return app
 
 
 @pytest.fixture
@@ -55,26 +47,6 @@ def cluster_workers(cluster: RedisCluster, spread: list[str], tmp_path: Path) ->
     pool = Workers(cluster.url, spread[0], tmp_path, cluster=True)
     yield pool
     pool.stop_all()
-
-
-# Idle blocks this long make a test fail if the worker's wait does not end by a wake-up (or
-# by Redis redirecting it), rather than by its block timing out.
-LONG_BLOCKS = {"MINICELERY_WORKER__IDLE_BLOCK_MAX": "300", "MINICELERY_WORKER__LEASE_SECONDS": "300"}
-
-
-def start_worker(pool: Workers, queues: list[str], **settings: str) -> subprocess.Popen[bytes]:
-    proc = pool.start(MINICELERY_WORKER__QUEUES=json.dumps(queues), **settings)
-    pool.wait_ready(proc)
-    return proc
-
-
-def idle_on(cluster: RedisCluster, queues: list[str]) -> bool:
-    """Whether a worker sits in the idle set of every one of `queues` (it waits there)."""
-    client = cluster.cluster_client()
-    try:
-        return all(client.zcard(QueueKeys(queue).idle) for queue in queues)
-    finally:
-        client.close()
 
 
 def test_cluster_settings_are_checked_and_each_problem_names_the_setting() -> None:
@@ -219,13 +191,23 @@ def test_the_cli_on_a_cluster_finds_each_queue_on_its_node(
     assert set(spread) <= set(later.broker.schedule_queues())
 
 
-def test_the_broker_tests_pass_on_the_cluster(tmp_path: Path) -> None:
-    """test_scripts.py and test_dependencies.py again, every broker on a cluster of their own
-    (MINICELERY_TEST_CLUSTER=1, see conftest.py): a script touching a key outside its queue's
-    slot, or a pipeline spanning nodes wrongly, fails there."""
+def test_the_broker_tests_pass_on_a_cluster(tmp_path: Path) -> None:
+    """test_scripts.py, test_dependencies.py and test_handoff.py (the hand-off writes an
+    inbox key it reads from data; workers on two queues wait) again, every broker on a cluster
+    of their own (MINICELERY_TEST_CLUSTER=1, see conftest.py): a script touching a key outside
+    its queue's slot, or a pipeline spanning nodes wrongly, fails there. About 35 s."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MINICELERY_", "PYTEST_"))}
     env["MINICELERY_TEST_CLUSTER"] = "1"
-    modules = [str(TESTS / "test_scripts.py"), str(TESTS / "test_dependencies.py")]
+    modules = [str(TESTS / name) for name in ("test_scripts.py", "test_dependencies.py", "test_handoff.py")]
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *modules]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stdout[-4000:]
+
+
+def test_a_worker_or_cli_not_told_it_talks_to_a_cluster_says_so(
+    cluster: RedisCluster, spread: list[str], tmp_path: Path
+) -> None:
+    queue = next(q for q in spread if cluster.node_of_queue(q) != cluster.live_ports()[0])  # not the url's node
+    plain = Workers(cluster.url, queue, tmp_path, cluster=False)
+    sent = run_cli(plain, [queue], "enqueue", "echo", '["x"]')
+    assert sent.returncode != 0 and "set redis.cluster = true" in sent.stderr, sent
