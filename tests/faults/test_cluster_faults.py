@@ -19,8 +19,11 @@ task of an affected queue sent after it settled (p50, max), and the longest paus
 in the queues the fault did not touch (no task of theirs ran). The test fails if a worker
 is stuck (no such run within 30 s) or dies, or if a kill -9 loses a task that
 min_replicas_acked 1 accepted (the shard's one replica held it, and it is the one promoted).
-The workers keep the default idle_block_max (5 s): one that re-homed only when its block
-timed out would show ~5 s.
+The workers keep the default idle_block_max (5 s), and 5 s leases: one that re-homed only
+when its block timed out would show ~5 s (tests/test_cluster.py blocks 300 s to show Redis
+redirecting a blocked wait). `drained_s`: from the producers' stop to every queue empty; a
+task that waits for its lease to expire (handed to a worker that no longer waits for it)
+shows there as ~5 s. (With 60 s leases and blocks the four faults took 250 s, not 25.)
 
 The tasks record their runs in a plain Redis off the cluster (tests/clustertasks.py), so a
 killed primary cannot take the record with it.
@@ -50,7 +53,7 @@ from minicelery.redis_server import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-WORKER_SETTINGS = {  # short leases and reconnects so that each fault takes seconds
+WORKER_SETTINGS = {  # quick reconnects; default idle blocks (see the module's docstring)
     "MINICELERY_TASKS": '["clustertasks"]',
     "MINICELERY_REDIS__CLUSTER": "true",
     "MINICELERY_WORKER__LEASE_SECONDS": "5",
@@ -333,7 +336,9 @@ def test_topology_changes_under_load(cluster: RedisCluster, ledger_url: str, tmp
             for producer in producers:
                 producer.stop()
             reader = cluster.cluster_client()
+            stopped = time.monotonic()
             wait_until(lambda: drained(reader, queues), 60, "the queues to drain")  # noqa: B023
+            drained_s = time.monotonic() - stopped
             default = [audit(reader, ledger, p.queue, p.accepted) for p in producers[0::2]]
             durable = [audit(reader, ledger, p.queue, p.accepted) for p in producers[1::2]]
             reader.close()
@@ -352,6 +357,7 @@ def test_topology_changes_under_load(cluster: RedisCluster, ledger_url: str, tmp
                 resume_p50_s=round(statistics.median(times), 2),
                 resume_max_s=round(times[-1], 2),
                 other_queues_paused_s=round(others_paused, 2),
+                drained_s=round(drained_s, 2),
             )
             assert all(w.poll() is None for w in workers), fault  # no worker died
             if fault == "kill -9":
