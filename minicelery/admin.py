@@ -146,12 +146,15 @@ class Admin:
 
     def inspect(self, queues: Sequence[str], *, as_json: bool) -> int:
         report = {queue: self.broker.queue_report(queue, self.settings.worker.lease_seconds) for queue in queues}
+        members = self.broker.members()  # the primary and replicas the sentinels report, or the cluster's nodes
+        kind = "cluster" if members is not None and "primaries" in members else "sentinel"
         for queue in queues:
             report[queue]["orphans"] = self._orphans(queue)
+            if members is not None:  # per queue, so the top level stays one key per queue
+                report[queue][kind] = members
         if as_json:
             print(json.dumps(report, indent=2))
             return 0
-        members = self.broker.members()
         if members is not None:
             print(describe_members(members))
         for queue, info in report.items():

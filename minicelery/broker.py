@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,8 @@ BLOCKING_SOCKET_SLACK = 5.0
 ORPHAN_SWEEP_BATCH = 100
 
 
+# Finishes that wrote to Redis (a result or dead letter, or a retry scheduled).
+_WRITTEN = frozenset({ScriptStatus.OK, ScriptStatus.RETRY})
 # finish.lua's retry fields for an outcome that is never retried (max_retries 0)
 _NO_RETRY_ARGS = (0, NO_RETRY.base_ms, NO_RETRY.cap_ms, repr(NO_RETRY.jitter), NO_RETRY.fixed_ms)
 
@@ -91,6 +93,7 @@ class RedisBroker(QueueReads):
         sentinel_options: dict[str, Any] | None = None,
         min_replicas_acked: int | None = None,
         replica_ack_timeout: float | None = None,
+        replicate_results: bool | None = None,
         cluster: bool | None = None,
         cluster_nodes: Sequence[str] | None = None,
     ) -> None:
@@ -101,6 +104,7 @@ class RedisBroker(QueueReads):
         primary is, and every call follows it across a failover (see sentinel.py); `url` then
         gives only the database, credentials and scheme. `min_replicas_acked`: enqueues
         return only once that many replicas hold them (WAIT, up to `replica_ack_timeout` s).
+        `replicate_results`: a worker's finish waits for them too (see finish_many).
 
         With `cluster=True`, `url` names any node of a Redis Cluster (`cluster_nodes`: more
         "host:port" to start from) and each queue's calls go to the primary of its slot,
@@ -127,8 +131,16 @@ class RedisBroker(QueueReads):
             min_replicas_acked = redis_settings.min_replicas_acked
         if replica_ack_timeout is None:
             replica_ack_timeout = redis_settings.replica_ack_timeout
+        if replicate_results is None:
+            replicate_results = redis_settings.replicate_results
         if min_replicas_acked < 0 or replica_ack_timeout <= 0:
             raise ValueError("min_replicas_acked must be 0 or more, replica_ack_timeout positive (seconds)")
+        if replicate_results and not min_replicas_acked:
+            raise ValueError("replicate_results needs min_replicas_acked of 1 or more (how many replicas)")
+        self.replicate_results = bool(replicate_results)
+        # Called with how many finishes' results were stored on fewer replicas than asked (the
+        # worker counts them in a metric).
+        self.on_unreplicated: Callable[[int], None] = lambda _count: None
         self.min_replicas_acked = int(min_replicas_acked)
         self.replica_ack_timeout = float(replica_ack_timeout)
         result_ttl = worker.result_ttl if result_ttl is None else result_ttl
@@ -306,11 +318,20 @@ class RedisBroker(QueueReads):
         again: a NOSCRIPT reply means that script did not run. An error reply from any script
         raises, after every reply has been read. `replicated`: with min_replicas_acked, a WAIT
         follows in the same round trip, and fewer replicas than that raise NotReplicated."""
+        replies, acked = self._round_trip(what, calls, wait=replicated and self.min_replicas_acked > 0)
+        if acked is not None:
+            self._check_replicated(what, acked)
+        return replies
+
+    def _round_trip(
+        self, what: str, calls: Sequence[tuple[str, list[str], list[Any]]], *, wait: bool
+    ) -> tuple[list[Any], int | None]:
+        """_pipelined's round trip; with `wait`, a WAIT for min_replicas_acked replicas after
+        the scripts, and how many acknowledged (else None)."""
         if self.cluster is not None:
-            return self._pipelined_on_cluster(what, calls, replicated)
+            return self._round_trip_on_cluster(what, calls, wait)
         if self.topology is not None:
             self.follow_failovers()  # (a producer may never block nor ping)
-        wait = replicated and self.min_replicas_acked > 0
         for attempt in (1, 2):
             # (built again after a reload: loading sets each script's SHA)
             commands: list[tuple[Any, ...]] = [
@@ -326,29 +347,24 @@ class RedisBroker(QueueReads):
                         raise
                     self.load_scripts()
                     continue
-            if wait:
-                self._check_replicated(what, int(replies.pop()))
-            return replies
+            return replies, (int(replies.pop()) if wait else None)
         raise AssertionError("unreachable")
 
-    def _pipelined_on_cluster(
-        self, what: str, calls: Sequence[tuple[str, list[str], list[Any]]], replicated: bool
-    ) -> list[Any]:
-        """_pipelined on a cluster: each call to the primary of its queue's slot (cluster.py);
-        with min_replicas_acked, a WAIT after each node's calls, the fewest acks counting."""
+    def _round_trip_on_cluster(
+        self, what: str, calls: Sequence[tuple[str, list[str], list[Any]]], wait: bool
+    ) -> tuple[list[Any], int | None]:
+        """_round_trip on a cluster: each call to the primary of its queue's slot (cluster.py);
+        with `wait`, a WAIT after each node's calls, the fewest acks counting."""
         assert self.cluster is not None
         commands = [("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args) for name, keys, args in calls]
         slots = [slot_of(keys[0]) for _name, keys, _args in calls]
-        replicated = replicated and self.min_replicas_acked > 0
-        wait = ("WAIT", self.min_replicas_acked, int(self.replica_ack_timeout * 1000)) if replicated else None
+        tail = ("WAIT", self.min_replicas_acked, int(self.replica_ack_timeout * 1000)) if wait else None
         with translate_errors(what):
-            replies, acks = self.cluster.exchange(commands, slots, self._load_on, after_each_node=wait)
+            replies, acks = self.cluster.exchange(commands, slots, self._load_on, after_each_node=tail)
             for reply in replies:
                 if isinstance(reply, redis_errors.ResponseError):
                     raise reply
-        if replicated:
-            self._check_replicated(what, min(int(acked) for acked in acks))
-        return replies
+        return replies, (min(int(acked) for acked in acks) if wait and acks else None)
 
     def _check_replicated(self, what: str, acked: int) -> None:
         if acked < self.min_replicas_acked:
@@ -474,13 +490,31 @@ class RedisBroker(QueueReads):
                 nc.queue, nc.token, nc.lease_ms, nc.worker_id, nc.held_due_ms, nc.batch, False, True
             )
             calls.append(("claim", [*queue_keys(nc.queue).as_list(), *extra_keys], claim_args))
-        replies = self._pipelined("finish", calls)
+        replies, acked = self._round_trip("finish", calls, wait=self.replicate_results)
         statuses = [ScriptStatus.OK] * len(finishes)
         for indexes, reply in zip(by_queue.values(), replies, strict=False):
             for index, status in zip(indexes, reply, strict=True):
                 statuses[index] = script_status(status)
+        if acked is not None and acked < self.min_replicas_acked:
+            self._unreplicated(finishes, statuses, acked)
         claimed = None if next_claim is None else parse_claim(next_claim.queue, next_claim.token, replies[-1])
         return statuses, claimed
+
+    def _unreplicated(self, finishes: Sequence[FinishItem], statuses: list[ScriptStatus], acked: int) -> None:
+        """replicate_results and the WAIT fell short: the results are on the primary only. Not
+        an error: the task did run and its result is stored. If a failover loses them, the new
+        primary still holds the task leased (its finish went too), so the lease expires and it
+        runs again: at least once holds, and this says which tasks may run twice."""
+        written = [item.id for item, status in zip(finishes, statuses, strict=True) if status in _WRITTEN]
+        if not written:
+            return
+        log.warning(
+            "results of %d tasks stored on the primary, but %d of the %d replicas required "
+            "(redis.min_replicas_acked) acknowledged them within %g s: a failover now could lose them, "
+            "and those tasks would run again: %s",
+            len(written), acked, self.min_replicas_acked, self.replica_ack_timeout, " ".join(written),
+        )  # fmt: skip
+        self.on_unreplicated(len(written))
 
     def landed(self, finishes: Sequence[FinishItem], statuses: list[ScriptStatus]) -> list[ScriptStatus]:
         """`statuses` of finishes sent again after a send that got no reply (a failover, a

@@ -77,6 +77,8 @@ class RedisSettings(_Section):
     # Durable enqueue: start() returns once this many replicas hold the task (Redis WAIT).
     min_replicas_acked: int = Field(0, ge=0, description="replicas that must hold an enqueue before start() returns")
     replica_ack_timeout: float = Field(1.0, gt=0, description="seconds start() waits for those replicas")
+    # The same WAIT in the worker's finish: a shortfall is logged and counted, never fails the task.
+    replicate_results: bool = Field(False, description="workers wait for min_replicas_acked replicas to hold results")
 
     @field_validator("url")
     @classmethod
@@ -106,6 +108,8 @@ class RedisSettings(_Section):
             raise ValueError(
                 "redis.replica_ack_timeout must be below redis.socket_timeout (the WAIT rides in the enqueue)"
             )
+        if self.replicate_results and not self.min_replicas_acked:
+            raise ValueError("redis.replicate_results needs redis.min_replicas_acked (how many replicas) of 1 or more")
         if self.sentinels and self.url.startswith("unix://"):
             raise ValueError("redis.url cannot be unix:// with redis.sentinels: use redis:// or rediss://")
         return self._cluster_checked()

@@ -55,6 +55,7 @@ class Worker:
         self.running_claim: Claim | None = None  # the claim behind `running` (not cleared: see above)
         self.metrics = build_metrics(app.tasks, self.broker, self.queues, lambda: self.running)
         self.observer = Observer(app.tasks, settings, self.notifier, self.metrics)
+        self.broker.on_unreplicated = self.metrics.unreplicated_results.inc
         self.connection = Connection(
             self.broker, self.signals, self.observer, w.reconnect_max_delay, on_connect=lambda: self.schedules.upsert()
         )
