@@ -17,8 +17,10 @@ min_replicas_acked 1. Per fault the scorecard gets: accepted tasks lost by each,
 twice, how long the cluster took to settle, how long after the fault began each worker ran a
 task of an affected queue sent after it settled (p50, max), and the longest pause meanwhile
 in the queues the fault did not touch (no task of theirs ran). The test fails if a worker
-is stuck (no such run within 30 s) or dies, or if a kill -9 loses a task that
-min_replicas_acked 1 accepted (the shard's one replica held it, and it is the one promoted).
+is stuck (no such run within 30 s) or dies, if a kill -9 loses a task that min_replicas_acked
+1 accepted (the shard's one replica held it, and it is the one promoted), if a reshard or a
+planned failover loses any, or if more tasks ran twice than the workers can hold at once (as
+tests/faults/test_failover.py bounds it).
 The workers keep the default idle_block_max (5 s), and 5 s leases: one that re-homed only
 when its block timed out would show ~5 s (tests/test_cluster.py blocks 300 s to show Redis
 redirecting a blocked wait). `drained_s`: from the producers' stop to every queue empty; a
@@ -55,6 +57,7 @@ from minicelery.redis_server import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
+BATCH = 16  # worker.batch_size (the default)
 WORKER_SETTINGS = {  # quick reconnects; default idle blocks (see the module's docstring)
     "MINICELERY_TASKS": '["clustertasks"]',
     "MINICELERY_REDIS__CLUSTER": "true",
@@ -63,6 +66,7 @@ WORKER_SETTINGS = {  # quick reconnects; default idle blocks (see the module's d
     "MINICELERY_WORKER__RECONNECT_MAX_DELAY": "0.5",
     "MINICELERY_WORKER__SHUTDOWN_GRACE": "2",
     "MINICELERY_REDIS__SOCKET_TIMEOUT": "2",
+    "MINICELERY_WORKER__BATCH_SIZE": str(BATCH),
 }
 PACE = 0.05  # seconds between two chains, per producer
 FAULTS = ("redis-cli reshard", "slot migration", "CLUSTER FAILOVER", "kill -9")
@@ -306,6 +310,7 @@ def test_topology_changes_under_load(cluster: RedisCluster, ledger_url: str, tmp
     for worker in workers:
         pool.wait_ready(worker)
     pids = [w.pid for w in workers]
+    redo_bound = len(workers) * 2 * BATCH  # tasks the workers can hold at once: leased, or run and not stored
     began = time.monotonic()
     try:
         for number, fault in enumerate(FAULTS):
@@ -362,6 +367,7 @@ def test_topology_changes_under_load(cluster: RedisCluster, ledger_url: str, tmp
                 drained_s=round(drained_s, 2),
             )
             assert all(w.poll() is None for w in workers), fault  # no worker died
+            assert total(default, "ran_twice") + total(durable, "ran_twice") <= redo_bound, (fault, default, durable)
             if fault == "kill -9":
                 assert total(durable, "lost") == 0, (fault, durable)
             else:  # a migration and a planned failover lose nothing
