@@ -42,11 +42,10 @@ import pytest
 import redis
 import worktasks
 from conftest import Workers, require_tool, wait_until
-from faultkit import record
+from faultkit import ChainProducer, record
 from sentinelkit import MASTER, SentinelSet
 
 from minicelery import Client, JSONTransport, RedisBroker
-from minicelery.errors import MiniceleryError
 from minicelery.keys import QueueKeys
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -68,11 +67,10 @@ FAULTS = ("SENTINEL FAILOVER", "kill -9", "kill -STOP", "DEBUG SLEEP")
 FAULTS = tuple(f for f in os.environ.get("MINICELERY_TEST_FAULTS", ",".join(FAULTS)).split(",") if f)
 
 
-class Producer(threading.Thread):
-    """Sends chains until stopped; `accepted`: task id -> tag of every start() that returned."""
+class Producer(ChainProducer):
+    """Chains to `queue` through the sentinels, with min_replicas_acked = `acked`."""
 
     def __init__(self, cluster: SentinelSet, queue: str, acked: int, prefix: str) -> None:
-        super().__init__(daemon=True)
         broker = RedisBroker(
             JSONTransport(),
             url="redis://ignored:1/0",
@@ -84,32 +82,10 @@ class Producer(threading.Thread):
             min_replicas_acked=acked,
             replica_ack_timeout=0.5,
         )
-        self.app = Client(broker, default_queue=queue)
-        Client.instances.remove(self.app)
-        worktasks.register(self.app)
-        self.name_part = f"{prefix}-m{acked}"
-        self.accepted: dict[str, str] = {}
-        self.sent_at: dict[str, float] = {}  # tag -> time its start() returned
-        self.refused = 0
-        self.running = threading.Event()
-        self.running.set()
-        self.sent = 0
-
-    def run(self) -> None:
-        stamp = self.app.tasks["stamp_run"]
-        while self.running.is_set():
-            tag = f"{self.name_part}-{self.sent}"
-            self.sent += 1
-            try:
-                a = stamp(f"{tag}a")
-                b = stamp(f"{tag}b", a)  # (a child is stored at once, waiting)
-                b.start()
-            except MiniceleryError:
-                self.refused += 1  # never accepted: not counted (a failover in progress)
-            else:
-                self.accepted.update({a.id: f"{tag}a", b.id: f"{tag}b"})
-                self.sent_at[f"{tag}a"] = self.sent_at[f"{tag}b"] = time.time()
-            time.sleep(PACE)  # the stream's pace, not a synchronisation
+        app = Client(broker, default_queue=queue)
+        Client.instances.remove(app)
+        worktasks.register(app)
+        super().__init__(app, f"{prefix}-m{acked}", PACE)
 
 
 @pytest.fixture
