@@ -21,6 +21,16 @@ from .transport import JSONTransport
 ORPHANS_EXAMINED = 1000
 
 
+def stored_payload(stored: bytes | None) -> bytes | None:
+    """A payload as the payload hash holds it, without the time it was stored in front (base
+    36 digits before the JSON's '{': see store_payload in scripts/_common.lua); one stored
+    before that prefix existed is returned as it is."""
+    if stored is None:
+        return None
+    brace = stored.find(b"{")
+    return stored[brace:] if brace > 0 else stored
+
+
 class QueueReads:
     """The reads; RedisBroker provides the client and the transport."""
 
@@ -34,7 +44,11 @@ class QueueReads:
             pipe = self.redis.pipeline(transaction=True)
             pipe.hget(keys.info, f"{task_id}:s")
             pipe.hget(keys.result, task_id)
-            state, envelope = pipe.execute()
+            pipe.hexists(keys.payload, task_id)
+            pipe.zscore(keys.scheduled, task_id)
+            state, envelope, stored, scheduled = pipe.execute()
+        if state is None and stored:  # sent straight to ready or the schedule: see state_of in _common.lua
+            return ("ready" if scheduled is None else "scheduled"), None
         return (None if state is None else _text(state)), envelope
 
     def cancelled_by(self, queue: str, task_id: str) -> str:
@@ -150,7 +164,7 @@ class QueueReads:
     def _dead_summary(self, task_id: str, payload: Any, envelope: Any, attempts: Any, died: Any) -> dict[str, Any]:
         name, error, traceback = "?", "?", ""
         with contextlib.suppress(MiniceleryError):
-            name = self.transport.loads_message(payload).name
+            name = self.transport.loads_message(stored_payload(payload)).name
         if envelope is not None:
             with contextlib.suppress(MiniceleryError):
                 _ok, exc = self.transport.loads_outcome(envelope)
@@ -190,10 +204,11 @@ class QueueReads:
                 for parent in its_parents:
                     pipe.hexists(keys.inputs, f"{task_id}|{parent}")
                     pipe.hexists(keys.info, f"{parent}:s")
+                    pipe.hexists(keys.payload, parent)  # (a pending task may store no state)
             facts = iter(pipe.execute())
             found = []
             for (task_id, since), its_parents in zip(oldest, parents, strict=True):
-                unsent = _never_started({p: (next(facts), next(facts)) for p in its_parents})
+                unsent = _never_started({p: (next(facts), next(facts) | next(facts)) for p in its_parents})
                 if unsent:
                     found.append((_text(task_id), since, unsent))
             payloads = self.redis.hmget(keys.payload, [task_id for task_id, _, _ in found[:shown]]) if found else []
@@ -202,7 +217,7 @@ class QueueReads:
         for (task_id, since, unsent), payload in zip(found, payloads, strict=False):
             name = "?"
             with contextlib.suppress(MiniceleryError):
-                name = self.transport.loads_message(payload).name
+                name = self.transport.loads_message(stored_payload(payload)).name
             waited = max(0.0, (now_ms - since) / 1000)
             listed.append({"id": task_id, "name": name, "waited_seconds": waited, "never_started": unsent})
         return {"count": len(found), "examined": len(ids), "waiting": waiting, "oldest": listed}

@@ -14,6 +14,7 @@ import redis
 from conftest import Workers, wait_until
 
 from minicelery.keys import ROOT, queue_keys
+from minicelery.queue_reads import stored_payload
 
 
 def run_cli(*args: str, env: dict[str, str], stdin: int = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
@@ -106,7 +107,7 @@ def other_queue(queue: str, r: redis.Redis) -> Iterator[str]:
 
 
 def _payload(r: redis.Redis, queue: str, task_id: str) -> dict[str, object] | None:
-    data = r.hget(queue_keys(queue).payload, task_id)
+    data = stored_payload(r.hget(queue_keys(queue).payload, task_id))
     return json.loads(data) if data is not None else None
 
 

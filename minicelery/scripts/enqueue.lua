@@ -30,7 +30,7 @@ elseif at_ms ~= '' then
   not_before = tonumber(at_ms)
 end
 
-local state = getf(id, 's')
+local state = state_of(id)
 if state then
   if mode == 'reschedule' and state == 'waiting' then
     setf(id, 'n', not_before)
@@ -47,7 +47,7 @@ if dedup_key ~= '' then
   setf(id, 'k', dedup_key)
 end
 
-redis.call('HSET', K_PAYLOAD, id, payload) -- (no attempts field yet: absent means 0)
+store_payload(id, payload, now) -- (no attempts field yet: absent means 0)
 
 local pending = 0
 if parents ~= '' then
