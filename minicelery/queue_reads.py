@@ -21,14 +21,16 @@ from .transport import JSONTransport
 ORPHANS_EXAMINED = 1000
 
 
-def stored_payload(stored: bytes | None) -> bytes | None:
+def stored_payload(stored: bytes | str | None) -> bytes | None:
     """A payload as the payload hash holds it, without the time it was stored in front (base
-    36 digits before the JSON's '{': see store_payload in scripts/_common.lua); one stored
-    before that prefix existed is returned as it is."""
+    36 digits before the JSON's '[' or '{': see store_payload in scripts/_common.lua); one
+    stored before that prefix existed is returned as it is."""
     if stored is None:
         return None
-    brace = stored.find(b"{")
-    return stored[brace:] if brace > 0 else stored
+    if isinstance(stored, str):
+        stored = stored.encode()
+    start = next((at for at, byte in enumerate(stored) if byte in b"[{"), 0)
+    return stored[start:]
 
 
 class QueueReads:

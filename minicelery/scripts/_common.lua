@@ -9,7 +9,7 @@
 --   KEYS[4]  marker     zset  one member "m"; score 0 = work is ready now, else the earliest
 --                             future due time. Idle workers BZPOPMIN it: one wakes per push.
 --   KEYS[5]  payload    hash  id -> the time (ms, base 36) the task was stored, then its payload
---                             (JSON, opaque to Lua, so it starts with '{'; see store_payload)
+--                             (JSON, opaque to Lua: it starts with '[' or '{'; see store_payload)
 --   KEYS[6]  result     hash  id -> result envelope (JSON, opaque to Lua)
 --   KEYS[7]  info       hash  "<id>:<f>" -> small per-task fields, f one of
 --                             s state (waiting|scheduled|ready|running|succeeded|failed|
@@ -105,7 +105,8 @@ end
 -- A stored payload starts with the time it was stored, base 36 (8 digits until 2059), so a
 -- task sent straight to the ready list needs no due-time field (88 bytes) for the queue
 -- latency its claim reports: it became due when it was stored. The payload itself is JSON,
--- and starts with '{'; one stored before this prefix existed is the payload alone.
+-- an array or an object (transport.py), so it starts with '[' or '{'; one stored before this
+-- prefix existed is the payload alone.
 local BASE36 = '0123456789abcdefghijklmnopqrstuvwxyz'
 
 local function store_payload(id, payload, now)
@@ -123,7 +124,7 @@ local function split_payload(stored)
   if not stored then
     return false, nil
   end
-  local brace = string.find(stored, '{', 1, true)
+  local brace = string.find(stored, '[%[{]')
   if brace == nil or brace == 1 then
     return stored, nil
   end
