@@ -125,7 +125,10 @@ class JSONTransport:
         raw = data.encode() if isinstance(data, str) else data
         self._check_size(raw, what="task payload")
         body = self._loads(raw, what="task payload")
-        if isinstance(body, list):
+        if type(body) is list:
+            items = len(body)  # most tasks: [3, name] or [3, name, args], made here at once
+            if (items == 2 or (items == 3 and type(body[2]) is list)) and body[0] == 3 and type(body[1]) is str:
+                return TaskMessage(task_id, body[1], body[2] if items == 3 else [])
             body = _fields_of_version_3(body)
         if not isinstance(body, dict):
             raise SerializationError(f"task payload must be a JSON array or object, got {type(body).__name__}")
