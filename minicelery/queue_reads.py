@@ -51,6 +51,8 @@ class QueueReads:
             state, envelope, stored, scheduled = pipe.execute()
         if state is None and stored:  # sent straight to ready or the schedule: see state_of in _common.lua
             return ("ready" if scheduled is None else "scheduled"), None
+        if state is None and envelope is not None:  # a success whose result is kept: the same
+            return "succeeded", envelope
         return (None if state is None else _text(state)), envelope
 
     def cancelled_by(self, queue: str, task_id: str) -> str:
@@ -103,10 +105,9 @@ class QueueReads:
             specs = {_text(k): v for k, v in specs.items()}
             state = {_text(k): v for k, v in state.items()}
             current = {name: _text(state[f"{name}:c"]) for name in specs if f"{name}:c" in state}
-            if current:
-                outcomes = self.redis.hmget(keys.info, [f"{task_id}:s" for task_id in current.values()])
-                for name, outcome in zip(current, outcomes, strict=True):
-                    state[f"{name}:o"] = outcome or b"expired"
+            for name, task_id in current.items():  # (few schedules: a read each)
+                outcome = self.outcome(queue, task_id)[0]
+                state[f"{name}:o"] = outcome.encode() if outcome else b"expired"
         return int(seconds) * 1000 + int(micros) // 1000, specs, state
 
     # --- inspection ----------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def test_enqueue_claim_finish_cycle_and_fencing(redis_url: str, queue: str, r: r
     assert r.hget(keys.result, "t1") is None
     status = broker.finish(queue, "t1", claim.token, succeeded=True, envelope=b'{"ok":true,"value":1}')
     assert status == "ok"
-    assert r.hget(keys.info, "t1:s") == b"succeeded"
+    assert broker.outcome(queue, "t1")[0] == "succeeded"
     assert r.zcard(keys.running) == 0
     status = broker.finish(queue, "t1", claim.token, succeeded=True, envelope=b'{"ok":true,"value":2}')
     assert status == "late"  # a second finish cannot overwrite the first

@@ -14,7 +14,8 @@
 --   KEYS[7]  info       hash  "<id>:<f>" -> small per-task fields, f one of
 --                             s state (waiting|scheduled|ready|running|succeeded|failed|
 --                               cancelled); none for a task sent straight to the ready list
---                               or the schedule: its state is where it sits (state_of)
+--                               or the schedule (its state is where it sits) or a success
+--                               whose result is kept (the result says it): see state_of
 --                             a attempts (claims)      l leases lost (reclaims)
 --                             r retries spent (failures run again)
 --                             t lease token            d time the task became due (ms; a
@@ -86,7 +87,9 @@ end
 -- A task's state. A task sent straight to the ready list or the schedule (enqueue with no
 -- parent in flight) stores none: a stored payload with no state field is scheduled if it is
 -- in the schedule, else ready. That is two hash fields fewer per pending task, about 160
--- bytes (see bench/README.md, memory). Any later move stores the state again (promote_due,
+-- bytes (see bench/README.md, memory). Nor does a success whose result is kept (finish.lua):
+-- a stored result with no state field and no payload is a success (a failure or a cancel
+-- keeps its state). Any later move stores the state again (promote_due,
 -- the claim, a cancel...), so a stored state is always the true one. `stored`: the s field,
 -- if the caller read it already (false if absent).
 local function state_of(id, stored)
@@ -97,7 +100,8 @@ local function state_of(id, stored)
     return stored
   end
   if redis.call('HEXISTS', K_PAYLOAD, id) == 0 then
-    return false
+    -- A success whose result is kept stores no state either: its result says it.
+    return redis.call('HEXISTS', K_RESULT, id) == 1 and 'succeeded'
   end
   return redis.call('ZSCORE', K_SCHEDULED, id) and 'scheduled' or 'ready'
 end

@@ -53,7 +53,7 @@ local pending = 0
 if parents ~= '' then
   for _, parent in ipairs(split(parents)) do
     local held = redis.call('HMGET', K_INFO, parent .. ':s', parent .. ':c') -- state, children
-    if FINISHED[held[1]] then
+    if FINISHED[state_of(parent, held[1])] then
       local envelope = redis.call('HGET', K_RESULT, parent) or NOT_KEPT
       redis.call('HSET', K_INPUTS, id .. '|' .. parent, envelope)
     else
