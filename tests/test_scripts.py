@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from minicelery import JSONTransport, RedisBroker
+from minicelery.broker import EnqueueReply
 from minicelery.errors import BrokerError, ParentNeverStarted
 from minicelery.keys import QueueKeys
 from minicelery.records import Claim, FinishItem, Idle, NextClaim
@@ -263,6 +264,9 @@ def test_a_task_sent_straight_to_ready_stores_no_state_and_its_state_is_where_it
     assert [broker.outcome(queue, i)[0] for i in ("now", "later", "never")] == ["ready", "scheduled", None]
     assert broker.enqueue(queue, "now", b"{}").status == "exists"  # still idempotent by id
     assert broker.enqueue(queue, "later", b"{}").status == "exists"
+    assert broker.enqueue(queue, "keyed", b"{}", dedup_key="k").status == "ok"
+    assert broker.enqueue(queue, "keyed", b"{}", dedup_key="k").status == "exists"  # its own key: a resend
+    assert broker.enqueue(queue, "other", b"{}", dedup_key="k") == EnqueueReply("duplicate", "keyed")
     (claim,) = broker.claim(queue, "tok", 1000, "w1")  # type: ignore[misc]
     assert claim.id == "now" and claim.payload == b'{"v":2,"name":"t"}'  # the stored time is not passed on
     assert 0 <= claim.now_ms - claim.due_ms < 60_000  # due when stored: the queue latency is real

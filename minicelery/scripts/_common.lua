@@ -113,14 +113,16 @@ end
 -- prefix existed is the payload alone.
 local BASE36 = '0123456789abcdefghijklmnopqrstuvwxyz'
 
-local function store_payload(id, payload, now)
+-- (`only_new`: store it only if the id has no payload yet; returns whether it stored it.)
+local function store_payload(id, payload, now, only_new)
   local digits, n = {}, now
   repeat
     local d = n % 36
     table.insert(digits, 1, string.sub(BASE36, d + 1, d + 1))
     n = (n - d) / 36
   until n == 0
-  redis.call('HSET', K_PAYLOAD, id, table.concat(digits) .. payload)
+  return redis.call(only_new and 'HSETNX' or 'HSET', K_PAYLOAD, id, table.concat(digits) .. payload) == 1
+    or not only_new
 end
 
 -- A stored payload as {payload, time stored (ms) or nil}; false stays false.
