@@ -1,6 +1,7 @@
 # `make demo` runs the demo, `make test` the tests; each makes .venv and installs what it needs.
-# One venv, filled in two steps: the demo (and the bench) need only the runtime and the embedded
-# Redis; the test, lint and deploy tools (most of the download) come only with test/lint/check.
+# One venv, filled in two steps: the demo needs only the runtime and the embedded Redis; the
+# test, lint and deploy tools (most of the download) come with test/lint/check and bench (whose
+# cluster_scale.py starts its cluster with tests/clusterkit.py, and needs redis-cli).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -34,7 +35,7 @@ lint: $(TOOLS)
 
 check: lint test
 
-bench: $(RUNTIME)
+bench: $(TOOLS)
 	$(BIN)/python bench/compare.py
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/drain.py
@@ -42,6 +43,7 @@ bench: $(RUNTIME)
 	$(BIN)/python bench/pool.py
 	$(BIN)/python bench/pool_metrics.py
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/cluster_scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -146,15 +146,17 @@ class Admin:
 
     def inspect(self, queues: Sequence[str], *, as_json: bool) -> int:
         report = {queue: self.broker.queue_report(queue, self.settings.worker.lease_seconds) for queue in queues}
+        members = self.broker.members()  # the primary and replicas the sentinels report, or the cluster's nodes
+        kind = "cluster" if members is not None and "primaries" in members else "sentinel"
         for queue in queues:
             report[queue]["orphans"] = self._orphans(queue)
+            if members is not None:  # per queue, so the top level stays one key per queue
+                report[queue][kind] = members
         if as_json:
             print(json.dumps(report, indent=2))
             return 0
-        members = self.broker.members()
         if members is not None:
-            replicas = " ".join(members["replicas"]) or "none"
-            print(f"sentinel master {members['master']}: primary {members['primary']}, replicas {replicas}")
+            print(describe_members(members))
         for queue, info in report.items():
             depths = ", ".join(f"{state} {count}" for state, count in info["depths"].items())
             print(f"queue {queue}: {depths}")
@@ -321,3 +323,15 @@ def _both_zones(ms: int, zone: str) -> str:
     at = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
     local = at.astimezone(ZoneInfo(zone))
     return f"{local:%Y-%m-%d %H:%M:%S %Z} ({at:%Y-%m-%d %H:%M:%S} UTC)"
+
+
+def describe_members(members: dict[str, Any]) -> str:
+    """One line (sentinels) or one per primary (cluster) of what RedisBroker.members() found."""
+    if "primaries" not in members:
+        replicas = ", ".join(members["replicas"]) or "none"
+        return f"sentinel master {members['master']}: primary {members['primary']}, replicas {replicas}"
+    lines = [f"cluster: {len(members['primaries'])} primaries, {len(members['replicas'])} replicas"]
+    for primary, slots in members["primaries"].items():
+        listed = [replica for replica, of in members["replicas"].items() if of == primary]
+        lines.append(f"  primary {primary} slots {' '.join(slots)}, replicas {' '.join(listed) or 'none'}")
+    return "\n".join(lines)

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,8 @@ import redis.exceptions as redis_errors
 from redis.commands.core import Script
 
 from .claim_wire import claim_call, decode_handed, idle_registration, parse_claim
+from .cluster import ClusterRoute, LazyClusterClient, slot_of
+from .cluster_wait import wait_on_cluster, wake_commands
 from .errors import NotReplicated
 from .keys import QueueKeys, queue_keys, worker_wake_key
 from .queue_reads import QueueReads
@@ -49,8 +51,12 @@ log = logging.getLogger(__name__)
 BLOCKING_SOCKET_SLACK = 5.0
 # The orphan sweep looks at this many of the oldest waiting tasks per call.
 ORPHAN_SWEEP_BATCH = 100
+# More tasks than an inbox ever holds (a hand-off gives an idle worker a batch at most).
+INBOX_MAX = 100_000
 
 
+# Finishes that wrote to Redis (a result or dead letter, or a retry scheduled).
+_WRITTEN = frozenset({ScriptStatus.OK, ScriptStatus.RETRY})
 # finish.lua's retry fields for an outcome that is never retried (max_retries 0)
 _NO_RETRY_ARGS = (0, NO_RETRY.base_ms, NO_RETRY.cap_ms, repr(NO_RETRY.jitter), NO_RETRY.fixed_ms)
 
@@ -89,6 +95,9 @@ class RedisBroker(QueueReads):
         sentinel_options: dict[str, Any] | None = None,
         min_replicas_acked: int | None = None,
         replica_ack_timeout: float | None = None,
+        replicate_results: bool | None = None,
+        cluster: bool | None = None,
+        cluster_nodes: Sequence[str] | None = None,
     ) -> None:
         """What is not given comes from `settings`, loaded here if not passed: the one source
         of every default (the worker and the CLI pass theirs, via from_settings).
@@ -96,7 +105,12 @@ class RedisBroker(QueueReads):
         With `sentinels` ("host:port" each) and `sentinel_master`, the sentinels say where the
         primary is, and every call follows it across a failover (see sentinel.py); `url` then
         gives only the database, credentials and scheme. `min_replicas_acked`: enqueues
-        return only once that many replicas hold them (WAIT, up to `replica_ack_timeout` s)."""
+        return only once that many replicas hold them (WAIT, up to `replica_ack_timeout` s).
+        `replicate_results`: a worker's finish waits for them too (see finish_many).
+
+        With `cluster=True`, `url` names any node of a Redis Cluster (`cluster_nodes`: more
+        "host:port" to start from) and each queue's calls go to the primary of its slot,
+        following the cluster through reshards and failovers (see cluster.py)."""
         from .settings import RedisSettings, WorkerSettings, load_settings  # deferred: settings read env and files
 
         options = dict(connection_options or {})
@@ -110,12 +124,25 @@ class RedisBroker(QueueReads):
             if sentinels is None and settings.redis.sentinels:
                 sentinels, sentinel_master = settings.redis.sentinels, settings.redis.sentinel_master
                 sentinel_options = {**settings.redis.sentinel_options(), **(sentinel_options or {})}
+        if cluster is None:
+            cluster = redis_settings.cluster
+            cluster_nodes = cluster_nodes if cluster_nodes is not None else redis_settings.cluster_nodes
+        if cluster and sentinels:
+            raise ValueError("cluster and sentinels cannot be used together: a cluster fails over by itself")
         if min_replicas_acked is None:
             min_replicas_acked = redis_settings.min_replicas_acked
         if replica_ack_timeout is None:
             replica_ack_timeout = redis_settings.replica_ack_timeout
+        if replicate_results is None:
+            replicate_results = redis_settings.replicate_results
         if min_replicas_acked < 0 or replica_ack_timeout <= 0:
             raise ValueError("min_replicas_acked must be 0 or more, replica_ack_timeout positive (seconds)")
+        if replicate_results and not min_replicas_acked:
+            raise ValueError("replicate_results needs min_replicas_acked of 1 or more (how many replicas)")
+        self.replicate_results = bool(replicate_results)
+        # Called with how many finishes' results were stored on fewer replicas than asked (the
+        # worker counts them in a metric).
+        self.on_unreplicated: Callable[[int], None] = lambda _count: None
         self.min_replicas_acked = int(min_replicas_acked)
         self.replica_ack_timeout = float(replica_ack_timeout)
         result_ttl = worker.result_ttl if result_ttl is None else result_ttl
@@ -146,13 +173,17 @@ class RedisBroker(QueueReads):
             )
             self._options = data_options(url, options)
             self.where = self.topology.describe()
+        self.cluster: ClusterRoute | None = None
+        if cluster:
+            self.cluster = ClusterRoute(url, cluster_nodes or (), options)
+            self.cluster.blocking_timeout = self.max_block + BLOCKING_SOCKET_SLACK
+            self.where = self.cluster.describe()
         self.redis = self._client(self._options)
         blocking_options = {**self._options, "socket_timeout": self.max_block + BLOCKING_SOCKET_SLACK}
         # Blocking calls get their own pool whose socket timeout outlasts the longest block.
         self.blocking_redis = self._client(blocking_options)
-        self._scripts: dict[str, Script] = {
-            name: self.redis.register_script(script_source(name)) for name in SCRIPT_NAMES
-        }
+        # (a Script only hashes its source until called: on a cluster, nothing connects yet)
+        self._scripts: dict[str, Script] = {name: Script(self.redis, script_source(name)) for name in SCRIPT_NAMES}
 
     def configure(
         self, *, result_ttl: float | None = None, max_block: float | None = None, dead_letter_ttl: float | None = None
@@ -164,13 +195,19 @@ class RedisBroker(QueueReads):
             self.dead_letter_ttl = float(dead_letter_ttl)
         if max_block is not None and max_block != self.max_block:
             self.max_block = float(max_block)
+            if self.cluster is not None:
+                self.cluster.set_blocking_timeout(self.max_block + BLOCKING_SOCKET_SLACK)
+                return
             # The blocking connections' socket timeout must outlast the longest block.
             self.blocking_redis.close()
             options = {**self._options, "socket_timeout": self.max_block + BLOCKING_SOCKET_SLACK}
             self.blocking_redis = self._client(options)
 
     def _client(self, options: dict[str, Any]) -> redis.Redis:
-        """A client of the one Redis server, or of whichever is primary now (sentinels)."""
+        """A client of the one Redis server, or of whichever is primary now (sentinels), or
+        redis-py's cluster client (made at first use) for the reads and admin commands."""
+        if self.cluster is not None:
+            return LazyClusterClient(self.cluster)  # type: ignore[return-value]
         if self.topology is not None:
             return self.topology.client(options)
         return redis.Redis.from_url(self.url, **options)
@@ -200,7 +237,11 @@ class RedisBroker(QueueReads):
             shut_sockets(client, keep=primary)
 
     def members(self) -> dict[str, Any] | None:
-        """With sentinels: the primary and replicas they report now (check-config, inspect)."""
+        """With sentinels: the primary and replicas they report now; on a cluster: its
+        primaries (with their slot ranges) and replicas (check-config, inspect)."""
+        if self.cluster is not None:
+            with translate_errors("read the cluster's nodes"):
+                return self.cluster.members()
         if self.topology is None:
             return None
         with translate_errors("ask the sentinels"):
@@ -219,15 +260,42 @@ class RedisBroker(QueueReads):
             self.redis.ping()
 
     def load_scripts(self) -> None:
-        """Load every script now, so a broken one fails at worker start, not on the first task."""
+        """Load every script now, so a broken one fails at worker start, not on the first task
+        (on a cluster: on every primary; a node that lacks one later loads it on NOSCRIPT)."""
         with translate_errors("SCRIPT LOAD"):
+            if self.cluster is not None:
+                self.cluster.refresh()  # (a worker loads them as it connects: after a failover too)
+                for node in self.cluster.primaries():
+                    self._load_on(self.cluster.client(node))
+                return
             for script in self._scripts.values():
                 script.sha = self.redis.script_load(script.script)
+
+    def _client_of(self, queue: str) -> redis.Redis:
+        """The client for plain commands on `queue`'s keys: on a cluster, a client of the node
+        of its slot (so a pipeline may carry TIME or be a transaction, as on one Redis)."""
+        if self.cluster is None:
+            return self.redis
+        return self.cluster.client(self.cluster.primary_of(slot_of(queue_keys(queue).ready)))
+
+    def _load_on(self, client: redis.Redis, _sha: str = "") -> None:
+        for script in self._scripts.values():
+            script.sha = client.script_load(script.script)
+
+    def forget_connections(self) -> None:
+        """In a forked child: drop the parent's connections without closing them (a socket
+        shared by two processes interleaves their replies; see pool_child)."""
+        if self.cluster is not None:
+            self.cluster.forget_connections()
+            return
+        for client in (self.redis, self.blocking_redis):
+            client.connection_pool.reset()
 
     def eviction_policy(self) -> str:
         with translate_errors("CONFIG GET"):
             try:
-                reply = self.redis.config_get("maxmemory-policy")
+                client = self.cluster.client(self.cluster.primaries()[0]) if self.cluster is not None else self.redis
+                reply = client.config_get("maxmemory-policy")
             except redis_errors.ResponseError:  # CONFIG may be renamed or forbidden by ACL
                 return "unknown"
         return _text(next(iter(reply.values()), "unknown"))
@@ -236,6 +304,9 @@ class RedisBroker(QueueReads):
         for watch in self._watches:
             watch.stop()
         self._watches = []  # (a broker used again after close() starts fresh ones)
+        if self.cluster is not None:
+            self.cluster.close()
+            return
         self.redis.close()
         self.blocking_redis.close()
 
@@ -249,9 +320,20 @@ class RedisBroker(QueueReads):
         again: a NOSCRIPT reply means that script did not run. An error reply from any script
         raises, after every reply has been read. `replicated`: with min_replicas_acked, a WAIT
         follows in the same round trip, and fewer replicas than that raise NotReplicated."""
+        replies, acked = self._round_trip(what, calls, wait=replicated and self.min_replicas_acked > 0)
+        if acked is not None:
+            self._check_replicated(what, acked)
+        return replies
+
+    def _round_trip(
+        self, what: str, calls: Sequence[tuple[str, list[str], list[Any]]], *, wait: bool
+    ) -> tuple[list[Any], int | None]:
+        """_pipelined's round trip; with `wait`, a WAIT for min_replicas_acked replicas after
+        the scripts, and how many acknowledged (else None)."""
+        if self.cluster is not None:
+            return self._round_trip_on_cluster(what, calls, wait)
         if self.topology is not None:
             self.follow_failovers()  # (a producer may never block nor ping)
-        wait = replicated and self.min_replicas_acked > 0
         for attempt in (1, 2):
             # (built again after a reload: loading sets each script's SHA)
             commands: list[tuple[Any, ...]] = [
@@ -267,10 +349,24 @@ class RedisBroker(QueueReads):
                         raise
                     self.load_scripts()
                     continue
-            if wait:
-                self._check_replicated(what, int(replies.pop()))
-            return replies
+            return replies, (int(replies.pop()) if wait else None)
         raise AssertionError("unreachable")
+
+    def _round_trip_on_cluster(
+        self, what: str, calls: Sequence[tuple[str, list[str], list[Any]]], wait: bool
+    ) -> tuple[list[Any], int | None]:
+        """_round_trip on a cluster: each call to the primary of its queue's slot (cluster.py);
+        with `wait`, a WAIT after each node's calls, the fewest acks counting."""
+        assert self.cluster is not None
+        commands = [("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args) for name, keys, args in calls]
+        slots = [slot_of(keys[0]) for _name, keys, _args in calls]
+        tail = ("WAIT", self.min_replicas_acked, int(self.replica_ack_timeout * 1000)) if wait else None
+        with translate_errors(what):
+            replies, acks = self.cluster.exchange(commands, slots, self._load_on, after_each_node=tail)
+            for reply in replies:
+                if isinstance(reply, redis_errors.ResponseError):
+                    raise reply
+        return replies, (min(int(acked) for acked in acks) if wait and acks else None)
 
     def _check_replicated(self, what: str, acked: int) -> None:
         if acked < self.min_replicas_acked:
@@ -396,13 +492,31 @@ class RedisBroker(QueueReads):
                 nc.queue, nc.token, nc.lease_ms, nc.worker_id, nc.held_due_ms, nc.batch, False, True
             )
             calls.append(("claim", [*queue_keys(nc.queue).as_list(), *extra_keys], claim_args))
-        replies = self._pipelined("finish", calls)
+        replies, acked = self._round_trip("finish", calls, wait=self.replicate_results)
         statuses = [ScriptStatus.OK] * len(finishes)
         for indexes, reply in zip(by_queue.values(), replies, strict=False):
             for index, status in zip(indexes, reply, strict=True):
                 statuses[index] = script_status(status)
+        if acked is not None and acked < self.min_replicas_acked:
+            self._unreplicated(finishes, statuses, acked)
         claimed = None if next_claim is None else parse_claim(next_claim.queue, next_claim.token, replies[-1])
         return statuses, claimed
+
+    def _unreplicated(self, finishes: Sequence[FinishItem], statuses: list[ScriptStatus], acked: int) -> None:
+        """replicate_results and the WAIT fell short: the results are on the primary only. Not
+        an error: the task did run and its result is stored. If a failover loses them, the new
+        primary still holds the task leased (its finish went too), so the lease expires and it
+        runs again: at least once holds, and this says which tasks may run twice."""
+        written = [item.id for item, status in zip(finishes, statuses, strict=True) if status in _WRITTEN]
+        if not written:
+            return
+        log.warning(
+            "results of %d tasks stored on the primary, but %d of the %d replicas required "
+            "(redis.min_replicas_acked) acknowledged them within %g s: a failover now could lose them, "
+            "and those tasks would run again: %s",
+            len(written), acked, self.min_replicas_acked, self.replica_ack_timeout, " ".join(written),
+        )  # fmt: skip
+        self.on_unreplicated(len(written))
 
     def landed(self, finishes: Sequence[FinishItem], statuses: list[ScriptStatus]) -> list[ScriptStatus]:
         """`statuses` of finishes sent again after a send that got no reply (a failover, a
@@ -501,7 +615,13 @@ class RedisBroker(QueueReads):
         """Block (one BZPOPMIN) until this worker's wake key, a queue's marker or, with
         `handoffs_lease_ms`, one of its inboxes is pushed. First, in the same round trip, it
         joins the idle set of each queue in `register`: from then on a ready task on that queue
-        may be handed straight to its inbox, leased for `handoffs_lease_ms`."""
+        may be handed straight to its inbox, leased for `handoffs_lease_ms`. On a cluster, one
+        blocking call per queue, all at once (cluster_wait.py)."""
+        if self.cluster is not None:
+            timeout = max(0.001, min(timeout, self.max_block))
+            return wait_on_cluster(
+                self.cluster, queues, worker_id, timeout, BLOCKING_SOCKET_SLACK, handoffs_lease_ms, register
+            )
         self.follow_failovers()
         markers = {queue_keys(q).marker: q for q in queues}
         inboxes = {} if handoffs_lease_ms is None else {queue_keys(q).inbox(worker_id): q for q in queues}
@@ -525,21 +645,42 @@ class RedisBroker(QueueReads):
 
     def leave(self, queues: Sequence[str], worker_id: str, lease_ms: int) -> list[Claim]:
         """Leave every queue's idle set, so nothing more is handed to this worker, and return
-        the tasks already handed to it (still leased to it: a stopping worker releases them)."""
-        handed: list[Claim] = []
-        with translate_errors("leave the idle set"):
-            for queue in queues:
-                keys = queue_keys(queue)
-                pipe = self.redis.pipeline(transaction=True)
-                pipe.zrem(keys.idle, idle_registration(queue, worker_id, lease_ms))
-                pipe.zrange(keys.inbox(worker_id), 0, -1)
-                pipe.delete(keys.inbox(worker_id))
-                _, members, _ = pipe.execute()
-                handed += [decode_handed(queue, member) for member in members]
-        return handed
+        the tasks already handed to it (still leased to it: a stopping worker releases them).
 
-    def wake_worker(self, worker_id: str) -> None:
-        """Make a worker's idle wait return now (the key expires if nobody pops it)."""
+        Single-key commands, not a script or a MULTI: during a slot migration on a Redis
+        Cluster a multi-key call waits (TRYAGAIN) until the migration ends, while these follow
+        ASK at once. No atomicity is needed: once the ZREM is done no hand-off picks this
+        worker, so the inbox only shrinks; ZPOPMIN reads and empties it in one command."""
+        leaving = [("ZREM", queue_keys(q).idle, idle_registration(q, worker_id, lease_ms)) for q in queues]
+        emptying = [("ZPOPMIN", queue_keys(q).inbox(worker_id), INBOX_MAX) for q in queues]
+        with translate_errors("leave the idle set"):
+            if self.cluster is None:
+                replies = exchange(self.redis, [*leaving, *emptying])[len(queues) :]
+            else:  # (a redirect may reorder one node's calls: the ZREMs go first, on their own)
+                slots = [slot_of(queue_keys(q).idle) for q in queues]
+                self._cluster_commands(leaving, slots)
+                replies = self._cluster_commands(emptying, slots)
+        return [
+            decode_handed(q, member) for q, popped in zip(queues, replies, strict=True) for member in _members(popped)
+        ]
+
+    def _cluster_commands(self, commands: Sequence[tuple[Any, ...]], slots: Sequence[int]) -> list[Any]:
+        """Plain commands, each to the primary of its slot, redirections followed."""
+        assert self.cluster is not None
+        replies = self.cluster.exchange(commands, slots, self._load_on)[0]
+        for reply in replies:
+            if isinstance(reply, redis_errors.ResponseError):
+                raise reply
+        return replies
+
+    def wake_worker(self, worker_id: str, queues: Sequence[str] = ()) -> None:
+        """Make a worker's idle wait return now (the key expires if nobody pops it). On a
+        cluster the worker waits on a wake key per queue: `queues` are the ones it waits on."""
+        if self.cluster is not None:
+            commands, slots = wake_commands(queues, worker_id)
+            with translate_errors("wake worker"):
+                self.cluster.exchange(commands, slots, self._load_on)
+            return
         key = worker_wake_key(worker_id)
         with translate_errors("wake worker"):
             pipe = self.redis.pipeline(transaction=False)
@@ -562,6 +703,13 @@ class RedisBroker(QueueReads):
         self.follow_failovers()
         key = queue_keys(queue).done(task_id)
         timeout = max(0.001, min(timeout, self.max_block))
+        if self.cluster is not None:
+            command = ("BLMOVE", key, key, "RIGHT", "LEFT", timeout)
+            with translate_errors("BLMOVE"):
+                reply = self.cluster.exchange([command], [slot_of(key)], self._load_on, blocking=True)[0][0]
+                if isinstance(reply, redis_errors.ResponseError):
+                    raise reply
+            return reply is not None
         with translate_errors("BLMOVE"):
             return self.blocking_redis.blmove(key, key, timeout, "RIGHT", "LEFT") is not None  # type: ignore[arg-type]
 
@@ -604,7 +752,7 @@ class RedisBroker(QueueReads):
         keys = queue_keys(queue)
         ttl_ms = int(orphan_ttl * 1000)
         with translate_errors("sweep orphans"):
-            pipe = self.redis.pipeline(transaction=False)
+            pipe = self._client_of(queue).pipeline(transaction=False)
             pipe.time()
             pipe.zrange(keys.waiting, 0, batch - 1, withscores=True)
             (seconds, micros), oldest = pipe.execute()
@@ -623,7 +771,16 @@ class RedisBroker(QueueReads):
         kept = set(keys.schedule_keys())
         deleted = 0
         with translate_errors("purge"):
-            for key in self.redis.scan_iter(match=keys.all_keys_pattern(), count=500):
+            client = self._client_of(queue)  # (on a cluster: SCAN on the node of its slot only)
+            for key in client.scan_iter(match=keys.all_keys_pattern(), count=500):
                 if _text(key) not in kept:
-                    deleted += int(self.redis.delete(key))
+                    deleted += int(client.delete(key))
         return deleted
+
+
+def _members(popped: list[Any]) -> list[bytes]:
+    """The members of a ZPOPMIN reply: [member, score] pairs, or (RESP2 unparsed) members and
+    scores alternating."""
+    if popped and isinstance(popped[0], (list, tuple)):
+        return [pair[0] for pair in popped]
+    return list(popped[::2])

@@ -273,8 +273,8 @@ def _check_config(settings: Settings) -> int:
     tasks = load_task_modules(settings.tasks) if settings.tasks else {}
     schedules = declared_specs(tasks, settings) if tasks else {}  # an unknown [[schedules]] task: 78
     print(json.dumps(settings.masked(), indent=2))
-    if settings.redis.sentinels:
-        _print_sentinel_members(settings)
+    if settings.redis.sentinels or settings.redis.cluster:
+        _print_members(settings)
     if tasks:
         print(f"tasks: {', '.join(sorted(tasks))}", file=sys.stderr)
     else:
@@ -287,19 +287,19 @@ def _check_config(settings: Settings) -> int:
     return EXIT_OK
 
 
-def _print_sentinel_members(settings: Settings) -> None:
-    """What the sentinels report now; unreachable sentinels are said, not an error (the
-    settings may be checked where the sentinels cannot be reached)."""
+def _print_members(settings: Settings) -> None:
+    """What the sentinels or the cluster's nodes report now; unreachable ones are said, not an
+    error (the settings may be checked where they cannot be reached)."""
     from .broker import RedisBroker
     from .errors import BrokerError
 
     broker = RedisBroker.from_settings(settings)
+    from .admin import describe_members
+
     try:
-        members = broker.members() or {}
-        replicas = ", ".join(members["replicas"]) or "none"
-        print(f"sentinels: primary {members['primary']}, replicas {replicas}", file=sys.stderr)
+        print(describe_members(broker.members() or {}), file=sys.stderr)
     except BrokerError as exc:
-        print(f"sentinels: no primary found now: {exc}", file=sys.stderr)
+        print(f"{'cluster' if settings.redis.cluster else 'sentinels'}: no primary found now: {exc}", file=sys.stderr)
     finally:
         broker.close()
 

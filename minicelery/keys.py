@@ -5,6 +5,16 @@ them to one slot, so every script sees all its keys on one node. Scripts receive
 in `KEYS`, in the order of `QueueKeys.as_list()`, and never build key names themselves. One
 name is read from data instead: a hand-off (scripts/_common.lua) writes to the inbox an idle
 worker registered, which is in the queue's slot too.
+
+That undeclared key is safe on a Redis Cluster, checked on a real one (Redis 7.0,
+tests/test_cluster.py: tasks handed to idle workers on queues of three primaries): a script
+may touch an undeclared key of the slot its declared keys hash to, on the node serving it,
+and the inbox always is one (idle_registration builds it from the queue's QueueKeys: a
+registration naming another slot could only come from a hand-edited idle set). During a
+migration of the slot the script's declared keys already make it wait (TRYAGAIN) until the
+slot is handed over, so the inbox is never written on a node that has given the slot away.
+Redis 7.0 does not refuse undeclared keys in scripts; a server that did would fail these
+tests loudly, and the inbox would then go in KEYS.
 """
 
 from __future__ import annotations
@@ -111,6 +121,12 @@ class QueueKeys:
         scripts/_common.lua); the worker blocks on it."""
         return f"{self.prefix}inbox:{worker_id}"
 
+    def wake(self, worker_id: str) -> str:
+        """A worker's wake-up key in this queue's slot: on a Redis Cluster, where one blocking
+        call names keys of one slot only, the worker blocks on it per queue (cluster_wait.py)
+        and a stop pushes it on each of its queues."""
+        return f"{self.prefix}wake:{worker_id}"
+
     def done(self, task_id: str) -> str:
         """The list a finished task pushes to when someone watches it (scripts/watch.lua), so
         `.result()` waiters block on Redis."""
@@ -151,5 +167,6 @@ def queue_keys(queue: str) -> QueueKeys:
 
 
 def worker_wake_key(worker_id: str) -> str:
-    """A worker's own wake-up key: pushed to stop its idle wait at once (on SIGTERM)."""
+    """A worker's own wake-up key on a single Redis: pushed to stop its idle wait at once (on
+    SIGTERM). It has no hash tag (it spans queues); on a cluster, QueueKeys.wake is used."""
     return f"{ROOT}:worker:{worker_id}:wake"

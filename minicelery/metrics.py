@@ -174,6 +174,12 @@ class WorkerMetrics:
         self._series: dict[tuple[str, str], TaskSeries] = {}
         self.redis_errors = Counter("minicelery_redis_errors", "Redis calls that failed", registry=r)
         self.reconnects = Counter("minicelery_redis_reconnects", "Times the worker got Redis back", registry=r)
+        self.unreplicated_results = Counter(
+            "minicelery_results_unreplicated",
+            "Results stored on the primary that fewer replicas than redis.min_replicas_acked acknowledged "
+            "(redis.replicate_results): a failover could lose them, and those tasks would run again",
+            registry=r,
+        )
         self.info = Info("minicelery_worker", "This worker: version, queues, hostname", registry=r)
         if not self.multiprocess:
             start_time = Gauge("minicelery_worker_start_time_seconds", "Unix time the worker started", registry=r)

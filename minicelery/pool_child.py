@@ -84,8 +84,7 @@ def forget_inherited_connections() -> None:
     from .app import Client
 
     for client in Client.instances:
-        for redis_client in (client.broker.redis, client.broker.blocking_redis):
-            redis_client.connection_pool.reset()
+        client.broker.forget_connections()
 
 
 def run_child(settings: Settings, fd: int, metrics_dir: str | None) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import weakref
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
@@ -34,6 +35,11 @@ SCRIPT_NAMES = (
 )
 
 
+# The slot maps of this process's Redis Cluster routes (cluster.py adds each): a MOVED on a
+# plain read marks them stale, so the next call reads the map again.
+SLOT_MAPS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 @contextlib.contextmanager
 def translate_errors(what: str) -> Iterator[None]:
     """Turn redis-py exceptions into minicelery's, naming the operation."""
@@ -49,12 +55,23 @@ def translate_errors(what: str) -> Iterator[None]:
         dns = isinstance(exc.__cause__ or exc.__context__, socket.gaierror)
         reason = f"cannot resolve host: {exc}" if dns else str(exc)
         raise BrokerUnavailable(f"Redis unavailable during {what}: {reason}") from exc
+    except redis_errors.AskError as exc:  # (and MOVED) a cluster's slot moved under a plain read
+        if not SLOT_MAPS:  # no cluster configured in this process: the settings are wrong
+            raise BrokerError(
+                f"Redis answered {what} with a redirection ({exc}): the server is a Redis Cluster node; "
+                "set redis.cluster = true (RedisBroker(cluster=True))"
+            ) from exc
+        for slot_map in SLOT_MAPS:
+            slot_map.stale = True
+        raise BrokerUnavailable(f"Redis Cluster slot moved during {what}: {exc}; retrying finds its new node") from exc
     except redis_errors.ResponseError as exc:
         if primary_moved(exc):  # the primary became a replica (a failover): follow it, as for a lost connection
             raise BrokerUnavailable(f"Redis primary moved during {what}: {exc}") from exc
         raise BrokerError(f"Redis error during {what}: {exc}") from exc
     except redis_errors.RedisError as exc:
         raise BrokerError(f"Redis error during {what}: {exc}") from exc
+    except redis_errors.RedisClusterException as exc:  # (not a RedisError) no node answered
+        raise BrokerUnavailable(f"Redis Cluster unavailable during {what}: {exc}") from exc
 
 
 def primary_moved(exc: redis_errors.ResponseError) -> bool:

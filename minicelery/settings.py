@@ -70,9 +70,15 @@ class RedisSettings(_Section):
     sentinel_password: SecretStr | None = None
     sentinel_password_file: Path | None = None
     sentinel_tls: bool = Field(False, description="TLS to the sentinels, with the tls_* files of the data connection")
+    # Redis Cluster: `url` names any node (its credentials and scheme serve every node); each
+    # queue lives on the primary that owns its slot.
+    cluster: bool = Field(False, description="Redis Cluster: url names any node of it")
+    cluster_nodes: list[str] = Field(default_factory=list, description='more startup nodes, "host:port" each')
     # Durable enqueue: start() returns once this many replicas hold the task (Redis WAIT).
     min_replicas_acked: int = Field(0, ge=0, description="replicas that must hold an enqueue before start() returns")
     replica_ack_timeout: float = Field(1.0, gt=0, description="seconds start() waits for those replicas")
+    # The same WAIT in the worker's finish: a shortfall is logged and counted, never fails the task.
+    replicate_results: bool = Field(False, description="workers wait for min_replicas_acked replicas to hold results")
 
     @field_validator("url")
     @classmethod
@@ -83,7 +89,7 @@ class RedisSettings(_Section):
         parse_url(url)  # type: ignore[no-untyped-call]
         return url
 
-    @field_validator("sentinels")
+    @field_validator("sentinels", "cluster_nodes")
     @classmethod
     def _sentinel_addresses(cls, sentinels: list[str]) -> list[str]:
         from .sentinel import parse_address
@@ -102,8 +108,26 @@ class RedisSettings(_Section):
             raise ValueError(
                 "redis.replica_ack_timeout must be below redis.socket_timeout (the WAIT rides in the enqueue)"
             )
+        if self.replicate_results and not self.min_replicas_acked:
+            raise ValueError("redis.replicate_results needs redis.min_replicas_acked (how many replicas) of 1 or more")
         if self.sentinels and self.url.startswith("unix://"):
             raise ValueError("redis.url cannot be unix:// with redis.sentinels: use redis:// or rediss://")
+        return self._cluster_checked()
+
+    def _cluster_checked(self) -> RedisSettings:
+        if self.cluster_nodes and not self.cluster:
+            raise ValueError("redis.cluster_nodes is set but redis.cluster is not true")
+        if not self.cluster:
+            return self
+        if self.sentinels:
+            raise ValueError(
+                "redis.cluster and redis.sentinels cannot be used together: a cluster fails over by itself "
+                "(its replicas); use one or the other"
+            )
+        if self.url.startswith("unix://"):
+            raise ValueError("redis.url cannot be unix:// with redis.cluster: use redis:// or rediss://")
+        if int(parse_url(self.url).get("db") or 0) != 0:  # type: ignore[no-untyped-call]
+            raise ValueError("redis.url must name database 0 with redis.cluster (a cluster has no other)")
         return self
 
     @field_validator("password_file", "sentinel_password_file", "tls_ca_file", "tls_cert_file", "tls_key_file")

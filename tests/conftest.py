@@ -24,11 +24,27 @@ from minicelery.redis_server import RedisServer
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
+# MINICELERY_TEST_CLUSTER=1: the broker-level fixtures (redis_url, r, app, workers) use a real
+# Redis Cluster (the `cluster` fixture) instead of one server, so a cross-slot access fails
+# loudly (tests/test_cluster.py runs some test modules so).
+ON_CLUSTER = bool(os.environ.get("MINICELERY_TEST_CLUSTER"))
+if ON_CLUSTER:  # every broker a test makes (many make their own) talks to the cluster
+    _plain_init = RedisBroker.__init__
+
+    def _cluster_init(self: RedisBroker, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("cluster", True)
+        _plain_init(self, *args, **kwargs)
+
+    RedisBroker.__init__ = _cluster_init  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """MINICELERY_TEST_REDIS_URL if set, else a private server on a free port for this session."""
+def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """MINICELERY_TEST_REDIS_URL if set, else a private server on a free port for this session
+    (with MINICELERY_TEST_CLUSTER: a node of the session's cluster)."""
+    if ON_CLUSTER:
+        yield request.getfixturevalue("cluster").url
+        return
     url = os.environ.get("MINICELERY_TEST_REDIS_URL")
     if url:
         yield url
@@ -39,7 +55,7 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
+    client: Any = redis.RedisCluster.from_url(redis_url) if ON_CLUSTER else redis.Redis.from_url(redis_url)
     yield client
     client.close()
 
@@ -57,11 +73,31 @@ def queue(r: redis.Redis) -> Iterator[str]:
 def app(redis_url: str, queue: str) -> Iterator[Client]:
     import worktasks
 
-    client = Client(RedisBroker(JSONTransport(), url=redis_url, result_ttl=600, max_block=1), default_queue=queue)
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=600, max_block=1, cluster=ON_CLUSTER)
+    client = Client(broker, default_queue=queue)
     worktasks.register(client)
     yield client
     client.broker.close()
     Client.instances.remove(client)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real 6-node Redis Cluster (3 primaries, 3 replicas) for the session: a
+    clusterkit.RedisCluster. Needs redis-cli (Debian: redis-tools)."""
+    from clusterkit import RedisCluster
+
+    if shutil.which("redis-cli") is None:
+        unavailable("redis-cli is not installed (apt-get install redis-tools)")
+    nodes = RedisCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield nodes
+    nodes.stop()
+
+
+def on_node_of(r: Any, queue: str) -> dict[str, Any]:
+    """Keyword arguments that send a keyless command of `r` to the node of `queue` on a
+    cluster (MINICELERY_TEST_CLUSTER); none on one Redis."""
+    return {"target_nodes": r.get_node_from_key(f"{ROOT}:{{{queue}}}:ready")} if ON_CLUSTER else {}
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> object:
@@ -79,8 +115,9 @@ def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str
 class Workers:
     """Starts real `minicelery worker` processes on the test's queue; stops them afterwards."""
 
-    def __init__(self, redis_url: str, queue: str, tmp_path: Path) -> None:
+    def __init__(self, redis_url: str, queue: str, tmp_path: Path, cluster: bool = ON_CLUSTER) -> None:
         self.redis_url = redis_url
+        self.cluster = cluster
         self.queue = queue
         self.tmp_path = tmp_path
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -102,6 +139,7 @@ class Workers:
                 "MINICELERY_WORKER__SHUTDOWN_GRACE": "10",
                 "MINICELERY_METRICS__ENABLED": "false",
                 "MINICELERY_LOGGING__LEVEL": "INFO",
+                **({"MINICELERY_REDIS__CLUSTER": "true"} if self.cluster else {}),
             }
         )
         env.update(settings)

@@ -5,11 +5,15 @@ printed at the end of the session."""
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from conftest import require_root, require_tool
 
+from minicelery import Client
+from minicelery.errors import MiniceleryError
 from minicelery.redis_server import RedisServer, free_port
 
 # Filled by the fault tests, printed by conftest's pytest_terminal_summary.
@@ -77,3 +81,45 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+class ChainProducer(threading.Thread):
+    """Sends two-task chains (b after a, both `stamp_run`) to `app`'s default queue, one per
+    `pace` seconds, until stopped; `accepted`: task id -> tag of every start() that returned,
+    `sent_at`: tag -> when. A MiniceleryError is a refusal (never accepted, not counted); an
+    exception of `counted_bugs` is kept in `crashed` and the stream goes on (any other ends
+    the thread, and pytest fails the test)."""
+
+    def __init__(
+        self, app: Client, name_part: str, pace: float, counted_bugs: tuple[type[Exception], ...] = ()
+    ) -> None:
+        super().__init__(daemon=True)
+        self.app = app
+        self.name_part = name_part
+        self.pace = pace
+        self.counted_bugs = counted_bugs
+        self.accepted: dict[str, str] = {}
+        self.sent_at: dict[str, float] = {}
+        self.refused = 0
+        self.crashed: list[str] = []
+        self.running = threading.Event()
+        self.running.set()
+        self.sent = 0
+
+    def run(self) -> None:
+        stamp = self.app.tasks["stamp_run"]
+        while self.running.is_set():
+            tag = f"{self.name_part}-{self.sent}"
+            self.sent += 1
+            try:
+                a = stamp(f"{tag}a")
+                b = stamp(f"{tag}b", a)  # (a child is stored at once, waiting)
+                b.start()
+            except MiniceleryError:
+                self.refused += 1  # never accepted: not counted (a failover in progress)
+            except self.counted_bugs as exc:
+                self.crashed.append(repr(exc))
+            else:
+                self.accepted.update({a.id: f"{tag}a", b.id: f"{tag}b"})
+                self.sent_at[f"{tag}a"] = self.sent_at[f"{tag}b"] = time.time()
+            time.sleep(self.pace)  # the stream's pace, not a synchronisation

@@ -1,6 +1,6 @@
 """A real Sentinel set on free loopback ports: 1 primary, 2 replicas and 3 sentinels (quorum 2,
-down-after-milliseconds 1000), as OPS-NOTES.md describes. Used by tests/test_sentinel.py and
-the failover suite (tests/faults/test_failover.py)."""
+down-after-milliseconds 1000 unless given, failover-timeout 30 s), as OPS-NOTES.md describes.
+Used by tests/test_sentinel.py and the failover suite (tests/faults/test_failover.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ Replica = tuple[tuple[str, ...], tuple[str, ...]] | tuple[()]  # (server command
 # DEBUG (SLEEP) from loopback only, for the failover suite.
 NODE_ARGS = ("--repl-diskless-sync-delay", "0", "--enable-debug-command", "local")
 DOWN_AFTER_MS = 1000
+# Well over the time a failover takes, as Sentinel's docs advise (default 180 s): a failover
+# whose promoted replica is seen as primary late, on a loaded machine, is not aborted and
+# tried again with another replica. (A completed failover resets the sentinels' timers: the
+# next fault is not held back by it.)
+FAILOVER_TIMEOUT_MS = 30000
 
 
 class SentinelSet:
@@ -55,7 +60,7 @@ class SentinelSet:
                 f"port {port}\nbind 127.0.0.1\ndir {conf.parent}\n"
                 f"sentinel monitor {MASTER} 127.0.0.1 {primary.port} 2\n"
                 f"sentinel down-after-milliseconds {MASTER} {self.down_after_ms}\n"
-                f"sentinel failover-timeout {MASTER} 5000\n"
+                f"sentinel failover-timeout {MASTER} {FAILOVER_TIMEOUT_MS}\n"
             )
             proc = subprocess.Popen(
                 [find_server_binary(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -35,6 +35,9 @@ def test_random_dag_of_1000_tasks_runs_each_exactly_once_across_three_workers(
     runs = r.hgetall(f'test:runs:["{app.default_queue}"]')
     assert len(runs) == 1000 and set(runs.values()) == {b"1"}
     for proc in procs:
+        # (under load a worker can still be starting when the work is done: a SIGTERM before
+        # its handlers are installed would kill it, which is not what this test is about)
+        workers.wait_ready(proc)
         proc.send_signal(signal.SIGTERM)
     assert [proc.wait(timeout=20) for proc in procs] == [0, 0, 0]
     done = sum(int(m) for proc in procs for m in re.findall(r"stopped: (\d+) done", workers.log(proc)))

@@ -6,6 +6,7 @@ from importlib import resources
 
 import pytest
 import redis
+from conftest import on_node_of
 
 from minicelery import JSONTransport, RedisBroker
 from minicelery.broker import EnqueueReply
@@ -150,7 +151,7 @@ def test_a_connection_redis_closed_is_replaced_without_an_error(redis_url: str, 
     call a reconnect, not an error."""
     broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
     assert broker.enqueue(queue, "t1", b"{}").status == "ok"  # the pool now holds a connection
-    killed = r.client_kill_filter(_type="normal", skipme=True)
+    killed = r.client_kill_filter(_type="normal", skipme=True, **on_node_of(r, queue))
     assert killed >= 1
     assert [reply.status for reply in broker.enqueue_many(queue, [("t2", b"{}")])] == ["ok"]
     assert broker.enqueue(queue, "t3", b"{}").status == "ok"

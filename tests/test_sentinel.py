@@ -4,6 +4,9 @@ and durable enqueues (min_replicas_acked)."""
 
 from __future__ import annotations
 
+import json
+import logging
+import signal
 import subprocess
 import sys
 import threading
@@ -17,6 +20,7 @@ import pytest
 import redis
 import worktasks
 from conftest import Workers, wait_until
+from helpers import drain
 from sentinelkit import MASTER, SentinelSet
 
 from minicelery import BrokerUnavailable, Client, JSONTransport, NotReplicated, RedisBroker
@@ -24,6 +28,7 @@ from minicelery.errors import ConfigError
 from minicelery.keys import QueueKeys
 from minicelery.queue_reads import stored_payload
 from minicelery.records import FinishItem, ScriptStatus
+from minicelery.redis_server import RedisServer
 from minicelery.settings import load_settings
 
 pytestmark = pytest.mark.timeout(120)
@@ -70,6 +75,7 @@ def test_sentinel_settings_are_checked_and_each_problem_names_the_setting(tmp_pa
         'sentinels = ["a:1"]\nsentinel_master = "mc"\nurl = "unix:///run/redis.sock"': "cannot be unix://",
         "min_replicas_acked = -1": "redis.min_replicas_acked",
         "min_replicas_acked = 1\nreplica_ack_timeout = 5": "must be below redis.socket_timeout",
+        "replicate_results = true": "redis.replicate_results needs redis.min_replicas_acked",
     }
     for body, expected in cases.items():
         path = tmp_path / "bad.toml"
@@ -112,6 +118,17 @@ def test_check_config_and_inspect_show_the_primary_and_replicas(sentinel_set: Se
         assert result.returncode == 0, result.stderr
         out = result.stdout + result.stderr
         assert f"primary {primary}, replicas 127.0.0.1:" in out and "s3" not in out
+    result = subprocess.run(
+        [sys.executable, "-m", "minicelery", "inspect", "--json", "-q", "a", "-q", "b", "--config", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    replicas = {f"127.0.0.1:{n.port}" for n in sentinel_set.nodes} - {primary}
+    for queue in ("a", "b"):
+        seen = report[queue]["sentinel"]
+        assert seen["master"] == MASTER and seen["primary"] == primary and set(seen["replicas"]) == replicas
 
 
 def test_a_worker_and_a_waiter_follow_a_planned_failover(
@@ -163,6 +180,50 @@ def test_readonly_from_a_replica_counts_as_a_lost_primary(sentinel_set: Sentinel
     broker.close()
 
 
+def test_waits_blocked_on_a_primary_made_replica_end_at_once_and_carry_on_once_it_is_primary() -> None:
+    """REPLICAOF sent to a server while a worker's idle wait and a .result() waiter block on it
+    (what Sentinel does to an old primary): Redis answers UNBLOCKED, and both end at once as
+    Redis unavailable (the primary moved), not after their 30 s block; the same broker then
+    waits again as soon as its server (with sentinels: the new one) is primary."""
+    with RedisServer() as server, RedisServer() as other:
+        broker = RedisBroker(JSONTransport(), url=server.url, result_ttl=60, max_block=30)
+        queue = f"s-{uuid.uuid4().hex[:8]}"
+        keys = QueueKeys(queue)
+        ended: dict[str, BaseException | None] = {}
+
+        def blocked(name: str, wait: Any) -> threading.Thread:
+            def run() -> None:
+                try:
+                    wait()
+                    ended[name] = None
+                except BaseException as exc:
+                    ended[name] = exc
+
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            return thread
+
+        threads = [
+            blocked("idle", lambda: broker.wait_for_work([queue], "w1", 30)),
+            blocked("result", lambda: broker.wait_done(queue, "t1", 30)),
+        ]
+        admin = redis.Redis.from_url(server.url)
+        wait_until(lambda: admin.info("clients")["blocked_clients"] == 2, 10, "both waits to block")
+        admin.replicaof("127.0.0.1", other.port)
+        for thread in threads:
+            thread.join(timeout=10)
+        assert set(ended) == {"idle", "result"}, "a wait stayed blocked on the demoted server"
+        for exc in ended.values():
+            assert isinstance(exc, BrokerUnavailable) and "UNBLOCKED" in str(exc), exc
+        admin.replicaof("NO", "ONE")  # (with sentinels, the next connection finds the new primary)
+        admin.zadd(keys.marker, {"m": 1})
+        admin.rpush(keys.done("t1"), "done")
+        assert broker.wait_for_work([queue], "w1", 5) is not None
+        assert broker.wait_done(queue, "t1", 5)
+        broker.close()
+        admin.close()
+
+
 def test_min_replicas_acked_waits_for_a_replica_and_says_when_none_holds_the_task(
     sentinel_set: SentinelSet,
 ) -> None:
@@ -184,6 +245,58 @@ def test_min_replicas_acked_waits_for_a_replica_and_says_when_none_holds_the_tas
     assert app.handle(task.id).state == "ready"  # stored on the primary, as the error says
     app.broker.close()
     strict.broker.close()
+
+
+def replica_holds(cluster: SentinelSet, key: str, field: str) -> list[int]:
+    """The replicas (ports) that hold this hash field now."""
+    primary = cluster.primary_port()
+    return [n.port for n in cluster.nodes if n.port != primary and redis.Redis(port=n.port).hexists(key, field)]
+
+
+def test_replicate_results_returns_once_a_replica_holds_the_result_and_only_warns_when_none_does(
+    sentinel_set: SentinelSet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With replicate_results, a finish returns once min_replicas_acked replicas hold the
+    result. When too few do (the replicas stopped), the finish still records the result on the
+    primary and says so, naming the task, and counts it; it does not fail the task. A worker
+    counts such results in minicelery_results_unreplicated_total."""
+    wait_until(lambda: sentinel_set.replicas_online() >= 1, 30, "a replica in sync (after an earlier failover)")
+    queue = f"s-{uuid.uuid4().hex[:8]}"
+    keys = QueueKeys(queue)
+    app = sentinel_app(sentinel_set, queue, min_replicas_acked=1, replica_ack_timeout=0.5, replicate_results=True)
+    broker = app.broker
+    shortfalls: list[int] = []
+    broker.on_unreplicated = shortfalls.append
+    broker.enqueue(queue, "kept", b"{}")
+    broker.enqueue(queue, "short", b"{}")
+    (kept,) = broker.claim(queue, "w:1", 5000, "w")  # type: ignore[misc]
+    (short,) = broker.claim(queue, "w:2", 5000, "w")  # type: ignore[misc]
+    item = FinishItem(queue, kept.id, kept.token, True, b'{"ok":true,"value":1}', None)
+    assert broker.finish_many([item])[0] == [ScriptStatus.OK]
+    assert replica_holds(sentinel_set, keys.result, kept.id)  # already, as the finish returned
+    assert shortfalls == []
+
+    handle = app.tasks["echo"]("by a worker").start()  # (for the worker below; the enqueue WAITs too)
+    primary = sentinel_set.primary_port()
+    replicas = [node.process for node in sentinel_set.nodes if node.port != primary and node.process is not None]
+    for process in replicas:
+        process.send_signal(signal.SIGSTOP)  # WAIT now gets none of the 1 replica asked for
+    try:
+        item = FinishItem(queue, short.id, short.token, True, b'{"ok":true,"value":2}', None)
+        with caplog.at_level(logging.WARNING, logger="minicelery.broker"):
+            assert broker.finish_many([item])[0] == [ScriptStatus.OK]
+        assert shortfalls == [1]
+        worker = drain(app)  # (in this process; it sets the broker's on_unreplicated to its metric)
+    finally:
+        for process in replicas:
+            process.send_signal(signal.SIGCONT)
+    assert worker.metrics.registry.get_sample_value("minicelery_results_unreplicated_total") == 1
+    assert handle.result(timeout=5) == "by a worker"
+    assert "0 of the 1 replicas required" in caplog.text and f"run again: {short.id}" in caplog.text
+    assert app.handle(short.id).result(timeout=5) == 2  # the result is stored (on the primary)
+    with pytest.raises(ValueError, match="replicate_results needs min_replicas_acked"):
+        sentinel_app(sentinel_set, queue, replicate_results=True)
+    broker.close()
 
 
 def test_a_hand_off_lost_in_a_failover_never_reissues_its_fencing_token(

@@ -30,7 +30,8 @@ def _r() -> redis.Redis:
     if _redis is None:
         # The tasks' own bookkeeping client retries a connection that a fault test broke, so a
         # count is never what fails (the worker's behaviour is what those tests look at).
-        _redis = redis.Redis.from_url(
+        on_cluster = os.environ.get("MINICELERY_REDIS__CLUSTER") == "true"
+        _redis = (redis.RedisCluster if on_cluster else redis.Redis).from_url(  # type: ignore[attr-defined]
             os.environ["MINICELERY_REDIS__URL"],
             retry=Retry(ExponentialBackoff(cap=1.0), 10),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],

@@ -55,6 +55,7 @@ class Worker:
         self.running_claim: Claim | None = None  # the claim behind `running` (not cleared: see above)
         self.metrics = build_metrics(app.tasks, self.broker, self.queues, lambda: self.running)
         self.observer = Observer(app.tasks, settings, self.notifier, self.metrics)
+        self.broker.on_unreplicated = self.metrics.unreplicated_results.inc
         self.connection = Connection(
             self.broker, self.signals, self.observer, w.reconnect_max_delay, on_connect=lambda: self.schedules.upsert()
         )
@@ -246,7 +247,7 @@ class Worker:
     def on_stop(self) -> None:
         self.notifier.stopping()
         try:
-            self.broker.wake_worker(self.id)
+            self.broker.wake_worker(self.id, self.queues)
         except BrokerError as exc:  # the main loop notices the stop within one idle block
             log.warning("could not wake the idle wait: %s", exc)
 
