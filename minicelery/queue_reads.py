@@ -43,6 +43,18 @@ def follows_moves(read: Read) -> Read:
     return again_if_moved  # type: ignore[return-value]
 
 
+def stored_payload(stored: bytes | str | None) -> bytes | None:
+    """A payload as the payload hash holds it, without the time it was stored in front (base
+    36 digits before the JSON's '[' or '{': see store_payload in scripts/_common.lua); one
+    stored before that prefix existed is returned as it is."""
+    if stored is None:
+        return None
+    if isinstance(stored, str):
+        stored = stored.encode()
+    start = next((at for at, byte in enumerate(stored) if byte in b"[{"), 0)
+    return stored[start:]
+
+
 class QueueReads:
     """The reads; RedisBroker provides the client and the transport."""
 
@@ -62,7 +74,13 @@ class QueueReads:
             pipe = client.pipeline(transaction=True)
             pipe.hget(keys.info, f"{task_id}:s")
             pipe.hget(keys.result, task_id)
-            state, envelope = pipe.execute()
+            pipe.hexists(keys.payload, task_id)
+            pipe.zscore(keys.scheduled, task_id)
+            state, envelope, stored, scheduled = pipe.execute()
+        if state is None and stored:  # sent straight to ready or the schedule: see state_of in _common.lua
+            return ("ready" if scheduled is None else "scheduled"), None
+        if state is None and envelope is not None:  # a success whose result is kept: the same
+            return "succeeded", envelope
         return (None if state is None else _text(state)), envelope
 
     @follows_moves
@@ -125,10 +143,9 @@ class QueueReads:
             specs = {_text(k): v for k, v in specs.items()}
             state = {_text(k): v for k, v in state.items()}
             current = {name: _text(state[f"{name}:c"]) for name in specs if f"{name}:c" in state}
-            if current:
-                outcomes = client.hmget(keys.info, [f"{task_id}:s" for task_id in current.values()])
-                for name, outcome in zip(current, outcomes, strict=True):
-                    state[f"{name}:o"] = outcome or b"expired"
+            for name, task_id in current.items():  # (few schedules: a read each)
+                outcome = self.outcome(queue, task_id)[0]
+                state[f"{name}:o"] = outcome.encode() if outcome else b"expired"
         return int(seconds) * 1000 + int(micros) // 1000, specs, state
 
     # --- inspection ----------------------------------------------------------------------------
@@ -192,7 +209,7 @@ class QueueReads:
     def _dead_summary(self, task_id: str, payload: Any, envelope: Any, attempts: Any, died: Any) -> dict[str, Any]:
         name, error, traceback = "?", "?", ""
         with contextlib.suppress(MiniceleryError):
-            name = self.transport.loads_message(payload).name
+            name = self.transport.loads_message(stored_payload(payload)).name
         if envelope is not None:
             with contextlib.suppress(MiniceleryError):
                 _ok, exc = self.transport.loads_outcome(envelope)
@@ -234,10 +251,11 @@ class QueueReads:
                 for parent in its_parents:
                     pipe.hexists(keys.inputs, f"{task_id}|{parent}")
                     pipe.hexists(keys.info, f"{parent}:s")
+                    pipe.hexists(keys.payload, parent)  # (a pending task may store no state)
             facts = iter(pipe.execute())
             found = []
             for (task_id, since), its_parents in zip(oldest, parents, strict=True):
-                unsent = _never_started({p: (next(facts), next(facts)) for p in its_parents})
+                unsent = _never_started({p: (next(facts), next(facts) | next(facts)) for p in its_parents})
                 if unsent:
                     found.append((_text(task_id), since, unsent))
             payloads = client.hmget(keys.payload, [task_id for task_id, _, _ in found[:shown]]) if found else []
@@ -246,7 +264,7 @@ class QueueReads:
         for (task_id, since, unsent), payload in zip(found, payloads, strict=False):
             name = "?"
             with contextlib.suppress(MiniceleryError):
-                name = self.transport.loads_message(payload).name
+                name = self.transport.loads_message(stored_payload(payload)).name
             waited = max(0.0, (now_ms - since) / 1000)
             listed.append({"id": task_id, "name": name, "waited_seconds": waited, "never_started": unsent})
         return {"count": len(found), "examined": len(ids), "waiting": waiting, "oldest": listed}

@@ -56,3 +56,20 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def succeeded(r: Any, queue: str, task_ids: list[str]) -> list[bool]:
+    """Whether each task succeeded, read in one round trip. A success whose result is kept
+    stores no state field: its stored result, with no state, says it (state_of in
+    scripts/_common.lua); a success not kept stores the state 'succeeded'."""
+    from minicelery.keys import queue_keys
+
+    keys = queue_keys(queue)
+    pipe = r.pipeline(transaction=False)
+    for task_id in task_ids:
+        pipe.hget(keys.info, f"{task_id}:s")
+        pipe.hexists(keys.result, task_id)
+    facts = pipe.execute()
+    return [
+        state == b"succeeded" or (state is None and kept) for state, kept in zip(facts[::2], facts[1::2], strict=True)
+    ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,10 @@ import pytest
 import redis
 from conftest import Workers, wait_until
 
+from minicelery import JSONTransport
 from minicelery.keys import ROOT, queue_keys
+from minicelery.queue_reads import stored_payload
+from minicelery.transport import TaskMessage
 
 
 def run_cli(*args: str, env: dict[str, str], stdin: int = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
@@ -105,9 +107,9 @@ def other_queue(queue: str, r: redis.Redis) -> Iterator[str]:
         r.delete(key)
 
 
-def _payload(r: redis.Redis, queue: str, task_id: str) -> dict[str, object] | None:
-    data = r.hget(queue_keys(queue).payload, task_id)
-    return json.loads(data) if data is not None else None
+def _payload(r: redis.Redis, queue: str, task_id: str) -> TaskMessage | None:
+    data = stored_payload(r.hget(queue_keys(queue).payload, task_id))
+    return JSONTransport().loads_message(data, task_id) if data is not None else None
 
 
 def test_enqueue_by_name_sends_to_the_tasks_own_queue_with_its_options(
@@ -123,12 +125,12 @@ def test_enqueue_by_name_sends_to_the_tasks_own_queue_with_its_options(
     sent = run_cli("enqueue", "send_mail", '["ann@example.com"]', env=env)
     assert sent.returncode == 0, sent.stderr
     payload = _payload(r, queue, sent.stdout.strip())
-    assert payload is not None and payload["retries"] == 2 and payload["time_limit"] == 7
+    assert payload is not None and payload.retries == 2 and payload.time_limit == 7
     assert sent.stderr == ""  # nothing was guessed
     chosen = run_cli("enqueue", "send_mail", '["bob@example.com"]', "-q", other_queue, env=env)
     assert chosen.returncode == 0, chosen.stderr
     payload = _payload(r, other_queue, chosen.stdout.strip())  # an explicit -q still wins
-    assert payload is not None and payload["retries"] == 2
+    assert payload is not None and payload.retries == 2
 
 
 def test_enqueue_without_task_modules_says_which_queue_and_how_to_choose(workers: Workers, queue: str) -> None:

@@ -190,7 +190,7 @@ def test_malformed_payloads_planted_in_redis_fail_visibly_and_the_worker_keeps_g
         except Exception as exc:
             messages[task_id] = f"{type(exc).__name__}: {exc}"
     assert "not valid JSON" in messages["notjson"]
-    assert "must be a JSON object" in messages["wrongshape"]
+    assert "an array must be [3, name, args, fields], not [1, 2, 3]" in messages["wrongshape"]
     assert "no task named 'os.system'" in messages["unknown"]
     assert "over the limit" in messages["huge"]
     assert "missing" in messages["nopayload"]

@@ -46,7 +46,8 @@ class QueueMachine(RuleBasedStateMachine):
         self.keys = QueueKeys(self.queue)
 
     def state(self, task_id: str) -> bytes | None:
-        return self.r.hget(self.keys.info, f"{task_id}:s")  # type: ignore[return-value]
+        state, _envelope = self.broker.outcome(self.queue, task_id)  # stored, or where it sits
+        return None if state is None else state.encode()
 
     def teardown(self) -> None:
         for key in self.r.scan_iter(match=self.keys.all_keys_pattern(), count=1000):

@@ -13,8 +13,9 @@ import pytest
 import redis
 from conftest import Workers, require_tool, wait_until
 
-from minicelery import Client, RedisBroker
+from minicelery import Client, JSONTransport, RedisBroker
 from minicelery.periodic import Schedules, declared_specs, upsert
+from minicelery.queue_reads import stored_payload
 from minicelery.records import Claim
 from minicelery.schedules import ScheduleSpec, occurrence_id, parse_occurrence
 from minicelery.settings import load_settings
@@ -277,8 +278,8 @@ def test_a_cancel_planned_from_a_spec_replaced_meanwhile_writes_nothing_and_plan
     assert app.handle(pending).state == "scheduled"  # nothing written
     assert app.handle(pending).cancel()  # task.cancel plans again from the stored spec
     following = _state(r, queue)["hourly:n"]
-    payload = r.hget(f"minicelery:{{{queue}}}:payload", following)
-    assert following != pending and json.loads(payload)["args"] == ["new"]  # type: ignore[arg-type]
+    payload = stored_payload(r.hget(f"minicelery:{{{queue}}}:payload", following))
+    assert following != pending and JSONTransport().loads_message(payload).args == ["new"]  # type: ignore[arg-type]
 
 
 def _early_begin(app: Client, queue: str, r: redis.Redis, spec: ScheduleSpec) -> tuple[Schedules, Claim, int]:

@@ -9,6 +9,7 @@ import redis
 from conftest import on_node_of
 
 from minicelery import JSONTransport, RedisBroker
+from minicelery.broker import EnqueueReply
 from minicelery.errors import BrokerError, ParentNeverStarted
 from minicelery.keys import QueueKeys
 from minicelery.records import Claim, FinishItem, Idle, NextClaim
@@ -45,7 +46,7 @@ def test_enqueue_claim_finish_cycle_and_fencing(redis_url: str, queue: str, r: r
     assert r.hget(keys.result, "t1") is None
     status = broker.finish(queue, "t1", claim.token, succeeded=True, envelope=b'{"ok":true,"value":1}')
     assert status == "ok"
-    assert r.hget(keys.info, "t1:s") == b"succeeded"
+    assert broker.outcome(queue, "t1")[0] == "succeeded"
     assert r.zcard(keys.running) == 0
     status = broker.finish(queue, "t1", claim.token, succeeded=True, envelope=b'{"ok":true,"value":2}')
     assert status == "late"  # a second finish cannot overwrite the first
@@ -251,3 +252,48 @@ def test_every_package_folder_is_listed_for_the_wheel() -> None:
         if p.is_dir() and p.name != "__pycache__" and any(p.glob("*.py")) | any(p.glob("*.lua"))
     }
     assert folders | {"minicelery"} == listed
+
+
+def test_a_task_sent_straight_to_ready_stores_no_state_and_its_state_is_where_it_sits(
+    redis_url: str, queue: str, r: redis.Redis
+) -> None:
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    keys = QueueKeys(queue)
+    assert broker.enqueue(queue, "now", b'{"v":2,"name":"t"}').status == "ok"
+    assert broker.enqueue(queue, "later", b'{"v":2,"name":"t"}', delay_ms=3_600_000).status == "ok"
+    assert r.hlen(keys.info) == 2 and r.hexists(keys.info, "#promised")  # nothing per task
+    assert [broker.outcome(queue, i)[0] for i in ("now", "later", "never")] == ["ready", "scheduled", None]
+    assert broker.enqueue(queue, "now", b"{}").status == "exists"  # still idempotent by id
+    assert broker.enqueue(queue, "later", b"{}").status == "exists"
+    assert broker.enqueue(queue, "keyed", b"{}", dedup_key="k").status == "ok"
+    assert broker.enqueue(queue, "keyed", b"{}", dedup_key="k").status == "exists"  # its own key: a resend
+    assert broker.enqueue(queue, "other", b"{}", dedup_key="k") == EnqueueReply("duplicate", "keyed")
+    (claim,) = broker.claim(queue, "tok", 1000, "w1")  # type: ignore[misc]
+    assert claim.id == "now" and claim.payload == b'{"v":2,"name":"t"}'  # the stored time is not passed on
+    assert 0 <= claim.now_ms - claim.due_ms < 60_000  # due when stored: the queue latency is real
+    assert broker.outcome(queue, "now")[0] == "running"
+
+
+def test_tasks_stored_by_the_previous_version_run_and_report_their_state(
+    redis_url: str, queue: str, r: redis.Redis
+) -> None:
+    """The previous version stored every task's state and due time as fields, and its payload
+    without the time stored: a new worker runs such tasks, reads their state, cancels them."""
+    broker = RedisBroker(JSONTransport(), url=redis_url, result_ttl=10, max_block=1)
+    keys = QueueKeys(queue)
+    old = "0123456789abcdef01234567"  # 24 hex digits, as the previous version made ids
+    payload = b'{"v":2,"name":"t","args":[1]}'
+    r.hset(keys.payload, mapping={old: payload, "oldlater": payload, "oldgone": payload})
+    r.hset(keys.info, mapping={f"{old}:s": "ready", f"{old}:d": 1000, "oldlater:s": "scheduled",
+                               "oldgone:s": "ready", "oldgone:d": 1000})  # fmt: skip
+    r.lpush(keys.ready, "oldgone", old)
+    r.zadd(keys.scheduled, {"oldlater": 10**13})
+    assert [broker.outcome(queue, i)[0] for i in (old, "oldlater")] == ["ready", "scheduled"]
+    assert broker.enqueue(queue, old, b"{}").status == "exists"
+    envelope = broker.transport.dumps_error(ValueError("x"))
+    assert broker.cancel(queue, ["oldgone", "oldlater"], envelope, "test") == ["cancelled", "cancelled"]
+    (claim,) = broker.claim(queue, "tok", 1000, "w1")  # type: ignore[misc]
+    assert claim.id == old and claim.payload == payload and claim.due_ms == 1000
+    assert broker.transport.loads_message(claim.payload, claim.id).args == [1]
+    assert broker.finish(queue, old, claim.token, succeeded=True, envelope=b'{"ok":true,"value":1}') == "ok"
+    assert broker.outcome(queue, old)[0] == "succeeded" and r.llen(keys.ready) == 0

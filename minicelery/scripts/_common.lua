@@ -8,15 +8,19 @@
 --   KEYS[3]  running    zset  id -> lease deadline, ms
 --   KEYS[4]  marker     zset  one member "m"; score 0 = work is ready now, else the earliest
 --                             future due time. Idle workers BZPOPMIN it: one wakes per push.
---   KEYS[5]  payload    hash  id -> task payload (JSON, opaque to Lua)
+--   KEYS[5]  payload    hash  id -> the time (ms, base 36) the task was stored, then its payload
+--                             (JSON, opaque to Lua: it starts with '[' or '{'; see store_payload)
 --   KEYS[6]  result     hash  id -> result envelope (JSON, opaque to Lua)
 --   KEYS[7]  info       hash  "<id>:<f>" -> small per-task fields, f one of
 --                             s state (waiting|scheduled|ready|running|succeeded|failed|
---                               cancelled)
+--                               cancelled); none for a task sent straight to the ready list
+--                               or the schedule (its state is where it sits) or a success
+--                               whose result is kept (the result says it): see state_of
 --                             a attempts (claims)      l leases lost (reclaims)
 --                             r retries spent (failures run again)
 --                             t lease token            d time the task became due (ms; a
---                               scheduled task's due time is its score in `scheduled`)
+--                               scheduled task's due time is its score in `scheduled`, a task
+--                               sent straight to the ready list keeps it in its payload)
 --                             n not-before time (ms)   p count of unfinished parents
 --                             P parent ids, "," list   c child ids, "," list
 --                             k idempotency key       w someone waits for the result
@@ -78,6 +82,59 @@ end
 
 local function setf(id, f, v)
   redis.call('HSET', K_INFO, id .. ':' .. f, v)
+end
+
+-- A task's state. A task sent straight to the ready list or the schedule (enqueue with no
+-- parent in flight) stores none: a stored payload with no state field is scheduled if it is
+-- in the schedule, else ready. That is two hash fields fewer per pending task, about 160
+-- bytes (see bench/README.md, memory). Nor does a success whose result is kept (finish.lua):
+-- a stored result with no state field and no payload is a success (a failure or a cancel
+-- keeps its state). Any later move stores the state again (promote_due,
+-- the claim, a cancel...), so a stored state is always the true one. `stored`: the s field,
+-- if the caller read it already (false if absent).
+local function state_of(id, stored)
+  if stored == nil then
+    stored = getf(id, 's')
+  end
+  if stored then
+    return stored
+  end
+  if redis.call('HEXISTS', K_PAYLOAD, id) == 0 then
+    -- A success whose result is kept stores no state either: its result says it.
+    return redis.call('HEXISTS', K_RESULT, id) == 1 and 'succeeded'
+  end
+  return redis.call('ZSCORE', K_SCHEDULED, id) and 'scheduled' or 'ready'
+end
+
+-- A stored payload starts with the time it was stored, base 36 (8 digits until 2059), so a
+-- task sent straight to the ready list needs no due-time field (88 bytes) for the queue
+-- latency its claim reports: it became due when it was stored. The payload itself is JSON,
+-- an array or an object (transport.py), so it starts with '[' or '{'; one stored before this
+-- prefix existed is the payload alone.
+local BASE36 = '0123456789abcdefghijklmnopqrstuvwxyz'
+
+-- (`only_new`: store it only if the id has no payload yet; returns whether it stored it.)
+local function store_payload(id, payload, now, only_new)
+  local digits, n = {}, now
+  repeat
+    local d = n % 36
+    table.insert(digits, 1, string.sub(BASE36, d + 1, d + 1))
+    n = (n - d) / 36
+  until n == 0
+  return redis.call(only_new and 'HSETNX' or 'HSET', K_PAYLOAD, id, table.concat(digits) .. payload) == 1
+    or not only_new
+end
+
+-- A stored payload as {payload, time stored (ms) or nil}; false stays false.
+local function split_payload(stored)
+  if not stored then
+    return false, nil
+  end
+  local brace = string.find(stored, '[%[{]')
+  if brace == nil or brace == 1 then
+    return stored, nil
+  end
+  return string.sub(stored, brace), tonumber(string.sub(stored, 1, brace - 1), 36)
 end
 
 -- A task's state and the time it became (or becomes) due, which change together.
@@ -199,7 +256,9 @@ local function lease_tasks(ids, now, token, lease_ms)
     fields[#fields + 1] = id .. ':a'
     fields[#fields + 1] = attempts
     local parents = held[at + 4]
-    local task = { id, payloads[i], attempts, tonumber(held[at + 2] or 0), tonumber(held[at + 3] or now), now, parents }
+    local payload, stored_at = split_payload(payloads[i])
+    local due = tonumber(held[at + 3] or stored_at or now)
+    local task = { id, payload, attempts, tonumber(held[at + 2] or 0), due, now, parents }
     for _, parent in ipairs(split(parents)) do
       task[#task + 1] = redis.call('HGET', K_INPUTS, id .. '|' .. parent)
     end
@@ -259,7 +318,7 @@ local function hand_off(id, now, fresh_payload)
   local task
   if fresh_payload then -- lease_tasks' writes, for a first attempt
     redis.call('ZADD', K_RUNNING, now + lease_ms, id)
-    redis.call('HSET', K_INFO, id .. ':t', token .. '/1', id .. ':s', 'running', id .. ':a', 1, id .. ':d', now)
+    redis.call('HSET', K_INFO, id .. ':t', token .. '/1', id .. ':s', 'running', id .. ':a', 1)
     task = { id, fresh_payload, 1, 0, now, now, false }
   else
     setf(id, 'd', now)
@@ -271,20 +330,26 @@ local function hand_off(id, now, fresh_payload)
 end
 
 -- Put a task whose parents are all done where it belongs: handed to an idle worker, ready
--- now, or scheduled; returns its state. (`fresh_payload`: see hand_off.)
+-- now, or scheduled; returns its state. `fresh_payload` is given for a task just stored by
+-- store_payload (now) with no parents: it has no state field, and gets none while it is ready
+-- or scheduled (see state_of), nor a due-time field (its payload holds it); see hand_off too.
 local function make_due(id, due, now, fresh_payload)
   if due <= now then
     if hand_off(id, now, fresh_payload) then
       return 'running'
     end
     redis.call('LPUSH', K_READY, id)
-    set_state_due(id, 'ready', now)
+    if not fresh_payload then
+      set_state_due(id, 'ready', now)
+    end
     wake_now(now)
     return 'ready'
   end
   wake_at(due)
   redis.call('ZADD', K_SCHEDULED, due, id)
-  setf(id, 's', 'scheduled') -- (its due time is its score: d is written when it is promoted)
+  if not fresh_payload then
+    setf(id, 's', 'scheduled') -- (its due time is its score: d is written when it is promoted)
+  end
   return 'scheduled'
 end
 

@@ -66,11 +66,11 @@ local function skip_occurrence(id)
     return
   end
   local plan = plans[id]
-  if plan == nil or redis.call('HGET', K_STATE, name .. ':p') or getf(plan.id, 's') then
+  if plan == nil or redis.call('HGET', K_STATE, name .. ':p') or state_of(plan.id) then
     redis.call('HDEL', K_STATE, name .. ':n', name .. ':d')
     return
   end
-  redis.call('HSET', K_PAYLOAD, plan.id, plan.payload)
+  store_payload(plan.id, plan.payload, now)
   make_due(plan.id, math.max(now, plan.slot), now, plan.payload)
   redis.call('HSET', K_STATE, name .. ':n', plan.id, name .. ':d', plan.slot)
 end
@@ -100,7 +100,7 @@ local statuses, released, cancelled = {}, {}, 0
 for i = first_id, #ARGV do
   local id = ARGV[i]
   local held = redis.call('HMGET', K_INFO, id .. ':s', id .. ':P', id .. ':c', id .. ':k', id .. ':w')
-  local state = held[1]
+  local state = state_of(id, held[1])
   if not state then
     statuses[#statuses + 1] = 'unknown'
   elseif FINISHED[state] and not (state == 'failed' and redis.call('ZSCORE', K_DEAD, id)) then

@@ -30,7 +30,10 @@ elseif at_ms ~= '' then
   not_before = tonumber(at_ms)
 end
 
-local state = getf(id, 's')
+-- Is the id stored? state_of's questions, in the order that costs a new task fewest calls:
+-- a stored state, a kept result (a success), then a stored payload (a task sent straight to
+-- ready or the schedule) asked by storing this one only if there is none (HSETNX).
+local state = getf(id, 's') or (redis.call('HEXISTS', K_RESULT, id) == 1 and 'succeeded')
 if state then
   if mode == 'reschedule' and state == 'waiting' then
     setf(id, 'n', not_before)
@@ -38,22 +41,23 @@ if state then
   return { 'exists', state }
 end
 
+local holder = dedup_key ~= '' and redis.call('HGET', K_DEDUP, dedup_key)
+if holder and holder ~= id then
+  return { 'duplicate', holder }
+end
+if not store_payload(id, payload, now, true) then -- (no attempts field yet: absent means 0)
+  return { 'exists', redis.call('ZSCORE', K_SCHEDULED, id) and 'scheduled' or 'ready' }
+end
 if dedup_key ~= '' then
-  local holder = redis.call('HGET', K_DEDUP, dedup_key)
-  if holder then
-    return { 'duplicate', holder }
-  end
   redis.call('HSET', K_DEDUP, dedup_key, id)
   setf(id, 'k', dedup_key)
 end
-
-redis.call('HSET', K_PAYLOAD, id, payload) -- (no attempts field yet: absent means 0)
 
 local pending = 0
 if parents ~= '' then
   for _, parent in ipairs(split(parents)) do
     local held = redis.call('HMGET', K_INFO, parent .. ':s', parent .. ':c') -- state, children
-    if FINISHED[held[1]] then
+    if FINISHED[state_of(parent, held[1])] then
       local envelope = redis.call('HGET', K_RESULT, parent) or NOT_KEPT
       redis.call('HSET', K_INPUTS, id .. '|' .. parent, envelope)
     else

@@ -10,11 +10,12 @@
 -- left is final: the result holds the error, the children get it, and the task goes into the
 -- dead-letter set, kept for dead_ttl instead of result_ttl.
 --
--- A success keeps its state, attempts, leases lost and result until result_ttl; its payload,
--- inputs, parents and due time go at once (it never runs again: only a dead letter is put
--- back, by revive.lua). A success not kept (keep 0: store_result=False) stores no result, and
--- keeps only its state, so `.state` and `.result()` can say it succeeded; its children still
--- get the envelope.
+-- A success keeps its result until result_ttl, and its attempts and leases lost if they are
+-- not the usual one and none; its payload, inputs, parents and due time go at once (it never
+-- runs again: only a dead letter is put back, by revive.lua), and so does its state field: a
+-- stored result with no state is a success (state_of in _common.lua). A success not kept
+-- (keep 0: store_result=False) stores no result, and keeps only its state, so `.state` and
+-- `.result()` can say it succeeded; its children still get the envelope.
 --
 -- KEYS: the queue key set (see _common.lua), then
 --   KEYS[14 + i] done  list the i-th task's result waiters block on (BLMOVE); pushed only if
@@ -56,8 +57,8 @@ for i = 1, (#ARGV - 2) / FIELDS do
   local base = 2 + (i - 1) * FIELDS
   local id, token, outcome, envelope = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
   local held =
-    redis.call('HMGET', K_INFO, id .. ':t', id .. ':r', id .. ':k', id .. ':c', id .. ':w', id .. ':s', id .. ':P')
-  if not held[6] then
+    redis.call('HMGET', K_INFO, id .. ':t', id .. ':r', id .. ':k', id .. ':c', id .. ':w', id .. ':s', id .. ':P', id .. ':a')
+  if not held[6] and redis.call('HEXISTS', K_RESULT, id) == 0 then
     statuses[i] = 'gone' -- no trace of the task: purged, or Redis lost its data (a restart
     -- without persistence, a flush); writing a result now would leave an orphan
   elseif held[6] == 'cancelled' then
@@ -78,24 +79,30 @@ for i = 1, (#ARGV - 2) / FIELDS do
       running_done[#running_done + 1] = id
       info_deleted[#info_deleted + 1] = id .. ':t'
       statuses[i] = 'ok'
-      states[#states + 1] = id .. ':s'
-      states[#states + 1] = outcome
       if outcome == 'failed' then
+        states[#states + 1] = id .. ':s'
+        states[#states + 1] = outcome
         results[#results + 1] = id
         results[#results + 1] = envelope
       else -- a success will not run again: its payload, inputs and due time are no use now
         payloads_deleted[#payloads_deleted + 1] = id
         info_deleted[#info_deleted + 1] = id .. ':d'
+        if held[8] == '1' then -- claimed once: absent attempts say so
+          info_deleted[#info_deleted + 1] = id .. ':a'
+        end
         if held[7] then
           info_deleted[#info_deleted + 1] = id .. ':P'
           for _, parent in ipairs(split(held[7])) do
             redis.call('HDEL', K_INPUTS, id .. '|' .. parent)
           end
         end
-        if ARGV[base + 10] ~= '0' then
+        if ARGV[base + 10] ~= '0' then -- the result says it succeeded: no state field
+          info_deleted[#info_deleted + 1] = id .. ':s'
           results[#results + 1] = id
           results[#results + 1] = envelope
         else -- not kept: only its state is left (attempts and leases lost go too)
+          states[#states + 1] = id .. ':s'
+          states[#states + 1] = outcome
           info_deleted[#info_deleted + 1] = id .. ':a'
           info_deleted[#info_deleted + 1] = id .. ':l'
         end
@@ -131,8 +138,10 @@ end
 if #released > 0 then
   forget_waiting(released)
 end
-if #states > 0 then
-  redis.call('HSET', K_INFO, unpack(states))
+if #expiries > 0 then
+  if #states > 0 then
+    redis.call('HSET', K_INFO, unpack(states))
+  end
   if #results > 0 then
     redis.call('HSET', K_RESULT, unpack(results))
   end

@@ -36,7 +36,7 @@ local function never_started(id, parents)
   local unsent = {}
   for _, parent in ipairs(split(parents)) do
     if redis.call('HEXISTS', K_INPUTS, id .. '|' .. parent) == 0 then
-      if getf(parent, 's') then
+      if state_of(parent) then
         return nil
       end
       unsent[#unsent + 1] = parent

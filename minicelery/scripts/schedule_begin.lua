@@ -87,7 +87,7 @@ if pending ~= id and current ~= id and not getf(id, 'l') and tonumber(getf(id, '
 end
 
 if ARGV[11] ~= '1' and current and current ~= id then
-  local state = getf(current, 's')
+  local state = state_of(current)
   if state == 'running' or state == 'ready' or state == 'scheduled' then
     -- An earlier run is unfinished (running, reclaimed, or waiting to retry): this one waits,
     -- given back as if never claimed, and looks again when that lease or retry falls due.
@@ -110,10 +110,10 @@ end
 
 if pending == id then
   local next_id, next_slot = ARGV[7], tonumber(ARGV[8])
-  if getf(next_id, 's') then
+  if state_of(next_id) then
     return { 'taken', false } -- that slot ran or runs already (a clock that went back): plan a later one
   end
-  redis.call('HSET', K_PAYLOAD, next_id, ARGV[9])
+  store_payload(next_id, ARGV[9], now)
   make_due(next_id, math.max(now, next_slot), now, ARGV[9])
   redis.call('HSET', K_STATE, name .. ':n', next_id, name .. ':d', next_slot)
   if tonumber(ARGV[10]) > 0 then

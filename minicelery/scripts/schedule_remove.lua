@@ -12,7 +12,7 @@
 local name = ARGV[1]
 local existed = redis.call('HDEL', K_SCHEDULES, name)
 local pending = redis.call('HGET', K_STATE, name .. ':n')
-if pending and getf(pending, 's') == 'scheduled' then
+if pending and state_of(pending) == 'scheduled' then
   redis.call('ZREM', K_SCHEDULED, pending)
   forget_fields(pending) -- (an occurrence given up: nothing else of it is stored)
 end

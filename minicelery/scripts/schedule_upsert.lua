@@ -25,7 +25,7 @@ local name, spec, paused = ARGV[1], ARGV[2], ARGV[3]
 local next_id, next_slot, payload = ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local now = now_ms()
 
-if getf(next_id, 's') and redis.call('HGET', K_STATE, name .. ':n') ~= next_id then
+if state_of(next_id) and redis.call('HGET', K_STATE, name .. ':n') ~= next_id then
   return { 'taken', false } -- that slot ran already (a clock that went back): plan a later one
 end
 
@@ -48,7 +48,7 @@ end
 
 local held = redis.call('HMGET', K_STATE, name .. ':n', name .. ':p')
 local pending = held[1]
-local pending_state = pending and getf(pending, 's')
+local pending_state = pending and state_of(pending)
 
 local function drop_pending()
   redis.call('ZREM', K_SCHEDULED, pending)
@@ -70,14 +70,14 @@ if pending_state then
     return { 'kept', pending }
   end
   if pending == next_id then
-    redis.call('HSET', K_PAYLOAD, pending, payload) -- same slot: the new spec's arguments
+    store_payload(pending, payload, now) -- same slot: the new spec's arguments
     return { 'kept', pending }
   end
   drop_pending()
   status = 'replaced'
 end
 
-redis.call('HSET', K_PAYLOAD, next_id, payload) -- (next_id is new: see 'taken' above)
+store_payload(next_id, payload, now) -- (next_id is new: see 'taken' above)
 make_due(next_id, math.max(now, next_slot), now, payload)
 redis.call('HSET', K_STATE, name .. ':n', next_id, name .. ':d', next_slot)
 return { status, next_id }

@@ -9,7 +9,7 @@
 -- Returns {state|false, envelope|false}.
 
 local id = ARGV[1]
-local state = getf(id, 's')
+local state = state_of(id)
 if state then
   setf(id, 'w', '1')
 end

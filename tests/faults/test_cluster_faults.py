@@ -129,7 +129,12 @@ def test_a_durable_enqueue_sent_to_a_primary_turned_replica_follows_it(cluster: 
         cluster.wait_ok(60, replicas=3)
         task = stamp("after").start()
         reader = cluster.cluster_client()
-        assert reader.hget(QueueKeys(queue).info, f"{task.id}:s") is not None  # stored on the new primary
+        keys = QueueKeys(queue)  # stored on the new primary (pending: its payload; run: state or result)
+        assert (
+            reader.hexists(keys.payload, task.id)
+            or reader.hexists(keys.result, task.id)
+            or reader.hexists(keys.info, f"{task.id}:s")
+        )
         reader.close()
     finally:
         producer.app.broker.close()

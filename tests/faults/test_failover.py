@@ -43,6 +43,7 @@ import redis
 import worktasks
 from conftest import Workers, require_tool, wait_until
 from faultkit import ChainProducer, record
+from helpers import succeeded
 from sentinelkit import MASTER, SentinelSet
 
 from minicelery import Client, JSONTransport, RedisBroker
@@ -125,11 +126,9 @@ def inject(cluster: SentinelSet, fault: str) -> float:
 
 def audit(primary: redis.Redis, ledger: redis.Redis, queue: str, tags: dict[str, str]) -> dict[str, int]:
     """Accepted tasks not succeeded (lost), and extra runs (the ledger counts every run)."""
-    keys = QueueKeys(queue)
-    states = primary.hmget(keys.info, [f"{task_id}:s" for task_id in tags]) if tags else []
+    done = succeeded(primary, queue, list(tags))
     runs = worktasks.executions(ledger)
-    lost = sum(1 for (task_id, tag), state in zip(tags.items(), states, strict=True)
-               if state != b"succeeded" or runs.get(tag, 0) == 0)  # fmt: skip
+    lost = sum(1 for tag, ok in zip(tags.values(), done, strict=True) if not ok or runs.get(tag, 0) == 0)
     return {"accepted": len(tags), "lost": lost, "ran_twice": sum(max(0, runs.get(t, 0) - 1) for t in tags.values())}
 
 
@@ -147,8 +146,8 @@ def on_new_primary(primary: redis.Redis, queue: str, producers: list[Producer], 
     """Tags of tasks sent after the new primary was agreed on that it holds as succeeded: a
     worker that ran one of them works against the new primary."""
     tags = {task_id: tag for p in producers for task_id, tag in p.accepted.items() if p.sent_at[tag] >= after}
-    states = primary.hmget(QueueKeys(queue).info, [f"{task_id}:s" for task_id in tags]) if tags else []
-    return {tag for tag, state in zip(tags.values(), states, strict=True) if state == b"succeeded"}
+    done = succeeded(primary, queue, list(tags))
+    return {tag for tag, ok in zip(tags.values(), done, strict=True) if ok}
 
 
 def test_failovers_under_load(cluster: SentinelSet, redis_url: str, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import redis
 import worktasks
 from conftest import Workers, wait_until
 from faultkit import DurableRedis, Outage, record, rss_kb
+from helpers import succeeded
 
 from minicelery import Client, JSONTransport, RedisBroker
 from minicelery.errors import BrokerError
@@ -59,14 +60,15 @@ def audit(r: redis.Redis, queue: str, tags: dict[str, str]) -> dict[str, Any]:
     for task_id in ids:
         pipe.hmget(keys.info, f"{task_id}:s", f"{task_id}:a", f"{task_id}:l", f"{task_id}:p")
     rows = pipe.execute()
+    done = succeeded(r, queue, ids)
     runs = worktasks.executions(r)
     dead = {i.decode() for i in r.zrange(keys.dead, 0, -1)}
     out = {"tasks": len(ids), "lost": 0, "duplicated": 0, "dead_lettered": 0, "unexplained": 0, "released_twice": 0}
-    for task_id, (state, _attempts, lost_leases, pending) in zip(ids, rows, strict=True):
+    for task_id, (_state, _attempts, lost_leases, pending), ok in zip(ids, rows, done, strict=True):
         ran = runs.get(tags[task_id], 0)
         if task_id in dead:
             out["dead_lettered"] += 1
-        elif state != b"succeeded" or ran == 0:
+        elif not ok or ran == 0:
             out["lost"] += 1
         out["duplicated"] += max(0, ran - 1)
         if ran - 1 > int(lost_leases or 0):  # an extra run that no lost lease explains
