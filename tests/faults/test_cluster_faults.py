@@ -155,13 +155,6 @@ def test_leaving_the_idle_set_of_a_queue_whose_keys_were_migrated_follows_the_as
         broker.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: a worker that loses one primary treats it as losing Redis: its reconnect loop "
-    "(SCRIPT LOAD on every primary) runs no task of any queue until that primary answers again, "
-    "so one shard's outage stalls the worker's queues on healthy shards (4-5 s per kill -9 with "
-    "node-timeout 2 s in the load test's scorecard: other_queues_paused_s)",
-)
 def test_a_worker_keeps_serving_its_queue_on_a_live_primary_while_another_shard_is_down(
     cluster: RedisCluster, ledger_url: str, tmp_path: Path
 ) -> None:
