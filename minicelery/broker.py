@@ -7,6 +7,7 @@ tree), claim_wire.py (claims on the wire) and queue_reads.py (read-only views).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -264,12 +265,41 @@ class RedisBroker(QueueReads):
         (on a cluster: on every primary; a node that lacks one later loads it on NOSCRIPT)."""
         with translate_errors("SCRIPT LOAD"):
             if self.cluster is not None:
-                self.cluster.refresh()  # (a worker loads them as it connects: after a failover too)
-                for node in self.cluster.primaries():
-                    self._load_on(self.cluster.client(node))
+                self._load_on_cluster()
                 return
             for script in self._scripts.values():
                 script.sha = self.redis.script_load(script.script)
+
+    def _load_on_cluster(self) -> None:
+        """Load the scripts on every primary that answers. One that does not (its shard down,
+        or failing over) is left out: its queues' calls load them there on NOSCRIPT once it
+        answers, and a worker sets those queues aside meanwhile. None answering raises."""
+        assert self.cluster is not None
+        self.cluster.refresh()  # (a worker loads them as it connects: after a failover too)
+        nodes = self.cluster.primaries()
+        down: list[str] = []
+        for node in nodes:
+            try:
+                self._load_on(self.cluster.client(node))
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+                if len(down) == len(nodes) - 1:
+                    raise  # (no primary answered)
+                down.append(f"{node} ({exc})")
+        if down:
+            self.cluster.stale = True
+            log.warning("Redis Cluster: scripts not loaded on %s: not answering", ", ".join(down))
+
+    def check_queue_node(self, queue: str) -> None:
+        """On a cluster: PING the primary of `queue`'s slot, once (no retry window), and raise
+        BrokerUnavailable if it does not answer: how a worker tells whether a queue it set
+        aside can be taken back without stalling its other queues."""
+        assert self.cluster is not None
+        with translate_errors(f"PING the node of queue {queue}"):
+            try:
+                self._client_of(queue).ping()
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError):
+                self.cluster.stale = True  # (the next check reads the slot map: a replica may have taken over)
+                raise
 
     def _client_of(self, queue: str) -> redis.Redis:
         """The client for plain commands on `queue`'s keys: on a cluster, a client of the node
@@ -294,11 +324,20 @@ class RedisBroker(QueueReads):
     def eviction_policy(self) -> str:
         with translate_errors("CONFIG GET"):
             try:
-                client = self.cluster.client(self.cluster.primaries()[0]) if self.cluster is not None else self.redis
-                reply = client.config_get("maxmemory-policy")
+                reply = self._first_answer(lambda client: client.config_get("maxmemory-policy"))
             except redis_errors.ResponseError:  # CONFIG may be renamed or forbidden by ACL
                 return "unknown"
         return _text(next(iter(reply.values()), "unknown"))
+
+    def _first_answer(self, ask: Callable[[redis.Redis], Any]) -> Any:
+        """`ask` Redis; on a cluster, the first primary that answers (a shard may be down)."""
+        if self.cluster is None:
+            return ask(self.redis)
+        nodes = self.cluster.primaries()
+        for node in nodes[:-1]:
+            with contextlib.suppress(redis_errors.ConnectionError, redis_errors.TimeoutError):
+                return ask(self.cluster.client(node))
+        return ask(self.cluster.client(nodes[-1]))
 
     def close(self) -> None:
         for watch in self._watches:

@@ -57,6 +57,11 @@ class Connection:
                 delay = min(delay * 2, self.max_delay)
         return False
 
+    def set_ready(self, ready: bool) -> None:
+        """Readiness set from outside a (re)connect: off while a cluster worker's every queue
+        is set aside (queue_health.py)."""
+        self.ready = ready
+
     def recover(self, exc: BrokerError) -> bool:
         """A Redis call failed mid-run: wait until Redis is back. True once it is."""
         self.ready = False

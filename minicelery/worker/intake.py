@@ -15,15 +15,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from ..broker import RedisBroker
-from ..errors import BrokerError
+from ..errors import BrokerError, BrokerUnavailable
 from ..metrics import WorkerMetrics
 from ..records import Claim, Idle, NextClaim, Wake
 from .clock import REDIS_TIMEOUT_GRAIN, QueueClock, RedisClock
 from .observe import Observer
+from .queue_health import QueueHealth
 
 log = logging.getLogger("minicelery.worker")
 
@@ -52,6 +53,7 @@ class Intake:
         sleep_until: Callable[[float], None],
         stopping: Callable[[], bool],
         schedules: BeginsWithClaim,
+        health: QueueHealth,
     ) -> None:
         self.broker = broker
         self.worker_id = worker_id
@@ -72,6 +74,10 @@ class Intake:
         # Queues whose idle set holds this worker (tasks may be handed to it). A claim that
         # gets tasks, or a hand-off, takes it out; the next idle wait puts it back.
         self._idle_in: set[str] = set()
+        # On a cluster, a queue whose node does not answer is set aside while the others are
+        # served (queue_health.py); on one Redis, losing it is losing Redis (Connection.recover).
+        self.on_cluster = broker.cluster is not None
+        self.health = health
 
     def next(self, *, block: bool) -> Claim | None:
         """The next task to run: one already here, else one claimed from a queue that is due.
@@ -112,15 +118,28 @@ class Intake:
         begin = (
             self.schedules.begin_with_claim(queue, clock.held_due_ms, token) if timed and clock.held_due_ms else None
         )
-        if begin is None:
-            reply = self.broker.claim(
-                queue, token, self.lease_ms, self.worker_id, clock.held_due_ms, self.batch, woken=woken, handoffs=True
-            )
-        else:
-            reply, begun = self.broker.claim_and_begin(
-                queue, token, self.lease_ms, self.worker_id, clock.held_due_ms, self.batch, begin
-            )
-            self.schedules.begun_with_claim(begun)
+        try:
+            if begin is None:
+                reply = self.broker.claim(
+                    queue,
+                    token,
+                    self.lease_ms,
+                    self.worker_id,
+                    clock.held_due_ms,
+                    self.batch,
+                    woken=woken,
+                    handoffs=True,
+                )
+            else:
+                reply, begun = self.broker.claim_and_begin(
+                    queue, token, self.lease_ms, self.worker_id, clock.held_due_ms, self.batch, begin
+                )
+                self.schedules.begun_with_claim(begun)
+        except BrokerUnavailable as exc:
+            if not self.on_cluster:
+                raise
+            self._set_aside(queue, exc)
+            return []
         clock.last_claim = time.monotonic()
         if isinstance(reply, list):
             self._claimed(queue, reply)
@@ -143,11 +162,48 @@ class Intake:
         """
         now = time.monotonic()
         for queue, clock in self.clocks.items():
+            if self.health.aside and queue in self.health.aside and not self._take_back(queue, now):
+                continue
             if clock.next_check <= now or now - clock.last_claim >= self.sweep_interval:
                 claims = self._claim(queue, timed=clock.next_check <= now)
                 if claims:
                     return claims
         return []
+
+    # --- queues set aside (a cluster's node that does not answer) -------------------------------
+
+    def _set_aside(self, queue: str, exc: BrokerUnavailable) -> None:
+        self.health.set_aside(queue, exc)
+        self._idle_in.discard(queue)  # (not left: its node does not answer; the wait joins it again)
+
+    def _take_back(self, queue: str, now: float) -> bool:
+        """A queue set aside, due a check: True if its node answers (it is claimed from at once)."""
+        if not self.health.retry_due(queue, now):
+            return False
+        try:
+            self.broker.check_queue_node(queue)
+        except BrokerUnavailable as exc:
+            self.health.set_aside(queue, exc)
+            return False
+        self.health.taken_back(queue)
+        self.clocks[queue].next_check = 0.0
+        return True
+
+    def _wait_failed(self, queues: list[str], exc: BrokerUnavailable) -> None:
+        """The idle wait on a cluster failed: set aside the queues whose node does not answer
+        and look at every queue at once (a wake may have been lost). If every node answers,
+        it was something else: the worker reconnects, as on one Redis."""
+        down = 0
+        for queue in queues:
+            try:
+                self.broker.check_queue_node(queue)
+            except BrokerUnavailable as reason:
+                self._set_aside(queue, reason)
+                down += 1
+        if not down:
+            raise exc
+        for clock in self.clocks.values():
+            clock.next_check = 0.0
 
     def look_again(self) -> None:
         """After an outage: look at every queue at once, and join the idle sets again (a
@@ -160,8 +216,18 @@ class Intake:
 
     def _wait_idle(self) -> None:
         now = time.monotonic()
-        due = min(c.next_check for c in self.clocks.values()) - now  # a task falls due then
-        sweep = min(c.last_claim + self.sweep_interval for c in self.clocks.values()) - now
+        queues: list[str] = self.queues
+        clocks: Iterable[QueueClock] = self.clocks.values()
+        if self.health.aside:  # wait on the others only, and wake in time to check those again
+            queues = self.health.usable()
+            clocks = [self.clocks[queue] for queue in queues]
+            if not queues:  # every queue set aside: "waiting for Redis" (queue_health.py)
+                self.sleep_until(self.health.next_retry())
+                return
+        due = min(c.next_check for c in clocks) - now  # a task falls due then
+        if self.health.aside:
+            due = min(due, self.health.next_retry() - now)
+        sweep = min(c.last_claim + self.sweep_interval for c in clocks) - now
         if due <= REDIS_TIMEOUT_GRAIN:
             # Redis fires blocking timeouts on its 10 Hz timer, up to 100 ms late: wait out the
             # last stretch before a due time here, to the millisecond. (Another idle worker, if
@@ -170,10 +236,16 @@ class Intake:
             return
         timeout = min(self.broker.max_block, max(0.001, sweep), due - REDIS_TIMEOUT_GRAIN)
         self.observer.status()
-        register = [queue for queue in self.queues if queue not in self._idle_in]
-        wake = self.broker.wait_for_work(
-            self.queues, self.worker_id, timeout, handoffs_lease_ms=self.lease_ms, register=register
-        )
+        register = [queue for queue in queues if queue not in self._idle_in]
+        try:
+            wake = self.broker.wait_for_work(
+                queues, self.worker_id, timeout, handoffs_lease_ms=self.lease_ms, register=register
+            )
+        except BrokerUnavailable as exc:
+            if not self.on_cluster:
+                raise
+            self._wait_failed(queues, exc)
+            return
         self._idle_in.update(register)
         if wake is None or wake.queue is None:
             return
@@ -254,7 +326,9 @@ class Intake:
         """Stopping: leave every idle set, giving back what was handed to this worker since
         (even when it thinks it is in none: Redis may have kept it across a lost connection),
         and pass on the due times it waited for, so an idle worker takes them over."""
-        for claim in self._leave(self.queues):
+        # (not the queues set aside: their node does not answer, and each try would take the
+        # cluster's retry window; a task handed there meanwhile runs again after its lease)
+        for claim in self._leave(self.health.usable()):
             self.give_back(claim)
         for queue, clock in self.clocks.items():
             if clock.held_due_ms:

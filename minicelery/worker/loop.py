@@ -28,6 +28,7 @@ from .connection import Connection
 from .heartbeat import CANCEL_CHECK_EVERY, Heartbeat
 from .intake import Intake
 from .observe import Counters, Observer, build_metrics
+from .queue_health import QueueHealth
 from .results import ResultBuffer
 from .stuck import EXIT_TASK_STUCK, stuck_outcome
 from .upkeep import Upkeep
@@ -70,6 +71,7 @@ class Worker:
             observer=self.observer, metrics=self.metrics, usually_brief=self._usually_brief,
             sleep_until=self.connection.sleep_until, stopping=lambda: self.signals.requested,
             schedules=self.schedules,
+            health=QueueHealth(self.queues, self.observer, self.connection.set_ready, w.reconnect_max_delay),
         )  # fmt: skip
         self.upkeep = Upkeep(self.broker, w, self.metrics)
         # Tasks held here (claimed, not started) whose cancel the heartbeat learned of: not run.
@@ -247,7 +249,7 @@ class Worker:
     def on_stop(self) -> None:
         self.notifier.stopping()
         try:
-            self.broker.wake_worker(self.id, self.queues)
+            self.broker.wake_worker(self.id, self.intake.health.usable())  # (the queues it waits on)
         except BrokerError as exc:  # the main loop notices the stop within one idle block
             log.warning("could not wake the idle wait: %s", exc)
 

@@ -160,18 +160,12 @@ def test_leaving_the_idle_set_of_a_queue_whose_keys_were_migrated_follows_the_as
         broker.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: a worker that loses one primary treats it as losing Redis: its reconnect loop "
-    "(SCRIPT LOAD on every primary) runs no task of any queue until that primary answers again, "
-    "so one shard's outage stalls the worker's queues on healthy shards (4-5 s per kill -9 with "
-    "node-timeout 2 s in the load test's scorecard: other_queues_paused_s)",
-)
 def test_a_worker_keeps_serving_its_queue_on_a_live_primary_while_another_shard_is_down(
     cluster: RedisCluster, ledger_url: str, tmp_path: Path
 ) -> None:
     """A shard (primary and replica) down, cluster-require-full-coverage off so that the
-    other shards keep serving: a worker on a queue of each still runs the live one's tasks."""
+    other shards keep serving: a worker on a queue of each still runs the live one's tasks,
+    and takes the other queue back once its shard is up again."""
     dead_queue, live_queue = cluster.queues_on_distinct_primaries(f"half{uuid.uuid4().hex[:4]}", 2)
     ports = cluster.live_ports()
     for port in ports:
@@ -183,22 +177,36 @@ def test_a_worker_keeps_serving_its_queue_on_a_live_primary_while_another_shard_
         MINICELERY_TEST_LEDGER_URL=ledger_url,
         **WORKER_SETTINGS,
     )
-    pool.wait_ready(pool.start(env=env))
-    app = Client(RedisBroker(JSONTransport(), url=live_url, cluster=True, max_block=1), default_queue=live_queue)
-    Client.instances.remove(app)
-    clustertasks.register(app)
+    worker = pool.start(env=env)
+    pool.wait_ready(worker)
+    apps: dict[str, Client] = {}
+    for queue in (live_queue, dead_queue):
+        apps[queue] = Client(RedisBroker(JSONTransport(), url=live_url, cluster=True, max_block=1), default_queue=queue)
+        Client.instances.remove(apps[queue])
+        clustertasks.register(apps[queue])
     primary = cluster.node_of_queue(dead_queue)
     shard = [cluster.replica_of(primary), primary]
+    down = False
     try:
         for port in shard:
             cluster.stop_node(port)  # SIGKILL: the shard is gone until restarted below
-        task = app.tasks["stamp_run"]("live").start()
+        down = True
+        task = apps[live_queue].tasks["stamp_run"]("live").start()
         assert task.result(timeout=10) == "live"
-    finally:
-        pool.stop_all()
-        app.broker.close()
         for port in reversed(shard):
             cluster.restart(port)
+        down = False
+        cluster.wait_ok(60, replicas=3)
+        task = apps[dead_queue].tasks["stamp_run"]("back").start()
+        assert task.result(timeout=30) == "back"
+        assert f"queue {dead_queue} taken back" in pool.log(worker)
+    finally:
+        pool.stop_all()
+        for app in apps.values():
+            app.broker.close()
+        if down:
+            for port in reversed(shard):
+                cluster.restart(port)
         cluster.wait_ok(60, replicas=3)
         for port in ports:
             cluster.ask(port, "CONFIG", "SET", "cluster-require-full-coverage", "yes")
