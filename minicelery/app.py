@@ -225,8 +225,23 @@ class Client:
         return list(handles)
 
     def handle(self, task_id: str, *, queue: str | None = None, name: str = "?") -> Task:
-        """A handle to a task already sent, by id (for `.result()` and `.state`)."""
-        return attach(self, task_id, queue or self.default_queue, name)
+        """A handle to a task already sent, by id (for `.result()` and `.state`).
+
+        Without `queue`, the task is looked for on the queue of task `name` (if registered),
+        the default queue, then the queues of every registered task: a read per queue until
+        one holds it (as `minicelery result ID` searches the configured queues). Found
+        nowhere, the handle is on the default queue and `.result()` says where it looked."""
+        if queue is None:
+            queue = self._queue_holding(task_id, name)
+        return attach(self, task_id, queue, name)
+
+    def _queue_holding(self, task_id: str, name: str) -> str:
+        first = [self.tasks[name].queue] if name in self.tasks else []
+        candidates = dict.fromkeys([*first, self.default_queue, *(d.queue for d in self.tasks.values())])
+        for candidate in candidates:
+            if self.broker.outcome(candidate, task_id)[0] is not None:
+                return candidate
+        return self.default_queue
 
     def start(self, queues: Sequence[str] | None = None, **worker_settings: Any) -> None:
         """Run a worker in this process until SIGTERM or SIGINT.

@@ -304,7 +304,10 @@ class Task:
                     "store_results = false)"
                 )
             if state is None:
-                raise TaskNotFound(f"task {self.id} is not stored (never sent, or its result expired)")
+                raise TaskNotFound(
+                    f"task {self.id} is not stored on queue {self.queue!r} (never sent there, or its result "
+                    "expired; a task of another queue: app.handle(id, queue=...))"
+                )
             remaining = broker.max_block if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"{self!r} did not finish within {timeout} s (state: {state})")

@@ -19,7 +19,7 @@ from minicelery import (
     RedisBroker,
     RemoteError,
 )
-from minicelery.errors import SerializationError, TaskError
+from minicelery.errors import SerializationError, TaskError, TaskNotFound
 
 
 def test_calling_a_task_sends_nothing_until_start(app: Client, r: redis.Redis) -> None:
@@ -246,3 +246,18 @@ def test_many_concurrent_waiters_all_get_the_result(app: Client, workers) -> Non
     for thread in threads:
         thread.join(timeout=60)
     assert results == [0.5] * 20
+
+
+def test_a_handle_by_id_finds_a_task_of_another_queue_and_says_where_it_looked_otherwise(app: Client) -> None:
+    other = f"{app.default_queue}-other"
+
+    @app.task(queue=other)
+    def shout(text: str) -> str:
+        return text.upper()
+
+    sent = shout("hi").start()
+    drain(app, queues=[other])
+    assert app.handle(sent.id).result(timeout=5) == "HI"  # no queue= needed, as Celery's AsyncResult(id)
+    assert app.handle(sent.id).queue == other
+    with pytest.raises(TaskNotFound, match=f"not stored on queue '{app.default_queue}'.*queue="):
+        app.handle("nosuchtask0000").result(timeout=1)
