@@ -290,16 +290,18 @@ class RedisBroker(QueueReads):
             log.warning("Redis Cluster: scripts not loaded on %s: not answering", ", ".join(down))
 
     def check_queue_node(self, queue: str) -> None:
-        """On a cluster: PING the primary of `queue`'s slot, once (no retry window), and raise
-        BrokerUnavailable if it does not answer: how a worker tells whether a queue it set
-        aside can be taken back without stalling its other queues."""
+        """On a cluster: ask the primary of `queue`'s slot whether it serves it, once (no
+        retry, 0.5 s; ClusterRoute.probe), and raise BrokerUnavailable if it does not: how a
+        worker tells whether a queue it set aside can be taken back without stalling its
+        other queues, nor taking back one whose claims would only meet CLUSTERDOWN again."""
         assert self.cluster is not None
-        with translate_errors(f"PING the node of queue {queue}"):
+        ready = queue_keys(queue).ready
+        with translate_errors(f"check the node of queue {queue}"):
             try:
-                self._client_of(queue).ping()
-            except (redis_errors.ConnectionError, redis_errors.TimeoutError):
+                self.cluster.probe(self.cluster.primary_of(slot_of(ready)), ready)
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.ClusterDownError) as exc:
                 self.cluster.stale = True  # (the next check reads the slot map: a replica may have taken over)
-                raise
+                raise redis_errors.ConnectionError(f"the node of queue {queue} does not serve it: {exc}") from exc
 
     def _client_of(self, queue: str) -> redis.Redis:
         """The client for plain commands on `queue`'s keys: on a cluster, a client of the node

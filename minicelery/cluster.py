@@ -40,7 +40,9 @@ import redis
 import redis.exceptions as redis_errors
 from redis import cluster as redis_cluster
 from redis import connection as redis_connection
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.retry import Retry
 
 from .errors import BrokerUnavailable
 from .redis_wire import SLOT_MAPS, primary_moved
@@ -54,6 +56,8 @@ Encoder: Any = redis_connection.Encoder  # type: ignore[attr-defined]
 # Redirections and retries for one call give up after this many seconds (a failover takes
 # cluster-node-timeout plus an election; the worker's own retry goes on after that).
 RETRY_WINDOW = 5.0
+# A node set aside is probed with this timeout (s): a dead one must not hold the worker.
+PROBE_TIMEOUT = 0.5
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 0.5
 
 
@@ -163,13 +167,37 @@ class ClusterRoute:
 
     def client(self, node: str, blocking: bool = False) -> redis.Redis:
         """A plain client of one node (its own pool); `blocking`: with the socket timeout of
-        the blocking calls."""
+        the blocking calls, and no retry of its own (cluster_wait decides what a failed wait
+        means: redis-py's default retry would hold the worker ~5 s on a dead node)."""
         found = self._clients.get((node, blocking))
         if found is None:
             host, port = parse_address(node)
-            options = {**self.options, "socket_timeout": self.blocking_timeout} if blocking else self.options
+            options = self.options
+            if blocking:
+                options = {**options, "socket_timeout": self.blocking_timeout, "retry": Retry(NoBackoff(), 0)}
             found = self._clients.setdefault((node, blocking), redis.Redis(host, port, **options))
         return found
+
+    def probe(self, node: str, key: str) -> None:
+        """Ask one node whether it serves `key`'s slot (EXISTS), once, on a fresh connection
+        with a short timeout and no retry: how a worker tells, without stalling, whether a
+        queue it set aside can be served again. A node that answers but cannot serve the slot
+        (CLUSTERDOWN: a shard down with cluster-require-full-coverage yes) raises
+        ClusterDownError; MOVED or ASK mean another node serves it (the map is read again)."""
+        host, port = parse_address(node)
+        options = {
+            **self.options,
+            "socket_timeout": PROBE_TIMEOUT,
+            "socket_connect_timeout": PROBE_TIMEOUT,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        client = redis.Redis(host, port, **options)
+        try:
+            client.exists(key)
+        except (redis_errors.MovedError, redis_errors.AskError):
+            self.stale = True  # (served elsewhere now: the next call follows the new map)
+        finally:
+            client.close()
 
     def close(self) -> None:
         for client in list(self._clients.values()):
