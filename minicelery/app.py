@@ -230,7 +230,7 @@ class Client:
         Without `queue`, the task is looked for on the queue of task `name` (if registered),
         the default queue, then the queues of every registered task: a read per queue until
         one holds it (as `minicelery result ID` searches the configured queues). Found
-        nowhere, the handle is on the default queue and `.result()` says where it looked."""
+        nowhere, the handle is on the default queue, and `.result()` names it."""
         if queue is None:
             queue = self._queue_holding(task_id, name)
         return attach(self, task_id, queue, name)

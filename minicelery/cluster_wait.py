@@ -20,6 +20,7 @@ slot's new owner (redis #2379 / valkey #2734: a blocked pop left waiting on the 
 
 from __future__ import annotations
 
+import logging
 import selectors
 import time
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ from .errors import BrokerUnavailable
 from .keys import queue_keys
 from .records import Wake
 from .redis_wire import text as _text
+
+log = logging.getLogger(__name__)
 
 # A call during its slot's migration is answered at once (ASK, TRYAGAIN): wait this long
 # before the worker asks again, so an idle worker does not spin through a migration.
@@ -111,13 +114,7 @@ def wait_on_cluster(
                 raise redis_errors.TimeoutError(f"no reply within {timeout + socket_slack:g} s")
         for call in answered:
             call.finish()
-        waiting = [call for call in calls if not call.read]
-        if waiting:
-            commands, slots = wake_commands([call.queue for call in waiting], worker_id)
-            route.exchange(commands, slots, _no_scripts)
-            for call in waiting:
-                call.unblocked = True
-                call.finish()
+        _end_the_others(route, [call for call in calls if not call.read], worker_id)
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
         route.stale = True
         raise BrokerUnavailable(f"Redis unavailable during the idle wait: {exc}") from exc
@@ -126,14 +123,31 @@ def wait_on_cluster(
             if not call.read:  # its reply may still come: never reuse this socket
                 call.connection.disconnect()
             call.pool.release(call.connection)
-    return _chosen(route, calls, worker_id)
+    return _chosen(route, calls, worker_id, handoffs_lease_ms)
+
+
+def _end_the_others(route: ClusterRoute, waiting: list[_Call], worker_id: str) -> None:
+    """One call answered: make the others return (push their wake keys) and read them. If
+    that fails (their node went away), they are left unread and disconnected: what the
+    answered calls popped is still acted on."""
+    if not waiting:
+        return
+    commands, slots = wake_commands([call.queue for call in waiting], worker_id)
+    try:
+        route.exchange(commands, slots, _no_scripts)
+        for call in waiting:
+            call.unblocked = True
+            call.finish()
+    except (BrokerUnavailable, redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        route.stale = True
+        log.warning("could not end the idle wait on %s: %s", ", ".join(c.queue for c in waiting), exc)
 
 
 def _no_scripts(_client: Any, _sha: str) -> None:
     raise AssertionError("no script is sent here")
 
 
-def _chosen(route: ClusterRoute, calls: list[_Call], worker_id: str) -> Wake | None:
+def _chosen(route: ClusterRoute, calls: list[_Call], worker_id: str, lease_ms: int | None) -> Wake | None:
     """The wake to act on, as one BZPOPMIN over all the keys would pick it (a stop, then a
     task handed to this worker, then a marker); whatever else was popped is put back."""
     popped: list[tuple[int, str, Any, float, Wake]] = []  # (rank, key, member, score, wake)
@@ -158,12 +172,16 @@ def _chosen(route: ClusterRoute, calls: list[_Call], worker_id: str) -> Wake | N
     # worker's own flag carries); a handed task or a marker goes back where it was.
     commands: list[tuple[Any, ...]] = []
     for rank, key, member, score, _wake in popped[1:]:
-        if rank == 1:
-            commands.append(("ZADD", key, score, member))
+        if rank == 1:  # (the inbox went with its last member: it expires as hand_off set it)
+            commands += [("ZADD", key, score, member), ("PEXPIRE", key, 2 * (lease_ms or 0) or 60_000)]
         elif rank == 2:
             commands.append(("ZADD", key, "LT", score, member))
     if commands:
-        route.exchange(commands, [slot_of(command[1]) for command in commands], _no_scripts)
+        try:
+            route.exchange(commands, [slot_of(command[1]) for command in commands], _no_scripts)
+        except BrokerUnavailable as exc:  # a handed task's lease brings it back; a marker, the next claim
+            route.stale = True
+            log.warning("could not put back what the idle wait popped: %s", exc)
     if popped:
         return popped[0][4]
     if trouble is not None:

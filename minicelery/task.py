@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import math
@@ -376,6 +377,8 @@ def _reject_nested(value: Any, where: str, task_name: str) -> None:
 def attach(app: Client, task_id: str, queue: str, name: str = "?") -> Task:
     """A handle to a task already in Redis (known by id), for .result() and .state."""
     definition = app.tasks.get(name) or TaskDefinition(app, _never_called, name, queue)
+    if definition.queue != queue:  # (found on another queue than its task's: e.g. moved since)
+        definition = dataclasses.replace(definition, queue=queue)
     handle = Task.__new__(Task)
     handle.definition = definition
     handle.id = task_id
