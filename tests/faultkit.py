@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import require_root, require_tool
+from conftest import Workers, require_root, require_tool
 
 from minicelery import Client
 from minicelery.errors import MiniceleryError
@@ -123,3 +123,11 @@ class ChainProducer(threading.Thread):
                 self.accepted.update({a.id: f"{tag}a", b.id: f"{tag}b"})
                 self.sent_at[f"{tag}a"] = self.sent_at[f"{tag}b"] = time.time()
             time.sleep(self.pace)  # the stream's pace, not a synchronisation
+
+
+def ready_workers(pool: Workers, env: dict[str, str], count: int = 3) -> list[subprocess.Popen[bytes]]:
+    """`count` worker processes of `pool` started with `env`, each waited for until ready."""
+    workers = [pool.start(env=env) for _ in range(count)]
+    for worker in workers:
+        pool.wait_ready(worker)
+    return workers

@@ -48,7 +48,7 @@ import pytest
 import redis
 from clusterkit import RedisCluster, slot_of_queue
 from conftest import Workers, wait_until
-from faultkit import ChainProducer, record
+from faultkit import ChainProducer, ready_workers, record
 from test_failover import audit, resumed
 
 from minicelery import Client, JSONTransport, RedisBroker
@@ -307,9 +307,7 @@ def test_topology_changes_under_load(cluster: RedisCluster, ledger_url: str, tmp
         MINICELERY_TEST_LEDGER_URL=ledger_url,
         **WORKER_SETTINGS,
     )
-    workers = [pool.start(env=env) for _ in range(3)]
-    for worker in workers:
-        pool.wait_ready(worker)
+    workers = ready_workers(pool, env)
     pids = [w.pid for w in workers]
     redo_bound = len(workers) * 2 * BATCH  # tasks the workers can hold at once: leased, or run and not stored
     began = time.monotonic()

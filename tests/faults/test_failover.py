@@ -42,7 +42,7 @@ import pytest
 import redis
 import worktasks
 from conftest import Workers, require_tool, wait_until
-from faultkit import ChainProducer, record
+from faultkit import ChainProducer, ready_workers, record
 from helpers import succeeded
 from sentinelkit import MASTER, SentinelSet
 
@@ -161,9 +161,7 @@ def test_failovers_under_load(cluster: SentinelSet, redis_url: str, tmp_path: Pa
         MINICELERY_REDIS__SENTINEL_MASTER=MASTER,
         **WORKER_SETTINGS,
     )
-    workers = [pool.start(env=env) for _ in range(3)]
-    for worker in workers:
-        pool.wait_ready(worker)
+    workers = ready_workers(pool, env)
     pids = [w.pid for w in workers]
     redo_bound = len(workers) * 2 * BATCH  # tasks the workers can hold at once: leased, or run and not stored
     began = time.monotonic()
