@@ -131,3 +131,12 @@ def ready_workers(pool: Workers, env: dict[str, str], count: int = 3) -> list[su
     for worker in workers:
         pool.wait_ready(worker)
     return workers
+
+
+BATCH = 16  # worker.batch_size (the default)
+
+
+def tasks_held_at_once(workers: list[subprocess.Popen[bytes]]) -> int:
+    """How many tasks the workers can hold at once (a leased batch, and a batch run but not
+    yet stored, each): the most a fault may make run twice."""
+    return len(workers) * 2 * BATCH

@@ -23,12 +23,7 @@ def bench_redis_url() -> object:
 
 
 def scenario(url: str, *args: str) -> dict[str, float]:
-    run = subprocess.run(
-        [sys.executable, str(REPO / "bench/peers/scenario.py"), str(Path(sys.executable).parent), "minicelery_peer",
-         url, *args],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = run_bench("peers/scenario.py", str(Path(sys.executable).parent), "minicelery_peer", url, *args)
     figures: dict[str, float] = json.loads(run.stdout.splitlines()[-1])
     return figures
 
@@ -51,21 +46,21 @@ def test_minicelery_runs_every_side_by_side_scenario(bench_redis_url: str) -> No
     assert memory["redis bytes per pending task"] > 0 and memory["redis bytes per scheduled task"] > 0
 
 
-def test_the_pool_benchmark_runs_every_mode_on_tiny_sizes() -> None:
-    run = subprocess.run(
-        [sys.executable, str(REPO / "bench/pool.py"), "--tasks", "200", "--runs", "1", "--pings", "5"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+def run_bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run bench/`script` with `args` to completion; it must succeed."""
+    command = [sys.executable, str(REPO / "bench" / script), *args]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
+    return run
+
+
+def test_the_pool_benchmark_runs_every_mode_on_tiny_sizes() -> None:
+    run = run_bench("pool.py", "--tasks", "200", "--runs", "1", "--pings", "5")
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "tasks/s" not in line]
     assert [row.split("|")[1].strip() for row in rows] == ["1 process", "-c 2", "2 processes"]
 
 
 def test_the_pool_metrics_benchmark_runs_on_tiny_sizes() -> None:
-    run = subprocess.run(
-        [sys.executable, str(REPO / "bench/pool_metrics.py"), "--tasks", "200", "--runs", "1", "--children", "2"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = run_bench("pool_metrics.py", "--tasks", "200", "--runs", "1", "--children", "2")
     rows = [line.split("|")[1:3] for line in run.stdout.splitlines() if line.startswith("| 2 ")]
     assert [[cell.strip() for cell in row] for row in rows] == [["2", "off"], ["2", "on"]]

@@ -53,6 +53,19 @@ def start_pool(workers: Workers, n: int, **settings: str) -> subprocess.Popen[by
     return proc
 
 
+def start_metered_pool(
+    workers: Workers, tmp_path: Path, n: int, **settings: str
+) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """A pool of `n` children with metrics on a free port and its own RUNTIME_DIRECTORY (where
+    the children's metric files go); returns it, the port and that directory."""
+    port = free_port()
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    metrics = {"MINICELERY_METRICS__ENABLED": "true", "MINICELERY_METRICS__PORT": str(port)}
+    proc = start_pool(workers, n, **metrics, RUNTIME_DIRECTORY=str(runtime), **settings)
+    return proc, port, runtime
+
+
 def test_n_children_start_and_every_one_of_them_runs_tasks(app: Client, workers: Workers) -> None:
     proc = start_pool(workers, 3)
     assert len(children(proc)) == 3
@@ -261,14 +274,9 @@ def value(text: str, name: str, **labels: str) -> float:
 def test_metrics_are_summed_across_children_and_kept_when_children_are_replaced(
     app: Client, workers: Workers, tmp_path: Path
 ) -> None:
-    port = free_port()
-    runtime = tmp_path / "run"
-    runtime.mkdir()
-    proc = start_pool(
-        workers, 2,
-        MINICELERY_METRICS__ENABLED="true", MINICELERY_METRICS__PORT=str(port), RUNTIME_DIRECTORY=str(runtime),
-        MINICELERY_WORKER__MAX_TASKS_PER_CHILD="4", MINICELERY_WORKER__BATCH_SIZE="1",
-    )  # fmt: skip
+    proc, port, runtime = start_metered_pool(
+        workers, tmp_path, 2, MINICELERY_WORKER__MAX_TASKS_PER_CHILD="4", MINICELERY_WORKER__BATCH_SIZE="1"
+    )
     assert scrape(port, "/readyz")[0] == 200 and scrape(port, "/healthz")[0] == 200
     handles = app.start_many([app.tasks["echo"](i) for i in range(40)])
     assert [h.result(timeout=60) for h in handles] == list(range(40))
@@ -457,14 +465,9 @@ def test_runs_that_end_their_child_are_counted_timed_out_or_cancelled(
 ) -> None:
     """A task that cannot be stopped ends its child (exit 70); its outcome still reaches the
     unit's counters, which outlive the child."""
-    port = free_port()
-    runtime = tmp_path / "run"
-    runtime.mkdir()
-    proc = start_pool(
-        workers, 2,
-        MINICELERY_METRICS__ENABLED="true", MINICELERY_METRICS__PORT=str(port), RUNTIME_DIRECTORY=str(runtime),
-        MINICELERY_WORKER__LEASE_SECONDS="2", MINICELERY_WORKER__BATCH_SIZE="1",
-    )  # fmt: skip
+    proc, port, _runtime = start_metered_pool(
+        workers, tmp_path, 2, MINICELERY_WORKER__LEASE_SECONDS="2", MINICELERY_WORKER__BATCH_SIZE="1"
+    )
     producer = Client(app.broker, default_queue=app.default_queue)
     Client.instances.remove(producer)
     limited = producer.task(name="swallow_all", time_limit=0.5)(app.tasks["swallow_all"].fn)

@@ -48,7 +48,7 @@ import pytest
 import redis
 from clusterkit import RedisCluster, slot_of_queue
 from conftest import Workers, wait_until
-from faultkit import ChainProducer, ready_workers, record
+from faultkit import BATCH, ChainProducer, ready_workers, record, tasks_held_at_once
 from test_failover import audit, resumed
 
 from minicelery import Client, JSONTransport, RedisBroker
@@ -57,7 +57,6 @@ from minicelery.redis_server import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-BATCH = 16  # worker.batch_size (the default)
 WORKER_SETTINGS = {  # quick reconnects; default idle blocks (see the module's docstring)
     "MINICELERY_TASKS": '["clustertasks"]',
     "MINICELERY_REDIS__CLUSTER": "true",
@@ -309,7 +308,7 @@ def test_topology_changes_under_load(cluster: RedisCluster, ledger_url: str, tmp
     )
     workers = ready_workers(pool, env)
     pids = [w.pid for w in workers]
-    redo_bound = len(workers) * 2 * BATCH  # tasks the workers can hold at once: leased, or run and not stored
+    redo_bound = tasks_held_at_once(workers)
     began = time.monotonic()
     try:
         for number, fault in enumerate(FAULTS):

@@ -42,7 +42,7 @@ import pytest
 import redis
 import worktasks
 from conftest import Workers, require_tool, wait_until
-from faultkit import ChainProducer, ready_workers, record
+from faultkit import BATCH, ChainProducer, ready_workers, record, tasks_held_at_once
 from helpers import succeeded
 from sentinelkit import MASTER, SentinelSet
 
@@ -51,7 +51,6 @@ from minicelery.keys import QueueKeys
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
-BATCH = 16  # worker.batch_size (the default)
 WORKER_SETTINGS = {  # short leases and backoff so that each fault takes seconds
     "MINICELERY_WORKER__LEASE_SECONDS": "2",
     "MINICELERY_WORKER__IDLE_BLOCK_MAX": "1",
@@ -163,7 +162,7 @@ def test_failovers_under_load(cluster: SentinelSet, redis_url: str, tmp_path: Pa
     )
     workers = ready_workers(pool, env)
     pids = [w.pid for w in workers]
-    redo_bound = len(workers) * 2 * BATCH  # tasks the workers can hold at once: leased, or run and not stored
+    redo_bound = tasks_held_at_once(workers)
     began = time.monotonic()
     try:
         for number, fault in enumerate(FAULTS):
