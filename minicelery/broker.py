@@ -38,7 +38,7 @@ from .records import (
     Wake,
     script_status,
 )
-from .redis_wire import SCRIPT_NAMES, exchange, script_source, translate_errors
+from .redis_wire import SCRIPT_NAMES, exchange, raise_error_reply, script_source, translate_errors
 from .redis_wire import text as _text
 from .sentinel import SwitchWatch, Topology, data_options, shut_sockets
 from .transport import JSONTransport
@@ -404,9 +404,7 @@ class RedisBroker(QueueReads):
         tail = ("WAIT", self.min_replicas_acked, int(self.replica_ack_timeout * 1000)) if wait else None
         with translate_errors(what):
             replies, acks = self.cluster.exchange(commands, slots, self._load_on, after_each_node=tail)
-            for reply in replies:
-                if isinstance(reply, redis_errors.ResponseError):
-                    raise reply
+            raise_error_reply(replies)
         return replies, (min(int(acked) for acked in acks) if wait and acks else None)
 
     def _check_replicated(self, what: str, acked: int) -> None:
@@ -705,13 +703,14 @@ class RedisBroker(QueueReads):
             decode_handed(q, member) for q, popped in zip(queues, replies, strict=True) for member in _members(popped)
         ]
 
-    def _cluster_commands(self, commands: Sequence[tuple[Any, ...]], slots: Sequence[int]) -> list[Any]:
-        """Plain commands, each to the primary of its slot, redirections followed."""
+    def _cluster_commands(
+        self, commands: Sequence[tuple[Any, ...]], slots: Sequence[int], *, blocking: bool = False
+    ) -> list[Any]:
+        """Plain commands, each to the primary of its slot, redirections followed; an error
+        reply raises (as a pipeline's does on one Redis). `blocking`: on the blocking pools."""
         assert self.cluster is not None
-        replies = self.cluster.exchange(commands, slots, self._load_on)[0]
-        for reply in replies:
-            if isinstance(reply, redis_errors.ResponseError):
-                raise reply
+        replies = self.cluster.exchange(commands, slots, self._load_on, blocking=blocking)[0]
+        raise_error_reply(replies)
         return replies
 
     def wake_worker(self, worker_id: str, queues: Sequence[str] = ()) -> None:
@@ -720,7 +719,7 @@ class RedisBroker(QueueReads):
         if self.cluster is not None:
             commands, slots = wake_commands(queues, worker_id)
             with translate_errors("wake worker"):
-                self.cluster.exchange(commands, slots, self._load_on)
+                self._cluster_commands(commands, slots)
             return
         key = worker_wake_key(worker_id)
         with translate_errors("wake worker"):
@@ -747,10 +746,7 @@ class RedisBroker(QueueReads):
         if self.cluster is not None:
             command = ("BLMOVE", key, key, "RIGHT", "LEFT", timeout)
             with translate_errors("BLMOVE"):
-                reply = self.cluster.exchange([command], [slot_of(key)], self._load_on, blocking=True)[0][0]
-                if isinstance(reply, redis_errors.ResponseError):
-                    raise reply
-            return reply is not None
+                return self._cluster_commands([command], [slot_of(key)], blocking=True)[0] is not None
         with translate_errors("BLMOVE"):
             return self.blocking_redis.blmove(key, key, timeout, "RIGHT", "LEFT") is not None  # type: ignore[arg-type]
 

@@ -124,7 +124,12 @@ def exchange(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[A
         raise
     finally:
         pool.release(connection)
+    raise_error_reply(replies)
+    return replies
+
+
+def raise_error_reply(replies: Sequence[Any]) -> None:
+    """Raise the first error reply of a round trip read whole, if any."""
     for reply in replies:
         if isinstance(reply, redis_errors.ResponseError):
             raise reply
-    return replies
