@@ -35,7 +35,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import hiredis
 import redis
 import redis.exceptions as redis_errors
 from redis import cluster as redis_cluster
@@ -45,7 +44,7 @@ from redis.crc import key_slot
 from redis.retry import Retry
 
 from .errors import BrokerUnavailable
-from .redis_wire import SLOT_MAPS, primary_moved
+from .redis_wire import SLOT_MAPS, primary_moved, read_replies, send
 from .sentinel import parse_address, parse_url
 
 log = logging.getLogger(__name__)
@@ -83,21 +82,6 @@ def startup_nodes(url: str, extra: Sequence[str]) -> list[tuple[str, int]]:
     """The url's node, then the `cluster_nodes` ("host:port" each)."""
     parsed = parse_url(url)
     return [(parsed.get("host", "localhost"), int(parsed.get("port", 6379))), *(parse_address(a) for a in extra)]
-
-
-def read_replies(connection: Any, count: int) -> list[Any]:
-    """`count` replies, an error reply kept as its exception (the socket stays in step)."""
-    replies: list[Any] = []
-    for _ in range(count):
-        try:
-            replies.append(connection.read_response())
-        except redis_errors.ResponseError as exc:
-            replies.append(exc)
-    return replies
-
-
-def send(connection: Any, commands: Sequence[tuple[Any, ...]]) -> None:
-    connection.send_packed_command([b"".join([hiredis.pack_command(c) for c in commands])])
 
 
 class ClusterRoute:

@@ -29,10 +29,11 @@ from typing import Any
 import redis.exceptions as redis_errors
 
 from .claim_wire import decode_handed, idle_registration
-from .cluster import ClusterRoute, read_replies, send, slot_of
+from .cluster import ClusterRoute, slot_of
 from .errors import BrokerUnavailable
 from .keys import queue_keys
 from .records import Wake
+from .redis_wire import read_replies, send
 from .redis_wire import text as _text
 
 log = logging.getLogger(__name__)

@@ -92,6 +92,22 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def send(connection: Any, commands: Sequence[tuple[Any, ...]]) -> None:
+    """Write commands on a connection in one send, each packed by hiredis (in C)."""
+    connection.send_packed_command([b"".join([hiredis.pack_command(c) for c in commands])])
+
+
+def read_replies(connection: Any, count: int) -> list[Any]:
+    """`count` replies, an error reply kept as its exception (the socket stays in step)."""
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(connection.read_response())
+        except redis_errors.ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
 def exchange(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
     """Send commands on one of the client's pooled connections and read every reply, then
     raise the first error reply, if any (every reply is read first, so the socket stays in
@@ -104,17 +120,12 @@ def exchange(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[A
     connection: Any = pool.get_connection()  # (redis-py leaves its connection API untyped)
 
     def send_and_read() -> list[Any]:
-        connection.send_packed_command([b"".join([hiredis.pack_command(c) for c in commands])])
-        replies: list[Any] = []
-        moved = None
-        for _ in commands:
-            try:
-                replies.append(connection.read_response())
-            except redis_errors.ResponseError as exc:
-                replies.append(exc)
-                moved = moved or (exc if primary_moved(exc) else None)
-        if moved is not None:  # nothing ran on a replica: reconnect (to the new primary) and resend
-            raise redis_errors.ConnectionError(f"the primary moved: {moved}")
+        send(connection, commands)
+        replies = read_replies(connection, len(commands))
+        for reply in replies:
+            if isinstance(reply, redis_errors.ResponseError) and primary_moved(reply):
+                # nothing ran on a replica: reconnect (to the new primary) and resend
+                raise redis_errors.ConnectionError(f"the primary moved: {reply}")
         return replies
 
     try:
