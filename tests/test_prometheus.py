@@ -98,9 +98,15 @@ class Prometheus:
         result = self.query(expr)
         return float(result[0]["value"][1]) if result else None
 
-    def up(self) -> bool:
+    def scraped(self) -> bool:
+        """True once a scrape's samples can be queried.
+
+        The targets API says "up" as soon as the HTTP scrape returns, before the samples are
+        committed; the `up` series is committed together with them, so a query for it is the
+        condition a test can rely on (asking the targets API made the first query flaky in CI).
+        """
         with contextlib.suppress(OSError):
-            return any(t["health"] == "up" for t in self.api("targets")["activeTargets"])
+            return self.value('up{job="minicelery"}') == 1
         return False
 
     def stop(self) -> None:
@@ -118,7 +124,7 @@ def scraped_worker(app: Client, workers: Workers, tmp_path: Path) -> Iterator[Pr
     wait_until(lambda: _get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 20, "worker /readyz")
     prometheus = Prometheus(tmp_path, f"127.0.0.1:{port}")
     try:
-        wait_until(prometheus.up, 30, "Prometheus to scrape the worker")
+        wait_until(prometheus.scraped, 30, "Prometheus to store a scrape of the worker")
         yield prometheus
     finally:
         prometheus.stop()
