@@ -152,6 +152,9 @@ class Admin:
             report[queue]["orphans"] = self._orphans(queue)
             if members is not None:  # per queue, so the top level stays one key per queue
                 report[queue][kind] = members
+            located = self.broker.node_of(queue)
+            if located is not None:
+                report[queue]["node"] = {"slot": located[0], "primary": located[1]}
         if as_json:
             print(json.dumps(report, indent=2))
             return 0
@@ -160,6 +163,8 @@ class Admin:
         for queue, info in report.items():
             depths = ", ".join(f"{state} {count}" for state, count in info["depths"].items())
             print(f"queue {queue}: {depths}")
+            if "node" in info:
+                print(f"  on primary {info['node']['primary']} (slot {info['node']['slot']})")
             due = info["next_due"]
             print(f"  next due: {due if due else 'nothing scheduled'}")
             print(f"  live workers: {len(info['workers'])} {' '.join(info['workers'])}".rstrip())
@@ -319,9 +324,12 @@ def _duration(seconds: float) -> str:
 
 
 def _both_zones(ms: int, zone: str) -> str:
-    """A time in the schedule's zone and in UTC: 2030-01-27 03:00 CET (02:00 UTC)."""
+    """A time in the schedule's zone and in UTC: 2030-01-27 03:00 CET (02:00 UTC); once for a
+    zone that is UTC then."""
     at = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
     local = at.astimezone(ZoneInfo(zone))
+    if local.tzname() == "UTC":  # (Europe/London in winter says GMT: both are kept)
+        return f"{at:%Y-%m-%d %H:%M:%S} UTC"
     return f"{local:%Y-%m-%d %H:%M:%S %Z} ({at:%Y-%m-%d %H:%M:%S} UTC)"
 
 

@@ -303,6 +303,15 @@ class RedisBroker(QueueReads):
                 self.cluster.stale = True  # (the next check reads the slot map: a replica may have taken over)
                 raise redis_errors.ConnectionError(f"the node of queue {queue} does not serve it: {exc}") from exc
 
+    def node_of(self, queue: str) -> tuple[int, str] | None:
+        """On a cluster: the slot of `queue`'s keys and the primary serving it now (inspect), so
+        an operator sees which node a hot queue loads; None on a single Redis or with sentinels."""
+        if self.cluster is None:
+            return None
+        slot = slot_of(queue_keys(queue).ready)
+        with translate_errors(f"find the node of queue {queue}"):
+            return slot, self.cluster.primary_of(slot)
+
     def _client_of(self, queue: str) -> redis.Redis:
         """The client for plain commands on `queue`'s keys: on a cluster, a client of the node
         of its slot (so a pipeline may carry TIME or be a transaction, as on one Redis)."""

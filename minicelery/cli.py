@@ -316,15 +316,17 @@ def _health(settings: Settings, path: str, timeout: float) -> int:
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(bind, bind)  # listening everywhere
     host = f"[{host}]" if ":" in host else host
     url = f"http://{host}:{settings.metrics.port}{path}"
+    why = ""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             status = response.status
     except urllib.error.HTTPError as exc:
         status = exc.code
+        why = "".join(f"\n  {line}" for line in exc.read().decode(errors="replace").splitlines()[1:])
     except OSError as exc:
         print(f"minicelery: {url}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"{url}: {status}")
+    print(f"{url}: {status}{why}")  # (a pool's failing /healthz names its silent children)
     return EXIT_OK if status == 200 else EXIT_FAILED
 
 

@@ -230,9 +230,16 @@ class _QuietHandler(WSGIRequestHandler):
 class MetricsServer:
     """Serves /metrics, /healthz (the loop is alive) and /readyz (Redis reachable, tasks loaded)."""
 
-    def __init__(self, registry: CollectorRegistry, healthy: Callable[[], bool], ready: Callable[[], bool]):
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        healthy: Callable[[], bool],
+        ready: Callable[[], bool],
+        why_unhealthy: Callable[[], list[str]] = list,
+    ):
         self.metrics_app = make_wsgi_app(registry)
         self.healthy, self.ready = healthy, ready
+        self.why_unhealthy = why_unhealthy  # lines for a failing /healthz's body
         self.server: ThreadingWSGIServer | None = None
 
     def _app(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -241,7 +248,8 @@ class MetricsServer:
         if path in checks:
             ok = checks[path]()
             start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [b"ok\n" if ok else b"not ok\n"]
+            why = [] if ok or path != "/healthz" else self.why_unhealthy()
+            return [b"ok\n" if ok else "".join(f"{line}\n" for line in ["not ok", *why]).encode()]
         return self.metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
     def start(self, bind: str, port: int) -> int:

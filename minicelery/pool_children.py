@@ -54,6 +54,10 @@ class Child:
             return now - self.started < STARTUP_GRACE
         return now - self.last_ping < PING_STALE
 
+    def silent_for(self, now: float) -> float:
+        """Seconds since its last ping (since it started, if it never pinged)."""
+        return now - (self.started if self.last_ping is None else self.last_ping)
+
 
 @dataclass
 class SlotRecord:

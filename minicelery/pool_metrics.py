@@ -1,6 +1,7 @@
 """/metrics, /healthz and /readyz of `minicelery worker -c N`, served by the supervisor.
 
-/healthz is 200 while every child pings (a child stuck past its time limit stops pinging);
+/healthz is 200 while every child pings (a child stuck past its time limit stops pinging; a 503
+names each silent child in its body);
 /readyz while every slot has a ready child. /metrics has:
 
 - the children's counters and histograms, summed: each child writes its own file in a private
@@ -147,7 +148,9 @@ def serve_pool_metrics(supervisor: Supervisor) -> Callable[[], None]:
     registry = CollectorRegistry()
     registry.register(files)
     registry.register(PoolCollector(supervisor))
-    server = MetricsServer(registry, supervisor.relay.healthy, supervisor.relay.all_ready)
+    server = MetricsServer(
+        registry, supervisor.relay.healthy, supervisor.relay.all_ready, why_unhealthy=supervisor.relay.unhealthy
+    )
     try:
         port = server.listen(config.bind, config.port)
     except OSError as exc:

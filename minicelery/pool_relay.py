@@ -34,8 +34,17 @@ class SystemdRelay:
 
     def healthy(self) -> bool:
         """Every child pings, but those stopping with the unit (/healthz, the watchdog)."""
+        return not self.unhealthy()
+
+    def unhealthy(self) -> list[str]:
+        """A line for each child that stopped pinging (the body of a failing /healthz, so an
+        operator's probe output names the process to look at)."""
         now = time.monotonic()
-        return all(c.healthy(now) for c in self.children.by_pid.values() if c.retiring != "stop")
+        return [
+            f"worker child {c.pid} (slot {c.slot}) has not pinged for {c.silent_for(now):.0f} s"
+            for c in self.children.by_pid.values()
+            if c.retiring != "stop" and not c.healthy(now)
+        ]
 
     def totals(self) -> tuple[int, int, int]:
         """Tasks done and failed by every child so far, and children busy now."""

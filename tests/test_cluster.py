@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -173,8 +174,9 @@ def test_the_cli_on_a_cluster_finds_each_queue_on_its_node(
     assert checked.returncode == 0 and "cluster: 3 primaries, 3 replicas" in checked.stderr, checked.stderr
     inspected = run_cli(cluster_workers, spread, "inspect")
     assert inspected.returncode == 0, inspected.stderr
-    for queue in spread:
-        assert f"queue {queue}:" in inspected.stdout
+    for queue in spread:  # each queue, then the node that serves it (spread: one per primary)
+        where = f"  on primary 127.0.0.1:{cluster.node_of_queue(queue)} (slot {slot_of_queue(queue)})"
+        assert re.search(rf"^queue {queue}: .*\n{re.escape(where)}$", inspected.stdout, re.M), inspected.stdout
     assert f"dead: {dead.id} boom" in inspected.stdout
     result = run_cli(cluster_workers, spread, "result", ok.id)
     assert result.returncode == 0 and "fine" in result.stdout, result

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -22,6 +23,7 @@ from worktasks import executions
 
 from minicelery import Client
 from minicelery.redis_server import RedisServer, free_port
+from minicelery.settings import usable_cpus
 
 
 @pytest.fixture
@@ -209,6 +211,17 @@ def test_a_child_is_recycled_after_max_tasks_per_child_and_every_task_runs(app: 
     assert proc.wait(timeout=30) == 0
 
 
+@pytest.mark.skipif(not {0, 1} <= os.sched_getaffinity(0) or usable_cpus() < 2, reason="needs CPUs 0 and 1 usable")
+def test_concurrency_auto_starts_a_child_per_usable_cpu_and_says_so(app: Client, workers: Workers) -> None:
+    proc = workers.start("-c", "auto", wrapper=("taskset", "-c", "0,1"))  # 2 CPUs, on any machine
+    wait_until(lambda: "all 2 worker children ready" in workers.log(proc) or proc.poll() is not None, 30, "pool")
+    assert 'started 2 worker children (concurrency "auto": the CPUs it may use)' in workers.log(proc)
+    assert len(children(proc)) == 2
+    assert app.tasks["echo"]("auto").start().result(timeout=30) == "auto"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
 def test_a_task_module_that_fails_to_import_exits_78_before_any_child_starts(workers: Workers) -> None:
     proc = workers.start("-c", "3", MINICELERY_TASKS='["no_such_module_here"]')
     assert proc.wait(timeout=30) == 78
@@ -254,7 +267,7 @@ def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code, ""
+        return exc.code, exc.read().decode()
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -337,6 +350,10 @@ def test_healthz_fails_and_the_watchdog_starves_while_a_child_is_stuck(workers: 
     try:
         # (Draining the socket, as systemd does: a full socket would block the supervisor's sends.)
         wait_until(lambda: notify.drain() and scrape(port, "/healthz")[0] == 503, 30, "/healthz to fail")
+        assert f"worker child {stuck} (slot " in scrape(port, "/healthz")[1]  # the body names it
+        env = workers.env(MINICELERY_METRICS__ENABLED="true", MINICELERY_METRICS__PORT=str(port))
+        health = subprocess.run([sys.executable, "-m", "minicelery", "health"], env=env, capture_output=True, text=True)
+        assert health.returncode == 1 and f"worker child {stuck} (slot " in health.stdout, health  # as a probe says
         pings = len(notify.seen("WATCHDOG=1"))
         # Watch for two watchdog intervals (a window to see an absence in, not a synchronisation).
         window_ends = time.monotonic() + 2.0

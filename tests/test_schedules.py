@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import re
 import subprocess
 from zoneinfo import ZoneInfo
 
@@ -647,6 +648,15 @@ def test_the_schedules_command_lists_pauses_resumes_runs_and_removes(
     assert "no schedules" in run_cli("schedules", "-q", queue, env=env).stdout
     missing = run_cli("schedules", "pause", "nightly", env=env)
     assert missing.returncode == 1 and "no schedule 'nightly'" in missing.stderr
+
+
+def test_the_schedules_command_prints_a_utc_schedules_times_once(app: Client, workers: Workers, queue: str) -> None:
+    from test_cli import run_cli
+
+    upsert(app.broker, ScheduleSpec("hourly", "slot_run", queue, cron="0 * * * *", tz="UTC", args=["utc"]))
+    listed = run_cli("schedules", env=workers.env())
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(r"^  next due: \d{4}-\d\d-\d\d \d\d:00:00 UTC$", listed.stdout, re.M), listed.stdout
 
 
 def test_check_config_lists_the_schedules_and_rejects_one_for_an_unregistered_task(workers: Workers) -> None:
