@@ -28,6 +28,7 @@ sys.path.insert(0, str(TESTS))
 # Redis Cluster (the `cluster` fixture) instead of one server, so a cross-slot access fails
 # loudly (tests/test_cluster.py runs some test modules so).
 ON_CLUSTER = bool(os.environ.get("MINICELERY_TEST_CLUSTER"))
+CLI_ON: dict[str, str] = {"MINICELERY_REDIS__CLUSTER": "true"} if ON_CLUSTER else {}  # a CLI's env, made by hand
 if ON_CLUSTER:  # every broker a test makes (many make their own) talks to the cluster
     _plain_init = RedisBroker.__init__
 

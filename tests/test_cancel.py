@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 import redis
-from conftest import Workers, wait_until
+from conftest import CLI_ON, Workers, wait_until
 from worktasks import executions
 
 from minicelery import Cancelled, Client, JSONTransport, RedisBroker
@@ -173,7 +173,7 @@ def test_cascade_cancels_every_unfinished_descendant(app: Client, r: redis.Redis
 def test_the_cancel_command_says_what_it_did_for_each_id(app: Client, redis_url: str) -> None:
     waiting = app.tasks["echo"]("x").wait(3600)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINICELERY_")}
-    env |= {"MINICELERY_REDIS__URL": redis_url, "MINICELERY_WORKER__QUEUES": f'["{app.default_queue}"]'}
+    env |= {"MINICELERY_REDIS__URL": redis_url, "MINICELERY_WORKER__QUEUES": f'["{app.default_queue}"]', **CLI_ON}
     run = subprocess.run(
         [sys.executable, "-m", "minicelery", "cancel", waiting.id], capture_output=True, text=True, env=env
     )
@@ -206,6 +206,7 @@ def test_the_cancel_and_result_commands_find_a_task_on_any_configured_queue_and_
     root.wait(3600)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINICELERY_")}
     env |= {"MINICELERY_REDIS__URL": redis_url, "MINICELERY_WORKER__QUEUES": f'["{app.default_queue}", "{other}"]'}
+    env |= CLI_ON
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "minicelery", *args], capture_output=True, text=True, env=env)

@@ -194,13 +194,24 @@ def test_the_cli_on_a_cluster_finds_each_queue_on_its_node(
 
 
 def test_the_broker_tests_pass_on_a_cluster(tmp_path: Path) -> None:
-    """test_scripts.py, test_dependencies.py and test_handoff.py (the hand-off writes an
-    inbox key it reads from data; workers on two queues wait) again, every broker on a cluster
-    of their own (MINICELERY_TEST_CLUSTER=1, see conftest.py): a script touching a key outside
-    its queue's slot, or a pipeline spanning nodes wrongly, fails there. About 35 s."""
+    """test_scripts.py, test_dependencies.py, test_handoff.py (the hand-off writes an inbox
+    key it reads from data; workers on two queues wait), test_cancel.py (cascades, the cancel
+    and result commands over two queues) and test_fire_and_forget.py again, every broker on a
+    cluster of their own (MINICELERY_TEST_CLUSTER=1, see conftest.py): a script touching a key
+    outside its queue's slot, or a pipeline spanning nodes wrongly, fails there. About 45 s.
+    (test_lifecycle.py is not among them: its tests restart or stop one Redis server.)"""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MINICELERY_", "PYTEST_"))}
     env["MINICELERY_TEST_CLUSTER"] = "1"
-    modules = [str(TESTS / name) for name in ("test_scripts.py", "test_dependencies.py", "test_handoff.py")]
+    modules = [
+        str(TESTS / name)
+        for name in (
+            "test_scripts.py",
+            "test_dependencies.py",
+            "test_handoff.py",
+            "test_cancel.py",
+            "test_fire_and_forget.py",
+        )
+    ]
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *modules]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stdout[-4000:]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import redis
-from conftest import Workers
+from conftest import CLI_ON, Workers
 
 from minicelery import Client, ResultNotKept
 from minicelery.keys import QueueKeys
@@ -55,6 +55,7 @@ def test_a_worker_that_keeps_no_results_still_keeps_those_of_tasks_that_ask(
     assert plain.state == "succeeded"
     assert kept.result(timeout=20) == 2
     env = {"MINICELERY_REDIS__URL": redis_url, "MINICELERY_WORKER__QUEUES": f'["{app.default_queue}"]', "PATH": ""}
+    env |= CLI_ON
     cli = subprocess.run(
         [sys.executable, "-m", "minicelery", "result", plain.id], env=env, capture_output=True, text=True
     )
