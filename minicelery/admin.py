@@ -325,10 +325,12 @@ def _duration(seconds: float) -> str:
 
 def _both_zones(ms: int, zone: str) -> str:
     """A time in the schedule's zone and in UTC: 2030-01-27 03:00 CET (02:00 UTC); once for a
-    zone that is UTC then."""
+    zone that is UTC all year (UTC, Etc/GMT, ...; not Europe/London, which is at UTC in winter)."""
     at = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
     local = at.astimezone(ZoneInfo(zone))
-    if local.tzname() == "UTC":  # (Europe/London in winter says GMT: both are kept)
+    if all(
+        at.replace(month=month, day=1).astimezone(ZoneInfo(zone)).utcoffset() == dt.timedelta(0) for month in (1, 7)
+    ):
         return f"{at:%Y-%m-%d %H:%M:%S} UTC"
     return f"{local:%Y-%m-%d %H:%M:%S %Z} ({at:%Y-%m-%d %H:%M:%S} UTC)"
 

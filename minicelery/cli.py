@@ -20,6 +20,7 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -322,7 +323,10 @@ def _health(settings: Settings, path: str, timeout: float) -> int:
             status = response.status
     except urllib.error.HTTPError as exc:
         status = exc.code
-        why = "".join(f"\n  {line}" for line in exc.read().decode(errors="replace").splitlines()[1:])
+        with contextlib.suppress(OSError):  # (the detail is a bonus: the status decides)
+            lines = exc.read().decode(errors="replace").splitlines()
+            if status == 503 and lines[:1] == ["not ok"]:  # our own answer, not another server's page
+                why = "".join(f"\n  {line}" for line in lines[1:])
     except OSError as exc:
         print(f"minicelery: {url}: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -360,6 +364,10 @@ def _worker(args: argparse.Namespace) -> int:
         return run_child(settings, args.pool_child, os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     if settings.worker.processes() > 1:
         return _supervise(args, settings)
+    if settings.worker.concurrency == "auto":  # (with more, the supervisor's start line says it)
+        import logging
+
+        logging.getLogger("minicelery.worker").info('concurrency "auto": 1 usable CPU, so one worker process')
     _no_reload()
     app = build_worker_app(settings)
     return Worker(app, settings).run(burst=args.burst)

@@ -247,8 +247,10 @@ class MetricsServer:
         checks = {"/healthz": self.healthy, "/readyz": self.ready}
         if path in checks:
             ok = checks[path]()
-            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            # The reasons are read after the check: a child that pinged in between leaves a
+            # 503 that says only "not ok" (the next probe passes), never a 200 with reasons.
             why = [] if ok or path != "/healthz" else self.why_unhealthy()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
             return [b"ok\n" if ok else "".join(f"{line}\n" for line in ["not ok", *why]).encode()]
         return self.metrics_app(environ, start_response)  # type: ignore[no-any-return]
 

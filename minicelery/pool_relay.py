@@ -42,7 +42,7 @@ class SystemdRelay:
         now = time.monotonic()
         return [
             f"worker child {c.pid} (slot {c.slot}) has not pinged for {c.silent_for(now):.0f} s"
-            for c in self.children.by_pid.values()
+            for c in list(self.children.by_pid.values())  # (a copy: the main loop adds and reaps children)
             if c.retiring != "stop" and not c.healthy(now)
         ]
 

@@ -98,7 +98,7 @@ class Supervisor:
             self.children.fork(slot)
         for start in self.after_forks:  # threads only now: no fork happens after this
             start()
-        auto = ' (concurrency "auto": the CPUs it may use)' if self.settings.worker.concurrency == "auto" else ""
+        auto = f' (concurrency "auto": {self.n} usable CPUs)' if self.settings.worker.concurrency == "auto" else ""
         log.info("supervisor %d started %d worker children%s", os.getpid(), self.n, auto)
         while self.children.by_pid or (not self.stop_signals and self.crash_loop_code is None):
             self._wait()

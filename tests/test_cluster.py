@@ -176,7 +176,13 @@ def test_the_cli_on_a_cluster_finds_each_queue_on_its_node(
     assert inspected.returncode == 0, inspected.stderr
     for queue in spread:  # each queue, then the node that serves it (spread: one per primary)
         where = f"  on primary 127.0.0.1:{cluster.node_of_queue(queue)} (slot {slot_of_queue(queue)})"
-        assert re.search(rf"^queue {queue}: .*\n{re.escape(where)}$", inspected.stdout, re.M), inspected.stdout
+        assert re.search(rf"^queue {re.escape(queue)}: .*\n{re.escape(where)}$", inspected.stdout, re.M), (
+            inspected.stdout
+        )
+    report = json.loads(run_cli(cluster_workers, spread, "inspect", "--json").stdout)
+    assert {q: report[q]["node"] for q in spread} == {
+        q: {"slot": slot_of_queue(q), "primary": f"127.0.0.1:{cluster.node_of_queue(q)}"} for q in spread
+    }
     assert f"dead: {dead.id} boom" in inspected.stdout
     result = run_cli(cluster_workers, spread, "result", ok.id)
     assert result.returncode == 0 and "fine" in result.stdout, result
@@ -198,7 +204,7 @@ def test_the_broker_tests_pass_on_a_cluster(tmp_path: Path) -> None:
     key it reads from data; workers on two queues wait), test_cancel.py (cascades, the cancel
     and result commands over two queues) and test_fire_and_forget.py again, every broker on a
     cluster of their own (MINICELERY_TEST_CLUSTER=1, see conftest.py): a script touching a key
-    outside its queue's slot, or a pipeline spanning nodes wrongly, fails there. About 45 s.
+    outside its queue's slot, or a pipeline spanning nodes wrongly, fails there. About 40 s.
     (test_lifecycle.py is not among them: its tests restart or stop one Redis server.)"""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MINICELERY_", "PYTEST_"))}
     env["MINICELERY_TEST_CLUSTER"] = "1"

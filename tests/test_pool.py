@@ -215,11 +215,17 @@ def test_a_child_is_recycled_after_max_tasks_per_child_and_every_task_runs(app: 
 def test_concurrency_auto_starts_a_child_per_usable_cpu_and_says_so(app: Client, workers: Workers) -> None:
     proc = workers.start("-c", "auto", wrapper=("taskset", "-c", "0,1"))  # 2 CPUs, on any machine
     wait_until(lambda: "all 2 worker children ready" in workers.log(proc) or proc.poll() is not None, 30, "pool")
-    assert 'started 2 worker children (concurrency "auto": the CPUs it may use)' in workers.log(proc)
+    assert 'started 2 worker children (concurrency "auto": 2 usable CPUs)' in workers.log(proc)
     assert len(children(proc)) == 2
     assert app.tasks["echo"]("auto").start().result(timeout=30) == "auto"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
+    single = workers.start("-c", "auto", wrapper=("taskset", "-c", "0"))  # 1 CPU: no supervisor
+    workers.wait_ready(single)
+    assert 'concurrency "auto": 1 usable CPU, so one worker process' in workers.log(single)
+    assert not children(single)
+    single.send_signal(signal.SIGTERM)
+    assert single.wait(timeout=30) == 0
 
 
 def test_a_task_module_that_fails_to_import_exits_78_before_any_child_starts(workers: Workers) -> None:

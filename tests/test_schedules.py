@@ -650,10 +650,13 @@ def test_the_schedules_command_lists_pauses_resumes_runs_and_removes(
     assert missing.returncode == 1 and "no schedule 'nightly'" in missing.stderr
 
 
-def test_the_schedules_command_prints_a_utc_schedules_times_once(app: Client, workers: Workers, queue: str) -> None:
+@pytest.mark.parametrize("zone", ["UTC", "Etc/GMT"])
+def test_the_schedules_command_prints_a_utc_schedules_times_once(
+    app: Client, workers: Workers, queue: str, zone: str
+) -> None:
     from test_cli import run_cli
 
-    upsert(app.broker, ScheduleSpec("hourly", "slot_run", queue, cron="0 * * * *", tz="UTC", args=["utc"]))
+    upsert(app.broker, ScheduleSpec("hourly", "slot_run", queue, cron="0 * * * *", tz=zone, args=["utc"]))
     listed = run_cli("schedules", env=workers.env())
     assert listed.returncode == 0, listed.stderr
     assert re.search(r"^  next due: \d{4}-\d\d-\d\d \d\d:00:00 UTC$", listed.stdout, re.M), listed.stdout
