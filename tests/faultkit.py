@@ -124,6 +124,12 @@ class ChainProducer(threading.Thread):
                 self.sent_at[f"{tag}a"] = self.sent_at[f"{tag}b"] = time.time()
             time.sleep(self.pace)  # the stream's pace, not a synchronisation
 
+    def stop(self) -> None:
+        """End the stream (the chain being sent is finished first) and close its broker."""
+        self.running.clear()
+        self.join(timeout=30)
+        self.app.broker.close()
+
 
 def ready_workers(pool: Workers, env: dict[str, str], count: int = 3) -> list[subprocess.Popen[bytes]]:
     """`count` worker processes of `pool` started with `env`, each waited for until ready."""

@@ -49,7 +49,7 @@ import redis
 from clusterkit import RedisCluster, slot_of_queue
 from conftest import Workers, wait_until
 from faultkit import BATCH, ChainProducer, ready_workers, record, tasks_held_at_once
-from test_failover import audit, resumed
+from test_failover import audit, resumed, start_under_load
 
 from minicelery import Client, JSONTransport, RedisBroker
 from minicelery.keys import QueueKeys
@@ -93,11 +93,6 @@ class Producer(ChainProducer):
         clustertasks.register(app)
         super().__init__(app, f"{prefix}-{queue}-m{acked}", PACE)
         self.queue = queue
-
-    def stop(self) -> None:
-        self.running.clear()
-        self.join(timeout=30)
-        self.app.broker.close()
 
 
 @pytest.fixture(scope="module")
@@ -314,10 +309,7 @@ def test_topology_changes_under_load(cluster: RedisCluster, ledger_url: str, tmp
         for number, fault in enumerate(FAULTS):
             order = queues[number:] + queues[:number]  # each fault hits another queue's primary
             producers = [Producer(cluster, q, acked, f"f{number}") for q in order for acked in (0, 1)]
-            for producer in producers:
-                producer.start()
-            start = time.time()
-            wait_until(lambda: len(resumed(ledger, pids, start)) == 3, 30, "every worker to run a task")  # noqa: B023
+            start_under_load(producers, ledger, pids)
             at = time.time()
             affected, settled = inject(cluster, fault, order)
 

@@ -35,7 +35,7 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -141,6 +141,15 @@ def resumed(ledger: redis.Redis, pids: list[int], since: float, counted: set[str
     return {pid: at - since for pid, at in first.items()}
 
 
+def start_under_load(producers: Sequence[ChainProducer], ledger: redis.Redis, pids: list[int]) -> None:
+    """Start the producers, then wait until every worker has run a task of theirs: the fault
+    that follows comes under load."""
+    for producer in producers:
+        producer.start()
+    start = time.time()
+    wait_until(lambda: len(resumed(ledger, pids, start)) == len(pids), 30, "every worker to run a task")
+
+
 def on_new_primary(primary: redis.Redis, queue: str, producers: list[Producer], after: float) -> set[str]:
     """Tags of tasks sent after the new primary was agreed on that it holds as succeeded: a
     worker that ran one of them works against the new primary."""
@@ -167,10 +176,7 @@ def test_failovers_under_load(cluster: SentinelSet, redis_url: str, tmp_path: Pa
     try:
         for number, fault in enumerate(FAULTS):
             producers = [Producer(cluster, queue, acked, f"f{number}") for acked in (0, 1)]
-            for producer in producers:
-                producer.start()
-            start = time.time()
-            wait_until(lambda: len(resumed(ledger, pids, start)) == 3, 30, "every worker to run a task")  # noqa: B023
+            start_under_load(producers, ledger, pids)
             at = time.time()
             agreed = inject(cluster, fault)
             primary = cluster.client()
@@ -181,8 +187,7 @@ def test_failovers_under_load(cluster: SentinelSet, redis_url: str, tmp_path: Pa
             wait_until(lambda: len(resumed_on_new()) == 3, 30, f"every worker to run a task after {fault}")
             times = sorted(resumed_on_new().values())
             for producer in producers:
-                producer.running.clear()
-                producer.join(timeout=30)
+                producer.stop()
             wait_until(
                 lambda: primary.llen(keys.ready) + primary.zcard(keys.running) + primary.zcard(keys.scheduled) == 0,  # noqa: B023
                 60,
@@ -200,8 +205,6 @@ def test_failovers_under_load(cluster: SentinelSet, redis_url: str, tmp_path: Pa
                 resume_max_s=round(times[-1], 2),
             )
             primary.close()
-            for producer in producers:
-                producer.app.broker.close()
             assert all(w.poll() is None for w in workers), fault  # no worker died
             if fault in ("kill -9", "kill -STOP"):
                 assert durable["lost"] == 0, (fault, durable)
