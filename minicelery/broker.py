@@ -21,7 +21,7 @@ import redis.exceptions as redis_errors
 from redis.commands.core import Script
 
 from .claim_wire import claim_call, decode_handed, idle_registration, parse_claim
-from .cluster import ClusterRoute, LazyClusterClient, slot_of
+from .cluster import ClusterRoute, LazyClusterClient, queue_slot, slot_of
 from .cluster_wait import wait_on_cluster, wake_commands
 from .errors import NotReplicated
 from .keys import QueueKeys, queue_keys, worker_wake_key
@@ -295,10 +295,9 @@ class RedisBroker(QueueReads):
         worker tells whether a queue it set aside can be taken back without stalling its
         other queues, nor taking back one whose claims would only meet CLUSTERDOWN again."""
         assert self.cluster is not None
-        ready = queue_keys(queue).ready
         with translate_errors(f"check the node of queue {queue}"):
             try:
-                self.cluster.probe(self.cluster.primary_of(slot_of(ready)), ready)
+                self.cluster.probe(self.cluster.primary_of_queue(queue), queue_keys(queue).ready)
             except (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.ClusterDownError) as exc:
                 self.cluster.stale = True  # (the next check reads the slot map: a replica may have taken over)
                 raise redis_errors.ConnectionError(f"the node of queue {queue} does not serve it: {exc}") from exc
@@ -308,16 +307,15 @@ class RedisBroker(QueueReads):
         an operator sees which node a hot queue loads; None on a single Redis or with sentinels."""
         if self.cluster is None:
             return None
-        slot = slot_of(queue_keys(queue).ready)
         with translate_errors(f"find the node of queue {queue}"):
-            return slot, self.cluster.primary_of(slot)
+            return queue_slot(queue), self.cluster.primary_of_queue(queue)
 
     def _client_of(self, queue: str) -> redis.Redis:
         """The client for plain commands on `queue`'s keys: on a cluster, a client of the node
         of its slot (so a pipeline may carry TIME or be a transaction, as on one Redis)."""
         if self.cluster is None:
             return self.redis
-        return self.cluster.client(self.cluster.primary_of(slot_of(queue_keys(queue).ready)))
+        return self.cluster.client(self.cluster.primary_of_queue(queue))
 
     def _load_on(self, client: redis.Redis, _sha: str = "") -> None:
         for script in self._scripts.values():

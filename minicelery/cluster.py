@@ -44,6 +44,7 @@ from redis.crc import key_slot
 from redis.retry import Retry
 
 from .errors import BrokerUnavailable
+from .keys import queue_keys
 from .redis_wire import SLOT_MAPS, primary_moved, read_replies, send
 from .sentinel import parse_address, parse_url
 
@@ -62,6 +63,11 @@ _BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 0.5
 
 def slot_of(key: str) -> int:
     return int(key_slot(key.encode()))
+
+
+def queue_slot(queue: str) -> int:
+    """The slot of every key of `queue` (they share the hash tag `{queue}`)."""
+    return slot_of(queue_keys(queue).ready)
 
 
 def cluster_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +129,10 @@ class ClusterRoute:
             self.refresh()
         node = self.cluster.nodes_manager.get_node_from_slot(slot)
         return str(node.name)
+
+    def primary_of_queue(self, queue: str) -> str:
+        """ "host:port" of the primary that holds `queue` now."""
+        return self.primary_of(queue_slot(queue))
 
     def primaries(self) -> list[str]:
         if self.stale:

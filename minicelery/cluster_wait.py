@@ -61,7 +61,7 @@ class _Call:
     def __init__(self, route: ClusterRoute, queue: str, commands: list[tuple[Any, ...]]) -> None:
         self.queue = queue
         self.commands = commands
-        self.node = route.primary_of(slot_of(queue_keys(queue).ready))
+        self.node = route.primary_of_queue(queue)
         self.pool = route.client(self.node, blocking=True).connection_pool
         self.connection: Any = self.pool.get_connection()
         self.reply: Any = None

@@ -38,11 +38,11 @@ import redis
 import worktasks
 from conftest import Workers, wait_until
 from redis.backoff import NoBackoff
-from redis.crc import key_slot
 from redis.retry import Retry
 
 from minicelery import Client, JSONTransport, RedisBroker
-from minicelery.keys import QueueKeys, queue_keys
+from minicelery.cluster import queue_slot as slot_of_queue  # (the slot every key of a queue hashes to)
+from minicelery.keys import QueueKeys
 from minicelery.redis_server import RedisServer, free_port
 
 SLOTS = 16384
@@ -50,11 +50,6 @@ SLOTS = 16384
 NODE_TIMEOUT_MS = 2000
 # DEBUG (SLEEP) from loopback only, for the fault suite; diskless full syncs at once.
 NODE_ARGS = ("--enable-debug-command", "local", "--repl-diskless-sync-delay", "0")
-
-
-def slot_of_queue(queue: str) -> int:
-    """The slot every key of `queue` hashes to (its `{queue}` hash tag)."""
-    return int(key_slot(queue_keys(queue).ready.encode()))
 
 
 class RedisCluster:
