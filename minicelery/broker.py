@@ -703,7 +703,7 @@ class RedisBroker(QueueReads):
             if self.cluster is None:
                 replies = exchange(self.redis, [*leaving, *emptying])[len(queues) :]
             else:  # (a redirect may reorder one node's calls: the ZREMs go first, on their own)
-                slots = [slot_of(queue_keys(q).idle) for q in queues]
+                slots = [queue_slot(q) for q in queues]
                 self._cluster_commands(leaving, slots)
                 replies = self._cluster_commands(emptying, slots)
         return [

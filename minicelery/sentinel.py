@@ -267,7 +267,7 @@ def moved_to(master: str, channel: str, data: str) -> str | None:
     fields = data.split()
     if channel == SWITCH_CHANNEL and len(fields) == 5 and fields[0] == master:
         return f"{fields[3]}:{fields[4]}"  # <master> <old ip> <old port> <new ip> <new port>
-    if channel in (PROMOTED_CHANNEL, SELECTED_CHANNEL, PROMOTING_CHANNEL) and len(fields) == 8 and fields[5] == master:
+    if channel in (PROMOTED_CHANNEL, *PROMOTING_CHANNELS) and len(fields) == 8 and fields[5] == master:
         return f"{fields[2]}:{fields[3]}"  # slave <ip:port> <ip> <port> @ <master> <ip> <port>
     return None
 
