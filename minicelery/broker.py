@@ -23,7 +23,7 @@ from redis.commands.core import Script
 from .claim_wire import claim_call, decode_handed, idle_registration, parse_claim
 from .cluster import ClusterRoute, LazyClusterClient, queue_slot, slot_of
 from .cluster_wait import wait_on_cluster, wake_commands
-from .errors import NotReplicated
+from .errors import ClusterMismatch, NotReplicated
 from .keys import QueueKeys, queue_keys, worker_wake_key
 from .queue_reads import QueueReads
 from .records import (
@@ -112,7 +112,12 @@ class RedisBroker(QueueReads):
         With `cluster=True`, `url` names any node of a Redis Cluster (`cluster_nodes`: more
         "host:port" to start from) and each queue's calls go to the primary of its slot,
         following the cluster through reshards and failovers (see cluster.py)."""
-        from .settings import RedisSettings, WorkerSettings, load_settings  # deferred: settings read env and files
+        from .settings import (
+            RedisSettings,
+            WorkerSettings,
+            load_settings,
+            mask_url,
+        )  # deferred: settings read env and files
 
         options = dict(connection_options or {})
         if settings is None and None in (url, result_ttl, max_block):
@@ -165,7 +170,7 @@ class RedisBroker(QueueReads):
         self.topology: Topology | None = None
         self._watches: list[SwitchWatch] = []
         self._watch_lock = threading.Lock()
-        self.where = url
+        self.where = mask_url(url)  # (logged: a password in the url is not)
         if sentinels:
             if not sentinel_master:
                 raise ValueError("sentinel_master must name the primary the sentinels monitor")
@@ -256,9 +261,25 @@ class RedisBroker(QueueReads):
     # --- lifecycle -----------------------------------------------------------------------------
 
     def ping(self) -> None:
+        """Redis answers (a worker's connect). Without redis.cluster, the server must not be a
+        cluster node: a worker would serve the queues of that node's slots and fail on the
+        others', so it is refused at once (ClusterMismatch: exit 78)."""
         self.follow_failovers()
         with translate_errors("PING"):
             self.redis.ping()
+            if self.cluster is None:
+                self._refuse_a_cluster_node()
+
+    def _refuse_a_cluster_node(self) -> None:
+        try:
+            enabled = self.redis.info("cluster").get("cluster_enabled")
+        except redis_errors.ResponseError:  # INFO renamed or not allowed by the ACL: a MOVED says it later
+            return
+        if enabled:
+            raise ClusterMismatch(
+                f"the server at {self.where} is a Redis Cluster node: set redis.cluster = true "
+                "(RedisBroker(cluster=True))"
+            )
 
     def load_scripts(self) -> None:
         """Load every script now, so a broken one fails at worker start, not on the first task
@@ -315,7 +336,8 @@ class RedisBroker(QueueReads):
         of its slot (so a pipeline may carry TIME or be a transaction, as on one Redis)."""
         if self.cluster is None:
             return self.redis
-        return self.cluster.client(self.cluster.primary_of_queue(queue))
+        with translate_errors(f"find the node of queue {queue}"):  # (the first use reads the slot map)
+            return self.cluster.client(self.cluster.primary_of_queue(queue))
 
     def _load_on(self, client: redis.Redis, _sha: str = "") -> None:
         for script in self._scripts.values():

@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
 
     health = command("health", "Ask the local worker's /healthz (or /readyz); exit 0 if it answers 200.")
     health.add_argument("--ready", action="store_true", help="ask /readyz: Redis reachable and tasks loaded")
-    health.add_argument("--timeout", type=_seconds, default=3.0, help="seconds to wait for the answer")
+    health.add_argument("--timeout", type=_positive_seconds, default=3.0, help="seconds to wait for the answer")
 
     demo = command(
         "demo",
@@ -299,6 +299,8 @@ def _print_members(settings: Settings) -> None:
 
     try:
         print(describe_members(broker.members() or {}), file=sys.stderr)
+    except ConfigError:
+        raise  # (redis.cluster does not match the server: exit 78, as the worker would)
     except BrokerError as exc:
         print(f"{'cluster' if settings.redis.cluster else 'sentinels'}: no primary found now: {exc}", file=sys.stderr)
     finally:
@@ -328,7 +330,9 @@ def _health(settings: Settings, path: str, timeout: float) -> int:
             if status == 503 and lines[:1] == ["not ok"]:  # our own answer, not another server's page
                 why = "".join(f"\n  {line}" for line in lines[1:])
     except OSError as exc:
-        print(f"minicelery: {url}: {exc}", file=sys.stderr)
+        refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
+        hint = " (no worker listens there: not running, or another metrics.port or metrics.bind?)" if refused else ""
+        print(f"minicelery: {url}: {exc}{hint}", file=sys.stderr)
         return EXIT_FAILED
     print(f"{url}: {status}{why}")  # (a pool's failing /healthz names its silent children)
     return EXIT_OK if status == 200 else EXIT_FAILED
@@ -454,6 +458,14 @@ def _seconds(text: str) -> float:
         value = math.nan
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0; got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """As _seconds, but more than 0 (a timeout of 0 could never be met)."""
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0; got {text!r}")
     return value
 
 

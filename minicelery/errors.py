@@ -56,6 +56,11 @@ class BrokerAuthError(ConfigError, BrokerError):
     """Redis refused our credentials or the ACL user lacks a command: retrying cannot fix it."""
 
 
+class ClusterMismatch(ConfigError, BrokerError):
+    """redis.cluster says one thing and the server another (a cluster node without it, or a
+    plain Redis with it): retrying cannot fix it."""
+
+
 # --- tasks -----------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ import hiredis
 import redis
 import redis.exceptions as redis_errors
 
-from .errors import BrokerAuthError, BrokerError, BrokerUnavailable
+from .errors import BrokerAuthError, BrokerError, BrokerUnavailable, ClusterMismatch
 
 SCRIPT_NAMES = (
     "enqueue",
@@ -57,7 +57,7 @@ def translate_errors(what: str) -> Iterator[None]:
         raise BrokerUnavailable(f"Redis unavailable during {what}: {reason}") from exc
     except redis_errors.AskError as exc:  # (and MOVED) a cluster's slot moved under a plain read
         if not SLOT_MAPS:  # no cluster configured in this process: the settings are wrong
-            raise BrokerError(
+            raise ClusterMismatch(
                 f"Redis answered {what} with a redirection ({exc}): the server is a Redis Cluster node; "
                 "set redis.cluster = true (RedisBroker(cluster=True))"
             ) from exc
@@ -71,6 +71,11 @@ def translate_errors(what: str) -> Iterator[None]:
     except redis_errors.RedisError as exc:
         raise BrokerError(f"Redis error during {what}: {exc}") from exc
     except redis_errors.RedisClusterException as exc:  # (not a RedisError) no node answered
+        if "cluster mode is not enabled" in str(exc).lower():  # (redis-py's words for a plain Redis)
+            raise ClusterMismatch(
+                f"Redis answered {what} as a server that is not a Redis Cluster node ({exc}): "
+                "set redis.cluster = false, or point redis.url at a node of the cluster"
+            ) from exc
         raise BrokerUnavailable(f"Redis Cluster unavailable during {what}: {exc}") from exc
 
 

@@ -379,11 +379,12 @@ class Settings(BaseSettings):
         for secret in ("password", "sentinel_password"):
             if getattr(self.redis, secret) is not None:
                 data["redis"][secret] = "***"
-        data["redis"]["url"] = _mask_url(self.redis.url)
+        data["redis"]["url"] = mask_url(self.redis.url)
         return data
 
 
-def _mask_url(url: str) -> str:
+def mask_url(url: str) -> str:
+    """The url with its password, if any, as ***."""
     scheme, sep, rest = url.partition("://")
     credentials, at, host = rest.rpartition("@")
     if not at or ":" not in credentials:

@@ -230,3 +230,22 @@ def test_a_worker_or_cli_not_told_it_talks_to_a_cluster_says_so(
     plain = Workers(cluster.url, queue, tmp_path, cluster=False)
     sent = run_cli(plain, [queue], "enqueue", "echo", '["x"]')
     assert sent.returncode != 0 and "set redis.cluster = true" in sent.stderr, sent
+    # A worker whose queue lives on the url's own node would serve it and fail on the others':
+    # it is refused at start instead, as a setting that retrying cannot fix.
+    local = next(q for q in spread if cluster.node_of_queue(q) == cluster.live_ports()[0])
+    worker = plain.start(MINICELERY_WORKER__QUEUES=json.dumps([local]))
+    assert worker.wait(timeout=30) == 78, plain.log(worker)
+    assert "is a Redis Cluster node: set redis.cluster = true" in plain.log(worker)
+
+
+def test_cluster_set_against_a_plain_redis_is_a_configuration_error(redis_url: str, tmp_path: Path) -> None:
+    """redis.cluster = true, redis.url a plain Redis: every command says so and exits 78 (EX_CONFIG),
+    the worker too, rather than a traceback or waiting for a cluster forever."""
+    wrong = Workers(redis_url, "q", tmp_path, cluster=True)
+    for args in (["inspect"], ["check-config"], ["enqueue", "echo", '["x"]'], ["result", "someid"]):
+        ran = run_cli(wrong, ["q"], *args)
+        assert ran.returncode == 78 and "set redis.cluster = false" in ran.stderr, (args, ran)
+        assert "Traceback" not in ran.stderr, ran.stderr
+    worker = wrong.start()
+    assert worker.wait(timeout=30) == 78, wrong.log(worker)
+    assert "set redis.cluster = false" in wrong.log(worker)

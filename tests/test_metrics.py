@@ -113,4 +113,6 @@ def test_health_command_reports_the_local_worker(app: Client, workers: Workers) 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
     run = subprocess.run(health, env=env, capture_output=True, text=True, timeout=30)
-    assert run.returncode == 1 and "Connection refused" in run.stderr
+    assert run.returncode == 1 and "Connection refused" in run.stderr and "no worker listens there" in run.stderr
+    zero = subprocess.run([*health, "--timeout", "0"], env=env, capture_output=True, text=True, timeout=30)
+    assert zero.returncode == 2 and "must be a number of seconds > 0" in zero.stderr, zero.stderr
