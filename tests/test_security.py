@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,3 +128,13 @@ def test_workers_and_producers_speak_tls(tls_files: Path, queue: str, tmp_path: 
         client.close()
         proc.terminate()
         proc.wait()
+
+
+def test_a_worker_waiting_for_redis_does_not_log_the_password_in_its_url(tmp_path: Path) -> None:
+    nobody = f"redis://ann:pw-in-url-s3cret@127.0.0.1:{free_port()}/0"  # nothing listens there
+    pool = Workers(nobody, "q", tmp_path)
+    worker = pool.start()
+    wait_until(lambda: "waiting for Redis at" in pool.log(worker), 20, "the worker to wait for Redis")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=20) == 0
+    assert "redis://ann:***@127.0.0.1" in pool.log(worker) and "pw-in-url-s3cret" not in pool.log(worker)
