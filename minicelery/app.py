@@ -12,7 +12,7 @@ from typing import Any, ClassVar, overload
 from .broker import RedisBroker
 from .errors import BadArguments, ConfigError, DuplicateTaskError, Retry
 from .keys import check_queue_name
-from .schedules import ScheduleSpec, every_ms
+from .schedules import ScheduleSpec, check_zone_applies, every_ms
 from .task import Task, TaskDefinition, attach
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ class Client:
         """
         every_in_ms = None if every is None else every_ms(every)
         # Checked here, at import time, before the task is registered.
+        check_zone_applies(every, tz)
         ScheduleSpec("check", "check", self.default_queue, cron, every_in_ms, tz, overlap=overlap, catch_up=catch_up)
 
         def register(function: Callable[..., Any]) -> TaskDefinition:

@@ -54,6 +54,16 @@ def check_zone(name: str) -> str:
     return name
 
 
+def check_zone_applies(every: object, tz: str) -> None:
+    """A zone other than UTC with `every`: refused where a schedule is declared (code or TOML;
+    not on specs already stored), since it would look as if it applied and it does not."""
+    if every is not None and tz != "UTC":
+        raise ValueError(
+            f"tz = {tz!r} applies to cron schedules only: an every schedule's slots count from the Unix "
+            "epoch whatever the zone (leave tz out, or use cron for times of day in a zone)"
+        )
+
+
 @dataclass(frozen=True)
 class ScheduleSpec:
     """One schedule as stored in Redis (as canonical JSON: equal specs have equal text)."""

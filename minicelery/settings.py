@@ -35,7 +35,7 @@ from redis.connection import parse_url
 
 from .errors import ConfigError
 from .keys import check_queue_name
-from .schedules import check_cron, check_schedule_name, check_zone
+from .schedules import check_cron, check_schedule_name, check_zone, check_zone_applies
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +330,10 @@ class ScheduleSettings(_Section):
     def _cron_or_every(self) -> ScheduleSettings:
         if (self.cron is None) == (self.every is None):
             raise ValueError(f"schedule of task {self.task!r}: give exactly one of cron and every")
+        try:
+            check_zone_applies(self.every, self.tz)
+        except ValueError as exc:
+            raise ValueError(f"schedule of task {self.task!r}: {exc}") from None
         return self
 
 

@@ -126,6 +126,7 @@ def test_an_occurrence_id_names_its_schedule_and_slot() -> None:
         ({"cron": "0 3 * * *", "every": 5}, "exactly one of"),
         ({}, "exactly one of"),
         ({"every": 0}, "positive"),
+        ({"every": 86400, "tz": "Europe/Berlin"}, "applies to cron schedules only"),
     ],
 )
 def test_periodic_rejects_a_bad_schedule_at_import_time(

@@ -216,6 +216,14 @@ def test_a_value_of_the_wrong_shape_gets_one_line_naming_the_setting(
     assert f"invalid setting {setting} in {config}: {reason}" in result.stderr
 
 
+def test_a_zone_on_an_every_schedule_is_refused_as_it_would_not_apply(config: Path) -> None:
+    config.write_text(f'{TOML}\n[[schedules]]\ntask = "add"\nevery = 86400\ntz = "Europe/Berlin"\n')
+    result = _cli("check-config", "--config", str(config), env=_env())
+    assert result.returncode == 78 and "tz = 'Europe/Berlin' applies to cron schedules only" in result.stderr, result
+    config.write_text(f'{TOML}\n[[schedules]]\ntask = "add"\nevery = 86400\n')  # the default zone, UTC
+    assert _cli("check-config", "--config", str(config), env=_env()).returncode == 0
+
+
 def test_concurrency_comes_from_the_file_the_environment_or_the_flag_and_auto_counts_usable_cpus(
     config: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
