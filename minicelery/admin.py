@@ -270,7 +270,9 @@ class Admin:
                 status, pending = upsert(self.broker, spec, paused="1" if action == "pause" else "0", keep_spec=True)
                 print(f"schedule {name} on queue {queue}: {status}{f', next {pending}' if pending else ''}")
             return 0
-        print(f"minicelery: no schedule {name!r} on {', '.join(queues)}", file=sys.stderr)
+        known = sorted({row["name"] for queue in queues for row in schedule_rows(self.broker, queue)})
+        listed = f" (there: {', '.join(known)})" if known else " (none there)"
+        print(f"minicelery: no schedule {name!r} on {', '.join(queues)}{listed}", file=sys.stderr)
         return EXIT_FAILED
 
     def purge(self, queues: Sequence[str], *, assume_yes: bool) -> int:

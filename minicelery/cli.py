@@ -134,7 +134,10 @@ def _parser() -> argparse.ArgumentParser:
         "List the periodic schedules (no ACTION), or pause, resume, run (once now, besides the schedule) "
         "or remove (for good: also drop it from the code or config that declares it) the one named.",
     )
-    schedules.add_argument("action", nargs="?", choices=["pause", "resume", "run", "remove"], metavar="ACTION")
+    schedules.add_argument(
+        "action", nargs="?", choices=["pause", "resume", "run", "remove"], metavar="ACTION",
+        help="pause, resume, run or remove (default: list them)",
+    )  # fmt: skip
     schedules.add_argument("name", nargs="?", metavar="NAME", help="schedule name (with ACTION)")
     schedules.add_argument(
         "--queue", "-q", action="append", help="queue (repeatable; default: worker.queues and any other with schedules)"

@@ -17,7 +17,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from croniter import CroniterBadDateError, croniter
 
@@ -50,7 +50,11 @@ def check_zone(name: str) -> str:
     try:
         ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ValueError(f"unknown time zone {name!r} (an IANA name such as 'Europe/Berlin' or 'UTC')") from exc
+        same_but_case = [zone for zone in available_timezones() if zone.lower() == name.lower()]
+        hint = (
+            f"did you mean {same_but_case[0]!r}?" if same_but_case else "an IANA name such as 'Europe/Berlin' or 'UTC'"
+        )
+        raise ValueError(f"unknown time zone {name!r} ({hint})") from exc
     return name
 
 

@@ -123,6 +123,7 @@ def test_an_occurrence_id_names_its_schedule_and_slot() -> None:
         ({"cron": "61 * * * *"}, "not a valid cron expression"),
         ({"cron": "0 0 31 2 *"}, "never matches a date"),
         ({"cron": "0 3 * * *", "tz": "Mars/Olympus"}, "unknown time zone"),
+        ({"cron": "0 3 * * *", "tz": "europe/berlin"}, "did you mean 'Europe/Berlin'"),
         ({"cron": "0 3 * * *", "every": 5}, "exactly one of"),
         ({}, "exactly one of"),
         ({"every": 0}, "positive"),
@@ -645,6 +646,8 @@ def test_the_schedules_command_lists_pauses_resumes_runs_and_removes(
     assert (row["runs"], row["last_outcome"], row["last_by_hand"]) == (1, "succeeded", True)
     assert row["next_due_ms"] is not None and row["last_slot_ms"] is None  # the schedule goes on
     assert "succeeded (run by hand)" in run_cli("schedules", env=env).stdout
+    typo = run_cli("schedules", "pause", "nighty", "-q", queue, env=env)
+    assert typo.returncode == 1 and f"no schedule 'nighty' on {queue} (there: nightly)" in typo.stderr, typo.stderr
     assert run_cli("schedules", "remove", "nightly", env=env).returncode == 0
     assert "no schedules" in run_cli("schedules", "-q", queue, env=env).stdout
     missing = run_cli("schedules", "pause", "nightly", env=env)
